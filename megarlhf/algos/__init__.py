@@ -1,0 +1,1 @@
+"""Pure math of preference learning: torch only (no megatron, no config objects)."""

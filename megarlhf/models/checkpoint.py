@@ -1,0 +1,169 @@
+"""Model checkpoints: megatron-core distributed checkpoints plus a metadata file.
+
+A checkpoint folder holds megatron's ``torch_dist`` files (any TP x PP layout can load
+them) and ``megarlhf.json``: the model shape, its kind (causal or reward), the real
+vocabulary size, tokenizer and chat-template references when known, and the megarlhf
+version, so that later tools need no extra flags to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+import megarlhf
+from megarlhf.config.model import ModelConfig, RopeScaling
+
+__all__ = [
+    "META_FILE",
+    "CheckpointMeta",
+    "CheckpointError",
+    "write_meta",
+    "read_meta",
+    "model_sharded_state_dict",
+    "save_model",
+    "load_model",
+    "is_checkpoint",
+]
+
+META_FILE = "megarlhf.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be read as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint is, so that it can be rebuilt without flags."""
+
+    model: ModelConfig
+    kind: str = "causal"
+    tokenizer: Optional[str] = None
+    """Path of the tokenizer (SentencePiece ``.model`` or HF ``tokenizer.json``), if known."""
+    chat_template: Optional[str] = None
+    """Chat template name or text, if known."""
+    megarlhf_version: str = megarlhf.__version__
+    format_version: int = FORMAT_VERSION
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Free-form provenance (source checkpoint, step, recipe...)."""
+
+    def to_json(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = dataclasses.asdict(self.model)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any], where: str = "") -> "CheckpointMeta":
+        try:
+            model = dict(d["model"])
+            if model.get("rope_scaling") is not None:
+                model["rope_scaling"] = RopeScaling(**model["rope_scaling"])
+            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            unknown = set(model) - known
+            if unknown:
+                raise CheckpointError(f"{where}: unknown model fields {sorted(unknown)} "
+                                      f"(written by a newer megarlhf?)")
+            fields = {k: v for k, v in d.items() if k != "model"}
+            return cls(model=ModelConfig(**model), **fields)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{where}: malformed checkpoint metadata: {e}") from e
+
+
+def write_meta(ckpt_dir: str, meta: CheckpointMeta) -> None:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = os.path.join(ckpt_dir, META_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta.to_json(), f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(ckpt_dir, META_FILE))
+
+
+def read_meta(ckpt_dir: str) -> CheckpointMeta:
+    path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint folder not found: {ckpt_dir}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt_dir} is not a megarlhf checkpoint: {META_FILE} is missing")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint metadata: {e}") from e
+    return CheckpointMeta.from_json(d, where=path)
+
+
+def is_checkpoint(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, META_FILE)) and os.path.isfile(
+        os.path.join(ckpt_dir, "metadata.json"))
+
+
+def _bare(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def model_sharded_state_dict(chunks: Sequence[torch.nn.Module],
+                             skip_prefixes: Iterable[str] = ()) -> Dict[str, Any]:
+    """megatron sharded state dict of this rank's chunks (the keys are layout-independent).
+
+    ``skip_prefixes`` leaves out parameters, e.g. ``("output_layer.",)`` to initialise a
+    reward model's head freshly while loading the rest from a causal-LM checkpoint.
+    """
+    skip = tuple(skip_prefixes)
+    out: Dict[str, Any] = {}
+    for i, chunk in enumerate(chunks):
+        ssd = _bare(chunk).sharded_state_dict()
+        if skip:
+            ssd = {k: v for k, v in ssd.items() if not k.startswith(skip)}
+        out["model" if len(chunks) == 1 else f"model{i}"] = ssd
+    return out
+
+
+def save_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str, meta: CheckpointMeta) -> None:
+    """Collective: every rank of the job calls it. Rank 0 writes the metadata."""
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), ckpt_dir)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_meta(ckpt_dir, meta)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str,
+               skip_prefixes: Iterable[str] = ()) -> List[str]:
+    """Load weights into this rank's chunks from a checkpoint saved at any TP x PP.
+
+    Returns the names of parameters that were not loaded (those under ``skip_prefixes``);
+    anything else missing from the checkpoint is an error.
+    """
+    from megatron.core import dist_checkpointing
+
+    if not is_checkpoint(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} is not a megarlhf checkpoint (needs {META_FILE} and "
+                              "megatron's metadata.json)")
+    skip = tuple(skip_prefixes)
+    sharded = model_sharded_state_dict(chunks, skip)
+    try:
+        loaded = dist_checkpointing.load(sharded, ckpt_dir)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt_dir}: cannot load model weights: {e}") from e
+    not_loaded: List[str] = []
+    for i, chunk in enumerate(chunks):
+        state = loaded["model" if len(chunks) == 1 else f"model{i}"]
+        result = _bare(chunk).load_state_dict(state, strict=False)
+        bad = [k for k in result.missing_keys if not k.startswith(skip) and not k.endswith("_extra_state")]
+        if bad or result.unexpected_keys:
+            raise CheckpointError(f"{ckpt_dir}: missing {bad}, unexpected {result.unexpected_keys}")
+        not_loaded += [k for k in result.missing_keys if k.startswith(skip)]
+    return not_loaded

@@ -1,0 +1,237 @@
+"""Llama-family models on megatron-core's ``GPTModel``.
+
+    chunks = build_model(cfg.model, mp, kind="causal")   # one chunk, or several with VPP
+
+A model is a list of megatron ``GPTModel`` chunks for this pipeline rank (one chunk
+unless virtual pipelining is on). ``kind`` is ``causal`` (LM head over the vocabulary)
+or ``reward`` (a scalar head: one value per token, see :mod:`megarlhf.models.heads`).
+
+Padded vocabulary: megatron pads the output layer to a multiple of
+``make_vocab_size_divisible_by x TP``. A forward hook on the output layer sets the padded
+logits to the dtype's most negative value, so padded ids never get probability mass,
+are never sampled or chosen by argmax, and every log-softmax equals the one over the real
+vocabulary. The hook works on vocab-parallel shards and on gathered logits alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megarlhf import platform
+from megarlhf.config.model import ModelConfig, padded_vocab_size
+from megarlhf.config.validate import check_layout
+from megarlhf.parallel import ModelParallel
+
+__all__ = [
+    "KINDS",
+    "transformer_config",
+    "build_model",
+    "unwrap",
+    "llama3_inv_freq",
+    "padded_vocab",
+]
+
+KINDS = ("causal", "reward")
+
+
+def padded_vocab(cfg: ModelConfig, tp: int) -> int:
+    return padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+
+
+def transformer_config(cfg: ModelConfig, mp: ModelParallel):
+    """megatron ``TransformerConfig`` for a Llama model under layout ``mp``."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    plat = platform.current()
+    bf16 = cfg.params_dtype == "bfloat16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    par = mp.config
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        autocast_dtype=dtype,
+        # Full-size weights are initialised on the host and then split, so every TP
+        # layout starts from the same weights for the same seed. GPUs init in place.
+        use_cpu_initialization=not plat.is_gpu,
+        # The fused CUDA kernels (softmax, RoPE, bias-activation) exist only on GPUs.
+        masked_softmax_fusion=plat.is_gpu and cfg.transformer_impl == "transformer_engine",
+        apply_rope_fusion=False,
+        bias_activation_fusion=plat.is_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    if cfg.recompute_granularity == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif cfg.recompute_granularity == "selective":
+        kwargs.update(recompute_granularity="selective")
+    if cfg.fp8 is not None:
+        kwargs.update(
+            fp8=cfg.fp8,
+            fp8_recipe="delayed",
+            fp8_margin=cfg.fp8_margin,
+            fp8_amax_history_len=cfg.fp8_amax_history_len,
+            fp8_amax_compute_algo=cfg.fp8_amax_compute_algo,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def llama3_inv_freq(dim: int, theta: float, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_position_embeddings: int) -> torch.Tensor:
+    """RoPE inverse frequencies with Llama 3.1 scaling (HF ``rope_type: llama3``).
+
+    Wavelengths shorter than ``L / high_freq_factor`` are kept, longer than
+    ``L / low_freq_factor`` divided by ``factor``, and smoothly interpolated between.
+    """
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    old = original_max_position_embeddings
+    low_wl, high_wl = old / low_freq_factor, old / high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+    smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _mask_padded_vocab_hook(vocab_size: int, padded: int, tp_size: int, tp_rank: int):
+    shard = padded // tp_size
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        last = logits.shape[-1]
+        if last == padded:  # gathered over TP
+            start = 0
+        elif last == shard:  # this rank's vocabulary shard
+            start = tp_rank * shard
+        else:  # not a vocabulary projection (never expected)
+            return output
+        first_pad = vocab_size - start
+        if first_pad >= last:
+            return output
+        logits = logits.clone() if logits.requires_grad else logits
+        logits[..., max(first_pad, 0):] = torch.finfo(logits.dtype).min
+        return logits, bias
+
+    return hook
+
+
+def _build_chunk(cfg: ModelConfig, mp: ModelParallel, tconfig, kind: str,
+                 vp_stage: Optional[int]) -> torch.nn.Module:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    from megarlhf.models.heads import ScalarHead
+    from megarlhf.models.specs import block_spec
+
+    vpp = mp.config.vpp
+    first = mp.is_first_stage and (vp_stage in (None, 0))
+    last = mp.is_last_stage and (vp_stage is None or vp_stage == vpp - 1)
+    n_here = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=mp.pp_rank)
+    padded = padded_vocab(cfg, mp.config.tp)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=block_spec(cfg, n_here),
+        vocab_size=padded,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=first,
+        post_process=last,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
+        pg_collection=mp.pg_collection,
+        vp_stage=vp_stage,
+    )
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        inv = llama3_inv_freq(cfg.kv_channels, cfg.rope_theta, rs.factor, rs.low_freq_factor,
+                              rs.high_freq_factor, rs.original_max_position_embeddings)
+        model.rotary_pos_emb.inv_freq = inv.to(model.rotary_pos_emb.inv_freq.device)
+        model.rotary_pos_emb_cache.clear()
+    if last:
+        if kind == "reward":
+            model.output_layer = ScalarHead(tconfig, cfg.hidden_size, mp.tp_group)
+        else:
+            model.output_layer.register_forward_hook(
+                _mask_padded_vocab_hook(cfg.vocab_size, padded, mp.config.tp, mp.tp_rank))
+    model.megarlhf_kind = kind
+    return model
+
+
+def build_model(cfg: ModelConfig, mp: ModelParallel, kind: str = "causal",
+                wrap_bf16: bool = True, meta: bool = False) -> List[torch.nn.Module]:
+    """The model chunks of this rank (one per virtual pipeline stage), on this platform's
+    device; bf16 models are wrapped in megatron's ``Float16Module``.
+
+    ``meta=True`` builds shapes only (no memory): enough for ``sharded_state_dict()``,
+    which is how the converters learn megatron's checkpoint layout for any model size.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"model kind {kind!r}: expected one of {KINDS}")
+    check_layout(cfg, mp.config)
+    tconfig = transformer_config(cfg, mp)
+    if meta:
+        tconfig = dataclasses.replace(tconfig, use_cpu_initialization=True, perform_initialization=False)
+    plat = platform.current()
+    vpp = mp.config.virtual_pipeline_model_parallel_size
+    stages = [None] if vpp is None else list(range(vpp))
+    chunks = []
+    for vp_stage in stages:
+        if meta:
+            with torch.device("meta"):
+                chunk = _build_chunk(cfg, mp, tconfig, kind, vp_stage)
+            chunks.append(chunk)
+            continue
+        chunk = _build_chunk(cfg, mp, tconfig, kind, vp_stage)
+        chunk.to(plat.device)
+        if tconfig.bf16 and wrap_bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            chunk = Float16Module(tconfig, chunk)
+        chunks.append(chunk)
+    return chunks
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The bare ``GPTModel`` under DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def num_parameters(chunks: List[torch.nn.Module]) -> int:
+    """Parameters held by this rank."""
+    return sum(p.numel() for c in chunks for p in c.parameters())
+
+
+def describe(cfg: ModelConfig, mp: ModelParallel) -> str:
+    return (f"Llama {cfg.num_layers}L h{cfg.hidden_size} ffn{cfg.ffn_hidden_size} "
+            f"heads {cfg.num_attention_heads}/{cfg.num_query_groups}kv vocab {cfg.vocab_size}"
+            f"(padded {padded_vocab(cfg, mp.config.tp)}), {cfg.num_parameters() / 1e6:.1f}M params, "
+            f"{cfg.params_dtype}, TP{mp.config.tp} PP{mp.config.pp} DP{mp.dp_size}")
+

@@ -1,0 +1,220 @@
+"""Process-group layout: distributed init from torchrun or SLURM, and megatron-core's
+TP/PP/DP groups for one model layout.
+
+    env = DistEnv.from_environ()            # torchrun or srun, no torchrun needed on clusters
+    check_layout(cfg.model, cfg.parallel, env.world_size)   # before any group exists
+    init_distributed(env)
+    layout = initialize_model_parallel(cfg.parallel, seed=cfg.seed)
+    model = build_model(cfg.model, layout)   # groups passed down explicitly
+
+Library code below the recipes receives a :class:`ModelParallel` (and its
+``pg_collection``) rather than reading megatron's globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+from typing import List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from megarlhf import platform
+from megarlhf.config.parallel import ParallelConfig
+
+__all__ = [
+    "DistEnv",
+    "expand_slurm_nodelist",
+    "init_distributed",
+    "init_single_process",
+    "initialize_model_parallel",
+    "ModelParallel",
+    "destroy",
+]
+
+
+def expand_slurm_nodelist(nodelist: str) -> List[str]:
+    """Expand SLURM's compressed host list: ``gpu[01-03,07],login1`` -> 4 + 1 names."""
+    hosts: List[str] = []
+    # Split on commas that are not inside brackets.
+    parts, depth, cur = [], 0, ""
+    for ch in nodelist.strip():
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    for part in parts:
+        m = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-", 1)
+                width = len(lo)
+                for i in range(int(lo), int(hi) + 1):
+                    hosts.append(f"{prefix}{i:0{width}d}{suffix}")
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Who this process is in the job, read from torchrun's or SLURM's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+    @classmethod
+    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "DistEnv":
+        env = os.environ if environ is None else environ
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return cls(
+                rank=int(env["RANK"]),
+                world_size=int(env["WORLD_SIZE"]),
+                local_rank=int(env.get("LOCAL_RANK", "0")),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", "29500")),
+                source="torchrun",
+            )
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise RuntimeError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: "
+                                   "launch with srun inside an allocation")
+            master = env.get("MASTER_ADDR") or expand_slurm_nodelist(nodelist)[0]
+            # A port derived from the job id keeps two jobs on one node apart.
+            default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+            return cls(
+                rank=int(env["SLURM_PROCID"]),
+                world_size=int(env["SLURM_NTASKS"]),
+                local_rank=int(env.get("SLURM_LOCALID", "0")),
+                master_addr=master,
+                master_port=int(env.get("MASTER_PORT", default_port)),
+                source="slurm",
+            )
+        return cls(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
+                   master_port=int(env.get("MASTER_PORT", "29500")), source="single")
+
+
+def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 1800) -> DistEnv:
+    """Create the default process group (NCCL on GPUs, gloo on CPU). Idempotent."""
+    env = env or DistEnv.from_environ()
+    plat = platform.current(env.local_rank)
+    if dist.is_initialized():
+        return env
+    dist.init_process_group(
+        backend=plat.backend,
+        init_method=f"tcp://{_bracket_ipv6(env.master_addr)}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return env
+
+
+def init_single_process() -> None:
+    """A one-process gloo group for offline tools (conversion, export): megatron's
+    checkpointing is collective even with one participant. Idempotent."""
+    import tempfile
+
+    platform.current(0)
+    if dist.is_initialized():
+        return
+    fd, path = tempfile.mkstemp(prefix="megarlhf-pg-")
+    os.close(fd)
+    os.unlink(path)  # the file store creates it
+    dist.init_process_group(backend="gloo", init_method=f"file://{path}", rank=0, world_size=1)
+
+
+def _bracket_ipv6(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+@dataclasses.dataclass
+class ModelParallel:
+    """The groups of one model layout, passed down to model builders, DDP and schedules."""
+
+    config: ParallelConfig
+    pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def tp_group(self):
+        return self.pg_collection.tp
+
+    @property
+    def pp_group(self):
+        return self.pg_collection.pp
+
+    @property
+    def dp_group(self):
+        return self.pg_collection.dp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.config.pp - 1
+
+
+def initialize_model_parallel(par: ParallelConfig, seed: int = 1234) -> ModelParallel:
+    """Build megatron-core's TP/PP/DP groups for ``par`` and seed the model-parallel RNGs.
+
+    Data-parallel replicas share the default seed; TP ranks get distinct tensor-parallel
+    RNG streams (megatron's convention), so any layout initialises the same weights.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if not dist.is_initialized():
+        raise RuntimeError("initialize_model_parallel() needs init_distributed() first")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    return ModelParallel(
+        config=par,
+        pg_collection=pgs,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,365 @@
+"""Device and backend choice, and the CPU compatibility layer for megatron-core.
+
+This is the only module that branches on "is there a GPU?". Everything else asks it:
+
+    plat = platform.current()
+    plat.device          # torch.device("cuda", local_rank) or torch.device("cpu")
+    plat.backend         # "nccl" or "gloo"
+
+megatron-core assumes CUDA in a few places. When (and only when) no GPU is present,
+:func:`install_cpu_compat` patches exactly those places so that the same models, layouts
+and pipeline schedules run on CPU processes talking over gloo. Each patch is listed in
+``CPU_PATCHES`` with the reason it exists, and each has a test in
+``tests/test_platform.py``. Installing is idempotent; on a GPU nothing is patched.
+
+Patched behaviours (CPU only):
+
+``device-literals``
+    megatron code creates tensors with ``device="cuda"`` (the schedules' token counter,
+    gradient clipping, the grad scaler ...). A :class:`torch.overrides.TorchFunctionMode`
+    rewrites any CUDA device argument to CPU.
+``current-device``
+    ``torch.cuda.current_device()`` (RoPE, buffers, ...) returns ``"cpu"``.
+``tensor-cuda``
+    ``Tensor.cuda()`` returns the tensor itself.
+``tensor-type-name``
+    The optimizer asserts ``param.type() == 'torch.cuda.FloatTensor'``; ``Tensor.type()``
+    without arguments reports the CUDA type name of a CPU tensor.
+``rng``
+    The tensor-parallel RNG tracker saves/restores "the CUDA RNG state": on CPU this is
+    the default CPU generator. ``torch.cuda.manual_seed`` really seeds it (otherwise data
+    parallel replicas start from different weights); ``torch.cuda.manual_seed_all`` stays
+    a no-op because ``torch.manual_seed`` calls it (it would recurse).
+``sync-and-events``
+    ``torch.cuda.synchronize`` is a no-op; ``torch.cuda.Event`` is a wall-clock event
+    (``perf_counter``) with ``record`` / ``elapsed_time`` / ``synchronize``.
+``streams``
+    ``torch.cuda.current_stream`` / ``Stream`` / ``stream`` return inert stand-ins, and
+    ``torch.cuda.empty_cache`` is a no-op.
+``inference-p2p``
+    megatron's inference pipeline send/recv asserts ``tensor.is_cuda``; on CPU the
+    assertion is dropped (gloo sends CPU tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+__all__ = [
+    "Platform",
+    "current",
+    "has_gpu",
+    "install_cpu_compat",
+    "cpu_compat_installed",
+    "CPU_PATCHES",
+    "get_rng_state",
+    "set_rng_state",
+    "cpu_has_amx",
+    "transformer_engine_status",
+    "fp8_status",
+    "require_transformer_engine",
+]
+
+
+def has_gpu() -> bool:
+    """True when a CUDA device is usable by this process."""
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def cpu_has_amx() -> bool:
+    """True when the CPU advertises AMX bf16 (bf16 matmuls then beat fp32 several-fold)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """Where this process computes and how it talks to its peers."""
+
+    device: torch.device
+    backend: str
+    is_gpu: bool
+
+    def describe(self) -> str:
+        if self.is_gpu:
+            name = torch.cuda.get_device_name(self.device)
+            return f"{name} ({self.device}), backend {self.backend}"
+        amx = "with AMX bf16" if cpu_has_amx() else "no AMX"
+        return f"CPU ({amx}, {torch.get_num_threads()} threads), backend {self.backend}"
+
+    def synchronize(self) -> None:
+        if self.is_gpu:
+            torch.cuda.synchronize(self.device)
+
+    def max_memory_allocated(self) -> int:
+        """Peak bytes allocated on the device (process peak RSS on CPU)."""
+        if self.is_gpu:
+            return torch.cuda.max_memory_allocated(self.device)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _current(local_rank: int) -> Platform:
+    if has_gpu():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return Platform(device=device, backend="nccl", is_gpu=True)
+    install_cpu_compat()
+    return Platform(device=torch.device("cpu"), backend="gloo", is_gpu=False)
+
+
+def current(local_rank: Optional[int] = None) -> Platform:
+    """The platform for this process; on CPU this also installs the compatibility layer."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    return _current(local_rank)
+
+
+def get_rng_state() -> torch.Tensor:
+    """The accelerator's RNG state (the CPU generator's on CPU), for checkpoints."""
+    if has_gpu():
+        return torch.cuda.get_rng_state()
+    return torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor) -> None:
+    if has_gpu():
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+def transformer_engine_status() -> "tuple[bool, str]":
+    """(usable, reason): Transformer Engine needs its package and a CUDA GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False, "Transformer Engine is not installed (pip install 'megarlhf[gpu]')"
+    if not has_gpu():
+        return False, "Transformer Engine needs a CUDA GPU and none is visible"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # broken installs raise many kinds of errors
+        return False, f"Transformer Engine is installed but cannot be imported: {e}"
+    return True, "ok"
+
+
+def fp8_status() -> "tuple[bool, str]":
+    """(usable, reason): FP8 needs Transformer Engine and a GPU of compute capability 8.9+."""
+    ok, reason = transformer_engine_status()
+    if not ok:
+        return False, reason
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        return False, (f"FP8 needs compute capability 8.9 or newer (Ada/Hopper); "
+                       f"this GPU is {major}.{minor}")
+    return True, "ok"
+
+
+def require_transformer_engine(fp8: "Optional[str]", field: str = "model") -> None:
+    """Raise a clear error before any model is built when TE/FP8 are asked for but absent."""
+    ok, reason = transformer_engine_status()
+    if not ok:
+        raise RuntimeError(f"{field}.transformer_impl='transformer_engine' cannot be used: {reason}")
+    if fp8 is not None:
+        ok, reason = fp8_status()
+        if not ok:
+            raise RuntimeError(f"{field}.fp8={fp8!r} cannot be used: {reason}")
+
+
+# --------------------------------------------------------------------------------------
+# The CPU compatibility layer
+# --------------------------------------------------------------------------------------
+
+_INSTALLED: Dict[str, bool] = {}
+
+
+def _is_cuda_device(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value == "cuda" or value.startswith("cuda:")
+    return False
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Rewrites ``device=cuda`` arguments (keyword or a positional device) to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs = dict(kwargs, device="cpu")
+        elif func is torch.Tensor.to and args and any(_is_cuda_device(a) for a in args[1:]):
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        elif func is torch.device and args and _is_cuda_device(args[0]):
+            args = ("cpu",)
+        return func(*args, **kwargs)
+
+
+class _WallClockEvent:
+    """Stand-in for ``torch.cuda.Event`` measuring host wall-clock time (milliseconds)."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess=False):
+        self._t: Optional[float] = None
+
+    def record(self, stream=None) -> None:
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_WallClockEvent") -> float:
+        if self._t is None or end._t is None:
+            raise RuntimeError("Event.elapsed_time: both events must be recorded first")
+        return (end._t - self._t) * 1000.0
+
+
+class _InertStream:
+    """Stand-in for a CUDA stream: work on CPU is synchronous, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        event = event or _WallClockEvent()
+        event.record()
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_ORIG_TENSOR_TYPE = torch.Tensor.type
+
+
+def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+    if dtype is None and not kwargs:
+        name = _ORIG_TENSOR_TYPE(self)
+        if self.device.type == "cpu" and name.startswith("torch.") and ".cuda." not in name:
+            return "torch.cuda." + name[len("torch."):]
+        return name
+    return _ORIG_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _patch_device_literals() -> None:
+    mode = _CudaToCpuMode()
+    mode.__enter__()  # stays on the (process-wide, main thread) mode stack
+    _INSTALLED["_mode"] = mode  # type: ignore[assignment]
+
+
+def _patch_current_device() -> None:
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+
+def _patch_tensor_cuda() -> None:
+    def _cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
+        return self
+
+    torch.Tensor.cuda = _cuda  # type: ignore[assignment]
+
+
+def _patch_tensor_type_name() -> None:
+    torch.Tensor.type = _tensor_type  # type: ignore[assignment]
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def _get(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def _set(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = _get
+    mrandom._set_cuda_rng_state = _set
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state  # type: ignore
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state  # type: ignore
+    # torch.manual_seed calls torch.cuda.manual_seed_all: that must stay a no-op.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore
+    torch.cuda.manual_seed_all = lambda seed: None  # type: ignore
+
+
+def _patch_sync_and_events() -> None:
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.Event = _WallClockEvent  # type: ignore[assignment,misc]
+
+
+def _patch_streams() -> None:
+    stream = _InertStream()
+    torch.cuda.current_stream = lambda device=None: stream  # type: ignore[assignment]
+    torch.cuda.default_stream = lambda device=None: stream  # type: ignore[assignment]
+    torch.cuda.Stream = _InertStream  # type: ignore[assignment,misc]
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext(s)  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+
+
+def _patch_inference_p2p() -> None:
+    from megatron.core.inference import communication_utils as cu
+
+    def _check_tensor(tensor):  # the original asserts tensor.is_cuda
+        pass
+
+    for name in ("_is_cuda", "_check_is_cuda"):
+        if hasattr(cu, name):
+            setattr(cu, name, _check_tensor)
+
+
+CPU_PATCHES: Dict[str, Callable[[], None]] = {
+    "device-literals": _patch_device_literals,
+    "current-device": _patch_current_device,
+    "tensor-cuda": _patch_tensor_cuda,
+    "tensor-type-name": _patch_tensor_type_name,
+    "rng": _patch_rng,
+    "sync-and-events": _patch_sync_and_events,
+    "streams": _patch_streams,
+    "inference-p2p": _patch_inference_p2p,
+}
+
+
+def install_cpu_compat() -> None:
+    """Install every CPU patch once. Refuses on a machine with a usable GPU."""
+    if has_gpu():
+        raise RuntimeError("install_cpu_compat() called on a machine with a GPU; nothing to patch")
+    for name, patch in CPU_PATCHES.items():
+        if not _INSTALLED.get(name):
+            patch()
+            _INSTALLED[name] = True
+
+
+def cpu_compat_installed() -> bool:
+    return all(_INSTALLED.get(name) for name in CPU_PATCHES)

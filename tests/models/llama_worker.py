@@ -1,0 +1,115 @@
+"""torchrun worker for the model-layout tests: loads a converted checkpoint at the given
+TP x PP (x VPP) and either runs a forward pass (logits, log-probs) or trains a few steps.
+
+    torchrun --nproc-per-node 4 tests/models/llama_worker.py --ckpt C --tp 2 --pp 2 \
+        --inputs tokens.pt --mode forward --out result.pt
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megarlhf.algos.logprobs import token_entropy, token_logprobs, vocab_start_of  # noqa: E402
+from megarlhf.config import ParallelConfig  # noqa: E402
+from megarlhf.models.checkpoint import load_model, read_meta, save_model  # noqa: E402
+from megarlhf.models.llama import build_model, padded_vocab  # noqa: E402
+from megarlhf.parallel import destroy, init_distributed, initialize_model_parallel  # noqa: E402
+from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp  # noqa: E402
+from megarlhf.train.step import forward_only, train_step  # noqa: E402
+
+
+def gather_vocab(logits, mp):
+    if mp.config.tp == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(mp.config.tp)]
+    torch.distributed.all_gather(parts, logits.contiguous(), group=mp.tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--vpp", type=int, default=None)
+    ap.add_argument("--sp", action="store_true")
+    ap.add_argument("--inputs", required=True)
+    ap.add_argument("--mode", choices=["forward", "train"], default="forward")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--distributed-optimizer", action="store_true")
+    ap.add_argument("--save", default=None, help="save the model here after the run")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    init_distributed()
+    par = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                         virtual_pipeline_model_parallel_size=args.vpp, sequence_parallel=args.sp)
+    mp = initialize_model_parallel(par, seed=1)
+    meta = read_meta(args.ckpt)
+    cfg = meta.model
+    chunks = build_model(cfg, mp, kind=meta.kind)
+    load_model(chunks, args.ckpt)
+
+    tokens = torch.load(args.inputs)  # [n, s] int64
+    n, s = tokens.shape
+    mbs = args.mbs
+    positions = torch.arange(s).unsqueeze(0).expand(mbs, -1)
+    microbatches = [{"tokens": tokens[i:i + mbs]} for i in range(0, n, mbs)]
+    vstart = vocab_start_of(mp.tp_rank, padded_vocab(cfg, args.tp), args.tp)
+    saver = mp.is_last_stage and mp.tp_rank == 0 and mp.dp_rank == 0
+
+    def logprob_loss(mb, logits):
+        lp = token_logprobs(logits[:, :-1], mb["tokens"][:, 1:], mp.tp_group, vstart)
+        return -lp.mean()
+
+    if args.mode == "forward":
+        def fwd(data_iter, model):
+            mb = next(data_iter)
+            out = model(mb["tokens"], positions, attention_mask=None)
+
+            def collect(output, non_loss_data=False):
+                if meta.kind == "reward":
+                    return {"values": output[..., 0].float()}
+                lp = token_logprobs(output[:, :-1], mb["tokens"][:, 1:], mp.tp_group, vstart)
+                ent = token_entropy(output, mp.tp_group)
+                return {"logits": gather_vocab(output.float(), mp), "logprobs": lp, "entropy": ent}
+            return out, collect
+
+        outs = forward_only(chunks, mp, fwd, microbatches, s, mbs)
+        if saver:
+            result = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+            torch.save(result, args.out)
+    else:
+        ddp = wrap_ddp(chunks, mp, args.distributed_optimizer)
+        opt = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=1.0,
+                                               use_distributed_optimizer=args.distributed_optimizer), mp)
+
+        def fwd(data_iter, model):
+            mb = next(data_iter)
+            out = model(mb["tokens"], positions, attention_mask=None)
+
+            def loss_fn(output):
+                loss = logprob_loss(mb, output)
+                return loss, {"loss": loss.detach().clone()}
+            return out, loss_fn
+
+        losses = []
+        for _ in range(args.steps):
+            res = train_step(ddp, opt, mp, fwd, microbatches, s, mbs)
+            if mp.is_last_stage:
+                losses.append(torch.stack([o["loss"] for o in res["outputs"]]).mean().item())
+        if saver:
+            torch.save({"losses": torch.tensor(losses, dtype=torch.float64)}, args.out)
+        if args.save:
+            save_model(chunks, args.save, meta)
+    destroy()
+
+
+if __name__ == "__main__":
+    main()
