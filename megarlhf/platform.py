@@ -48,6 +48,7 @@ import dataclasses
 import functools
 import os
 import time
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -71,6 +72,22 @@ __all__ = [
 def has_gpu() -> bool:
     """True when a CUDA device is usable by this process."""
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def _quiet_expected_warnings() -> None:
+    """megatron-core warns at import time that TE/apex are absent and about GPU tuning
+    knobs; on a CPU machine that is the expected state, not news."""
+    for pattern in (r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed.*",
+                    r"When using async grad allreduce it is recommended",
+                    r"full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+# Deprecations inside megatron-core's checkpointing that users cannot act on.
+warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor")
+warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated and will be removed")
+if not has_gpu():
+    _quiet_expected_warnings()
 
 
 def cpu_has_amx() -> bool:

@@ -2,8 +2,12 @@
 
 With tensor parallelism each rank holds a slice ``[vocab_start, vocab_start + V/tp)`` of
 the vocabulary. These functions never gather the vocabulary: they all-reduce the max,
-the sum of exponentials and the picked logit over ``group`` (autograd-aware), so memory
-stays ``O(V/tp)`` per token. With ``group=None`` they are plain ``log_softmax``.
+the sum of exponentials and the picked logit over ``group``, so memory stays
+``O(V/tp)`` per token. With ``group=None`` they are plain ``log_softmax``.
+
+Gradients follow megatron's tensor-parallel convention: the loss computed after these
+reductions is replicated on every TP rank, so the backward of a sum over ranks is the
+identity (each rank's shard receives d loss / d sum), not another all-reduce.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 __all__ = ["token_logprobs", "token_entropy", "vocab_start_of"]
 
@@ -21,14 +24,30 @@ def _group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward (the loss is replicated over ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
+    return _SumOverRanks.apply(x, group) if _group_size(group) > 1 else x
+
+
 def _normalizer(logits: torch.Tensor, group) -> torch.Tensor:
     """log sum_v exp(logits_v) over the whole (sharded) vocabulary; shape ``logits[..., 0]``."""
     local_max = logits.detach().max(dim=-1, keepdim=True).values
     if _group_size(group) > 1:
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
-    sum_exp = torch.exp(logits - local_max).sum(dim=-1, keepdim=True)
-    if _group_size(group) > 1:
-        sum_exp = dist_fn.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
+    sum_exp = _sum_over_ranks(torch.exp(logits - local_max).sum(dim=-1, keepdim=True), group)
     return (local_max + torch.log(sum_exp)).squeeze(-1)
 
 
@@ -41,9 +60,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, group=None,
     local = targets - vocab_start
     in_shard = (local >= 0) & (local < v_local)
     picked = torch.gather(logits, -1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
-    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
-    if _group_size(group) > 1:
-        picked = dist_fn.all_reduce(picked, op=dist.ReduceOp.SUM, group=group)
+    picked = _sum_over_ranks(torch.where(in_shard, picked, torch.zeros_like(picked)), group)
     return picked - _normalizer(logits, group)
 
 
@@ -52,10 +69,7 @@ def token_entropy(logits: torch.Tensor, group=None) -> torch.Tensor:
     logits = logits.float()
     logz = _normalizer(logits, group)
     p = torch.exp(logits - logz.unsqueeze(-1))
-    ent_part = (p * logits).sum(dim=-1)
-    if _group_size(group) > 1:
-        ent_part = dist_fn.all_reduce(ent_part, op=dist.ReduceOp.SUM, group=group)
-    return logz - ent_part
+    return logz - _sum_over_ranks((p * logits).sum(dim=-1), group)
 
 
 def vocab_start_of(tp_rank: int, padded_vocab: int, tp_size: int) -> int:

@@ -99,13 +99,15 @@ def main():
                 return loss, {"loss": loss.detach().clone()}
             return out, loss_fn
 
-        losses = []
+        losses, grad_norms = [], []
         for _ in range(args.steps):
             res = train_step(ddp, opt, mp, fwd, microbatches, s, mbs)
+            grad_norms.append(float(res["grad_norm"]))
             if mp.is_last_stage:
                 losses.append(torch.stack([o["loss"] for o in res["outputs"]]).mean().item())
         if saver:
-            torch.save({"losses": torch.tensor(losses, dtype=torch.float64)}, args.out)
+            torch.save({"losses": torch.tensor(losses, dtype=torch.float64),
+                        "grad_norms": torch.tensor(grad_norms, dtype=torch.float64)}, args.out)
         if args.save:
             save_model(chunks, args.save, meta)
     destroy()
