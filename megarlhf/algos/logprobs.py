@@ -65,11 +65,20 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, group=None,
 
 
 def token_entropy(logits: torch.Tensor, group=None) -> torch.Tensor:
-    """Entropy of the softmax over the whole vocabulary: ``[..., V_local] -> [...]`` (nats)."""
+    """Entropy of the softmax over the whole vocabulary: ``[..., V_local] -> [...]`` (nats).
+
+    ``H = m + log Z - T / Z`` with ``Z = sum_v e_v``, ``T = sum_v e_v l_v``,
+    ``e_v = exp(l_v - m)``: every cross-rank dependency goes through the sums ``Z`` and
+    ``T``, so the identity backward of the rank sum gives exact gradients.
+    """
     logits = logits.float()
-    logz = _normalizer(logits, group)
-    p = torch.exp(logits - logz.unsqueeze(-1))
-    return logz - _sum_over_ranks((p * logits).sum(dim=-1), group)
+    m = logits.detach().max(dim=-1, keepdim=True).values
+    if _group_size(group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e = torch.exp(logits - m)
+    z = _sum_over_ranks(e.sum(dim=-1), group)
+    t = _sum_over_ranks((e * logits).sum(dim=-1), group)
+    return m.squeeze(-1) + torch.log(z) - t / z
 
 
 def vocab_start_of(tp_rank: int, padded_vocab: int, tp_size: int) -> int:

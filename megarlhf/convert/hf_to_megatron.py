@@ -96,6 +96,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConversionError(f"output folder {out_dir} exists and is not empty")
+    os.makedirs(out_dir, exist_ok=True)
 
     init_single_process()
     mp = initialize_model_parallel(ParallelConfig(), seed=0)

@@ -107,7 +107,8 @@ def llama3_inv_freq(dim: int, theta: float, factor: float, low_freq_factor: floa
     Wavelengths shorter than ``L / high_freq_factor`` are kept, longer than
     ``L / low_freq_factor`` divided by ``factor``, and smoothly interpolated between.
     """
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # An explicit host device: models are also built under a meta-device context.
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     old = original_max_position_embeddings
     low_wl, high_wl = old / low_freq_factor, old / high_freq_factor
     wavelen = 2 * math.pi / inv

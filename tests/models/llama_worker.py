@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--mbs", type=int, default=2)
     ap.add_argument("--distributed-optimizer", action="store_true")
     ap.add_argument("--save", default=None, help="save the model here after the run")
+    ap.add_argument("--reward-from-causal", action="store_true",
+                    help="build a reward model and load a causal checkpoint into its trunk")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -53,8 +55,10 @@ def main():
     mp = initialize_model_parallel(par, seed=1)
     meta = read_meta(args.ckpt)
     cfg = meta.model
-    chunks = build_model(cfg, mp, kind=meta.kind)
-    load_model(chunks, args.ckpt)
+    kind = "reward" if args.reward_from_causal else meta.kind
+    chunks = build_model(cfg, mp, kind=kind)
+    skip = ("output_layer.",) if args.reward_from_causal else ()
+    not_loaded = load_model(chunks, args.ckpt, skip_prefixes=skip)
 
     tokens = torch.load(args.inputs)  # [n, s] int64
     n, s = tokens.shape
@@ -74,7 +78,7 @@ def main():
             out = model(mb["tokens"], positions, attention_mask=None)
 
             def collect(output, non_loss_data=False):
-                if meta.kind == "reward":
+                if kind == "reward":
                     return {"values": output[..., 0].float()}
                 lp = token_logprobs(output[:, :-1], mb["tokens"][:, 1:], mp.tp_group, vstart)
                 ent = token_entropy(output, mp.tp_group)
@@ -82,8 +86,14 @@ def main():
             return out, collect
 
         outs = forward_only(chunks, mp, fwd, microbatches, s, mbs)
+        head = None
+        if kind == "reward" and mp.is_last_stage:
+            head = gather_vocab(chunks[-1].output_layer.weight.detach().float(), mp)
         if saver:
             result = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+            result["not_loaded"] = not_loaded
+            if head is not None:
+                result["head"] = head
             torch.save(result, args.out)
     else:
         ddp = wrap_ddp(chunks, mp, args.distributed_optimizer)

@@ -1,0 +1,117 @@
+"""Shared test fixtures: tiny Hugging Face Llama models made with transformers, their
+megatron conversions, and a torchrun launcher for multi-process (gloo) tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 1101  # not divisible by 2: the padded vocabulary differs between TP=1 and TP=2
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run ``script`` under torchrun with ``nproc`` gloo processes, one thread each.
+    Returns the combined output; raises with its tail on failure."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(REPO / script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}")
+    return out
+
+
+def run_tool(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def make_hf_llama(path: Path, *, reward: bool = False, llama3_rope: bool = True,
+                  tied: bool = False, safe: bool = True, seed: int = 0) -> Path:
+    """A tiny random HF Llama: GQA (4 heads, 2 KV heads), vocabulary 1101."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-6, tie_word_embeddings=tied, pad_token_id=0)
+    if llama3_rope:
+        kwargs.update(rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+    else:
+        kwargs.update(rope_theta=10000.0)
+    if reward:
+        cfg = LlamaConfig(num_labels=1, **kwargs)
+        model = LlamaForSequenceClassification(cfg)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    # Non-trivial norm weights, so a swapped or dropped norm cannot pass unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.eval().save_pretrained(path)
+    if not safe:  # the older pytorch_model.bin format, still common on the hub
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if tied:
+            state.pop("lm_head.weight", None)  # as save_pretrained drops tied copies
+        torch.save(state, path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+    return path
+
+
+def hf_reference(hf_dir: Path, tokens: torch.Tensor):
+    """(logits, per-token log-probs of the next token) or per-token reward values."""
+    from transformers import AutoConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    with torch.no_grad():
+        if cfg.architectures[0] == "LlamaForSequenceClassification":
+            m = LlamaForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            hidden = m.model(tokens).last_hidden_state
+            return {"values": m.score(hidden)[..., 0]}
+        m = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        logits = m(tokens).logits.float()
+        lp = torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+        return {"logits": logits, "logprobs": lp, "hidden": m.model(tokens).last_hidden_state}
+
+
+def convert(hf_dir: Path, out: Path, *extra: str) -> Path:
+    res = run_tool("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out", out, *extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokens(tmp_path_factory) -> Path:
+    """4 sequences x 32 tokens, saved for the workers."""
+    path = tmp_path_factory.mktemp("data") / "tokens.pt"
+    torch.save(torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_causal(tmp_path_factory) -> Path:
+    return make_hf_llama(tmp_path_factory.mktemp("hf") / "causal")
+
+
+@pytest.fixture(scope="session")
+def mg_causal(hf_causal, tmp_path_factory) -> Path:
+    return convert(hf_causal, tmp_path_factory.mktemp("mg") / "causal")
+
+
+@pytest.fixture(scope="session")
+def hf_reward(tmp_path_factory) -> Path:
+    return make_hf_llama(tmp_path_factory.mktemp("hf") / "reward", reward=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def mg_reward(hf_reward, tmp_path_factory) -> Path:
+    return convert(hf_reward, tmp_path_factory.mktemp("mg") / "reward")

@@ -1,0 +1,143 @@
+"""One test per patched behaviour of the CPU compatibility layer (megarlhf/platform.py)."""
+
+import time
+
+import pytest
+import torch
+
+from megarlhf import platform
+
+pytestmark = pytest.mark.skipif(platform.has_gpu(), reason="the CPU layer is installed only without a GPU")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_layer():
+    platform.install_cpu_compat()
+    assert platform.cpu_compat_installed()
+
+
+def test_platform_is_cpu_gloo():
+    plat = platform.current(0)
+    assert plat.device == torch.device("cpu") and plat.backend == "gloo" and not plat.is_gpu
+
+
+def test_every_patch_has_a_test():
+    names = set(platform.CPU_PATCHES)
+    tested = {"device-literals", "current-device", "tensor-cuda", "tensor-type-name", "rng",
+              "sync-and-events", "streams", "inference-p2p"}
+    assert names == tested
+
+
+def test_device_literals_are_redirected_to_cpu():
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.tensor([1.0], device="cuda:0").device.type == "cpu"
+    assert torch.ones(1).to("cuda").device.type == "cpu"
+    assert torch.empty(3, device=torch.device("cuda")).device.type == "cpu"
+    # megatron's schedules create their token counter like this:
+    assert torch.zeros([], dtype=torch.int, device="cuda").dtype == torch.int
+
+
+def test_current_device_is_cpu():
+    assert torch.cuda.current_device() == "cpu"
+    assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
+
+
+def test_tensor_cuda_is_identity():
+    x = torch.arange(3)
+    assert x.cuda() is x
+
+
+def test_tensor_type_name_reports_cuda_but_still_converts():
+    x = torch.zeros(2)
+    assert x.type() == "torch.cuda.FloatTensor"  # megatron's optimizer asserts this
+    assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    y = x.type(torch.float64)  # the converting form is untouched
+    assert y.dtype == torch.float64 and y.device.type == "cpu"
+
+
+def test_cuda_manual_seed_really_seeds_the_cpu_generator():
+    torch.cuda.manual_seed(123)
+    a = torch.rand(4)
+    torch.cuda.manual_seed(123)
+    b = torch.rand(4)
+    assert torch.equal(a, b)
+    torch.manual_seed(5)  # calls torch.cuda.manual_seed_all: must not recurse
+    torch.cuda.manual_seed_all(9)  # a no-op
+    c = torch.rand(2)
+    torch.manual_seed(5)
+    assert torch.equal(c, torch.rand(2))
+
+
+def test_rng_state_get_set_round_trips():
+    state = torch.cuda.get_rng_state()
+    a = torch.rand(3)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_tensor_parallel_rng_tracker_forks_distinct_reproducible_streams():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.CudaRNGStatesTracker()
+    tracker.add("model-parallel-rng", 1000)
+    torch.manual_seed(0)
+    outside_before = torch.get_rng_state()
+    with tracker.fork("model-parallel-rng"):
+        inside = torch.rand(4)
+    # the default stream is restored after the fork
+    assert torch.equal(torch.get_rng_state(), outside_before)
+    # the tracked stream is the seed's stream, and it advances
+    torch.manual_seed(1000)
+    assert torch.equal(inside, torch.rand(4))
+    with tracker.fork("model-parallel-rng"):
+        second = torch.rand(4)
+    assert not torch.equal(inside, second)
+
+
+def test_events_measure_wall_clock_and_sync_is_a_noop():
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    time.sleep(0.05)
+    end.record()
+    torch.cuda.synchronize()
+    end.synchronize()
+    assert 40 <= start.elapsed_time(end) < 1000
+    with pytest.raises(RuntimeError):
+        torch.cuda.Event().elapsed_time(end)
+
+
+def test_streams_are_inert():
+    s = torch.cuda.Stream()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.stream(s):
+        x = torch.ones(2) * 2
+    assert x.sum().item() == 4
+    torch.cuda.empty_cache()
+
+
+def test_inference_p2p_accepts_cpu_tensors():
+    from megatron.core.inference import communication_utils as cu
+
+    cu._is_cuda_contiguous(torch.zeros(2))  # asserts tensor.is_cuda unpatched
+
+
+def test_install_is_idempotent():
+    depth_before = torch._C._len_torch_function_stack()
+    platform.install_cpu_compat()
+    platform.install_cpu_compat()
+    assert torch._C._len_torch_function_stack() == depth_before
+
+
+def test_refuses_to_patch_a_gpu_machine(monkeypatch):
+    monkeypatch.setattr(platform, "has_gpu", lambda: True)
+    with pytest.raises(RuntimeError, match="GPU"):
+        platform.install_cpu_compat()
+
+
+def test_transformer_engine_absent_is_reported():
+    ok, reason = platform.transformer_engine_status()
+    assert not ok and ("not installed" in reason or "GPU" in reason)
+    with pytest.raises(RuntimeError, match="model.transformer_impl='transformer_engine'"):
+        platform.require_transformer_engine(None)
+    with pytest.raises(RuntimeError, match="cannot be used"):
+        platform.require_transformer_engine("hybrid")
