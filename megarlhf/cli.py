@@ -63,6 +63,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     schema, entry = COMMANDS[args.command][0]()
     try:
         cfg = load_config(schema, args.config, args.overrides)
+        if hasattr(cfg, "validate"):
+            cfg.validate()  # before any process or process group exists
     except (ConfigLoadError, ConfigError) as e:
         print(f"megarlhf {args.command}: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megarlhf.config import ModelConfig, ParallelConfig, preset
+from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, preset
 
 __all__ = ["DemoConfig", "run", "synthetic_batch"]
 
@@ -53,6 +53,17 @@ class DemoConfig:
 
     def world_size(self) -> int:
         return self.parallel.tp * self.parallel.pp
+
+    def validate(self) -> None:
+        from megarlhf.config import check_layout
+
+        check_layout(self.model, self.parallel, self.world_size())
+        if self.steps < 1 or self.micro_batch_size < 1 or self.num_microbatches < 1:
+            raise ConfigError([f"steps={self.steps}, micro_batch_size={self.micro_batch_size} and "
+                               f"num_microbatches={self.num_microbatches} must be >= 1"])
+        if self.seq_length > self.model.max_position_embeddings:
+            raise ConfigError([f"seq_length={self.seq_length} exceeds model.max_position_embeddings="
+                               f"{self.model.max_position_embeddings}"])
 
 
 def synthetic_batch(n: int, seq_length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:

@@ -65,19 +65,46 @@ def _layer_sources(i: int) -> Dict[str, str]:
     }
 
 
+def expected_hf_tensors(model, kind: str, tied: bool) -> Dict[str, List[int]]:
+    """Every tensor a Hugging Face Llama of this shape must hold, with its shape."""
+    h, f, d, V = model.hidden_size, model.ffn_hidden_size, model.kv_channels, model.vocab_size
+    nh, ng = model.num_attention_heads, model.num_query_groups
+    out: Dict[str, List[int]] = {"model.embed_tokens.weight": [V, h], "model.norm.weight": [h]}
+    if kind == "reward":
+        out["score.weight"] = [1, h]
+    elif not tied:
+        out["lm_head.weight"] = [V, h]
+    for i in range(model.num_layers):
+        s = _layer_sources(i)
+        out.update({s["q"]: [nh * d, h], s["k"]: [ng * d, h], s["v"]: [ng * d, h],
+                    s["o"]: [h, nh * d], s["gate"]: [f, h], s["up"]: [f, h], s["down"]: [h, f],
+                    s["ln1"]: [h], s["ln2"]: [h]})
+    return out
+
+
+def check_source(reader: HFTensorReader, expected: Dict[str, List[int]], tied: bool) -> None:
+    """Missing, extra and misshapen tensors, each named with its file, before any work."""
+    names = set(reader.names())
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise ConversionError(f"{reader.hf_dir}: tensor {missing[0]!r} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(n for n in names - set(expected) if not n.endswith(_IGNORABLE_SUFFIXES)
+                   and not (tied and n == "lm_head.weight"))
+    if extra:
+        raise ConversionError(f"{reader.hf_dir}: tensors with no megatron destination: {extra[:8]}"
+                              + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
+    for name, shape in expected.items():
+        got = list(reader.shape(name))
+        if got != shape:
+            raise ConversionError(f"{reader.file_of(name)}: tensor {name!r} has shape {got}, "
+                                  f"expected {shape}")
+
+
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] = None,
                            dtype: Optional[str] = None, tokenizer: Optional[str] = None,
                            log: Callable[[str], None] = print) -> Dict[str, object]:
     """Convert one HF folder; returns a summary (tensors, bytes, seconds, peak memory)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    from megarlhf.config.parallel import ParallelConfig
-    from megarlhf.models.checkpoint import CheckpointMeta, write_meta
-    from megarlhf.models.llama import build_model
-    from megarlhf.parallel import initialize_model_parallel, init_single_process
-
     t0 = time.perf_counter()
     hf_cfg = read_hf_config(hf_dir)
     model, facts = model_config_from_hf(hf_cfg, where=os.path.join(hf_dir, "config.json"),
@@ -93,10 +120,21 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
                               "LM head to convert as --model-type causal")
     target_dtype = _DTYPES[model.params_dtype]
     reader = HFTensorReader(hf_dir)
+    check_source(reader, expected_hf_tensors(model, kind, facts["tied"]), facts["tied"])
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConversionError(f"output folder {out_dir} exists and is not empty")
     os.makedirs(out_dir, exist_ok=True)
+
+    # megatron-core is imported only once the source has been checked (it takes seconds).
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from megarlhf.config.parallel import ParallelConfig
+    from megarlhf.models.checkpoint import CheckpointMeta, write_meta
+    from megarlhf.models.llama import build_model
+    from megarlhf.parallel import init_single_process, initialize_model_parallel
 
     init_single_process()
     mp = initialize_model_parallel(ParallelConfig(), seed=0)
@@ -110,12 +148,8 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
     n_h, n_g, L = model.num_attention_heads, model.num_query_groups, model.num_layers
 
     def src(name: str, shape: Optional[List[int]] = None) -> torch.Tensor:
-        t = reader.get(name)
-        if shape is not None and list(t.shape) != list(shape):
-            raise ConversionError(f"{reader.file_of(name)}: tensor {name!r} has shape "
-                                  f"{list(t.shape)}, expected {list(shape)}")
-        used.add(name)
-        return t
+        used.add(name)  # names and shapes were checked by check_source
+        return reader.get(name)
 
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.kv_channels
     V = model.vocab_size
@@ -170,11 +204,6 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
             if isinstance(item, ShardedTensor) and item.allow_shape_mismatch:
                 sharded[name] = ShardedTensor.from_rank_offsets(
                     item.key, item.data, replica_id=item.replica_id, allow_shape_mismatch=True)
-        leftover = [n for n in reader.names() if n not in used and not n.endswith(_IGNORABLE_SUFFIXES)
-                    and not (facts["tied"] and n == "lm_head.weight")]
-        if leftover:
-            raise ConversionError(f"{hf_dir}: tensors with no megatron destination: {leftover[:8]}"
-                                  + (f" and {len(leftover) - 8} more" if len(leftover) > 8 else ""))
         dist_checkpointing.save(sharded, out_dir)
     finally:
         scratch.cleanup()

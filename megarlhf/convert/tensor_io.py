@@ -116,6 +116,12 @@ class HFTensorReader:
             return src.get(name)
         return src[1]  # type: ignore[index]
 
+    def shape(self, name: str) -> List[int]:
+        src = self._where[name]
+        if isinstance(src, _SafetensorsFile):
+            return src.entries[name][1]
+        return list(src[1].shape)  # type: ignore[index]
+
     def file_of(self, name: str) -> str:
         src = self._where[name]
         return src.path if isinstance(src, _SafetensorsFile) else src[0]  # type: ignore[index]
