@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from megarlhf.cli import main
 from tests.conftest import REPO
 
@@ -27,6 +29,15 @@ def test_invalid_layout_is_reported_before_any_process_starts(capsys):
     assert "model.num_attention_heads=8 is not divisible by parallel.tensor_model_parallel_size=3" in err
     assert main(["demo", "seq_length=4096"]) == 2
     assert "seq_length=4096 exceeds model.max_position_embeddings=512" in capsys.readouterr().err
+
+
+def test_transformer_engine_without_it_is_reported(capsys):
+    from megarlhf import platform
+
+    if platform.transformer_engine_status()[0]:
+        pytest.skip("Transformer Engine is usable on this machine")
+    assert main(["demo", "model.transformer_impl=transformer_engine", "model.fp8=hybrid"]) == 2
+    assert "model.transformer_impl='transformer_engine' cannot be used" in capsys.readouterr().err
 
 
 def test_print_config(capsys):

@@ -195,6 +195,8 @@ def build_model(cfg: ModelConfig, mp: ModelParallel, kind: str = "causal",
     if kind not in KINDS:
         raise ValueError(f"model kind {kind!r}: expected one of {KINDS}")
     check_layout(cfg, mp.config)
+    if cfg.transformer_impl == "transformer_engine":
+        platform.require_transformer_engine(cfg.fp8)  # a clear error before building
     tconfig = transformer_config(cfg, mp)
     if meta:
         tconfig = dataclasses.replace(tconfig, use_cpu_initialization=True, perform_initialization=False)
