@@ -1,0 +1,1 @@
+"""Tokenizers, chat templates, datasets, the built-in task."""

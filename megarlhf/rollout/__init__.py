@@ -1,0 +1,1 @@
+"""Generation from the policy: KV-cached sampling on megatron weights."""
