@@ -22,9 +22,16 @@ def _demo() -> Tuple[type, Callable]:
     return DemoConfig, run
 
 
+def _sft() -> Tuple[type, Callable]:
+    from megarlhf.recipes.sft import SFTConfig, run
+
+    return SFTConfig, run
+
+
 # name -> (loader of (schema, entry), one-line help)
 COMMANDS: Dict[str, Tuple[Callable[[], Tuple[type, Callable]], str]] = {
     "demo": (_demo, "train the tiny Llama a few steps at TP=2 and check its checkpoint"),
+    "sft": (_sft, "supervised fine-tuning on chat data (default: the built-in task)"),
 }
 
 

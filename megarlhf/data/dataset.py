@@ -73,6 +73,7 @@ def tokenize_example(ex: Dict[str, Any], kind: str, template: ChatTemplate) -> D
 def build_dataset(cfg: DataConfig, kind: str, template: ChatTemplate) -> TokenizedData:
     import datasets
 
+    datasets.disable_progress_bars()
     examples, report = load_examples(cfg.sources, kind, skip_invalid=cfg.skip_invalid,
                                      dedup=cfg.dedup, seed=cfg.seed, rule=cfg.pair_rule)
     ds = datasets.Dataset.from_list(examples)

@@ -1,0 +1,128 @@
+"""Causal-LM microbatches, padded or packed.
+
+Padded: one example per row, right-padded to ``seq_length``; causal attention suffices
+(pad tokens come after every real token of their row).
+
+Packed: several examples per row (first fit, in order), with a block-diagonal causal
+attention mask so attention never crosses an example boundary. Position ids run on
+across a row: RoPE attention depends only on relative positions, so within an example
+the result equals the unpacked one.
+
+Losses are summed over the ``loss_mask`` and divided by the number of loss tokens of the
+whole global batch (megatron's per-token loss), so packing or padding the same
+examples gives the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["LMBatch", "pad_examples", "pack_examples", "segments_to_attention_mask"]
+
+Example = Tuple[Sequence[int], Sequence[bool]]  # token ids, loss mask (True = trained)
+
+
+@dataclass
+class LMBatch:
+    """One microbatch.
+
+    tokens          [b, s] int64   input ids
+    labels          [b, s] int64   the next token at each position (0 where none)
+    loss_mask       [b, s] float32 1 where ``labels`` is a trained (assistant) token
+    attention_mask  [b, 1, s, s] bool or None: True where attention is *not* allowed
+                    (megatron's convention); None means plain causal
+    position_ids    [b, s] int64
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    position_ids: torch.Tensor
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def to(self, device) -> "LMBatch":
+        am = None if self.attention_mask is None else self.attention_mask.to(device)
+        return LMBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
+                       am, self.position_ids.to(device))
+
+
+def _shifted(ids: Sequence[int], mask: Sequence[bool]) -> Tuple[List[int], List[float]]:
+    """Targets and their loss weights for one example: position t predicts ids[t+1]."""
+    labels = list(ids[1:]) + [0]
+    weights = [1.0 if m else 0.0 for m in mask[1:]] + [0.0]
+    return labels, weights
+
+
+def pad_examples(examples: Sequence[Example], seq_length: int, pad_id: int,
+                 rows: Optional[int] = None) -> LMBatch:
+    """One example per row, right-padded; ``rows`` adds empty rows up to that count."""
+    n = rows or len(examples)
+    if len(examples) > n:
+        raise ValueError(f"{len(examples)} examples do not fit in {n} rows")
+    tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
+    labels = torch.zeros((n, seq_length), dtype=torch.long)
+    loss_mask = torch.zeros((n, seq_length), dtype=torch.float32)
+    for r, (ids, mask) in enumerate(examples):
+        if len(ids) > seq_length:
+            raise ValueError(f"example of {len(ids)} tokens exceeds seq_length={seq_length}")
+        lab, w = _shifted(ids, mask)
+        tokens[r, :len(ids)] = torch.tensor(list(ids))
+        labels[r, :len(ids)] = torch.tensor(lab)
+        loss_mask[r, :len(ids)] = torch.tensor(w)
+    positions = torch.arange(seq_length).unsqueeze(0).expand(n, -1).contiguous()
+    return LMBatch(tokens, labels, loss_mask, None, positions)
+
+
+def segments_to_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` segment ids -> ``[b, 1, s, s]`` bool, True where query i may NOT attend
+    key j (j > i, or another segment)."""
+    s = segments.shape[1]
+    same = segments.unsqueeze(2) == segments.unsqueeze(1)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return ~(same & causal).unsqueeze(1)
+
+
+def pack_examples(examples: Sequence[Example], seq_length: int, pad_id: int,
+                  row_multiple: int = 1) -> LMBatch:
+    """First-fit packing in order; the row count is rounded up to ``row_multiple``."""
+    rows: List[List[int]] = []  # example indices per row
+    room: List[int] = []
+    for i, (ids, _) in enumerate(examples):
+        if len(ids) > seq_length:
+            raise ValueError(f"example of {len(ids)} tokens exceeds seq_length={seq_length}")
+        for r, free in enumerate(room):
+            if len(ids) <= free:
+                rows[r].append(i)
+                room[r] -= len(ids)
+                break
+        else:
+            rows.append([i])
+            room.append(seq_length - len(ids))
+    n = -(-len(rows) // row_multiple) * row_multiple
+    tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
+    labels = torch.zeros((n, seq_length), dtype=torch.long)
+    loss_mask = torch.zeros((n, seq_length), dtype=torch.float32)
+    segments = torch.full((n, seq_length), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        pos = 0
+        for seg, i in enumerate(members):
+            ids, mask = examples[i]
+            lab, w = _shifted(ids, mask)
+            k = len(ids)
+            tokens[r, pos:pos + k] = torch.tensor(list(ids))
+            labels[r, pos:pos + k] = torch.tensor(lab)
+            loss_mask[r, pos:pos + k] = torch.tensor(w)
+            segments[r, pos:pos + k] = seg
+            pos += k
+    # Padding positions form their own segment per position (they attend only themselves).
+    pad_seg = -1 - torch.arange(seq_length).unsqueeze(0).expand(n, -1)
+    segments = torch.where(segments >= 0, segments, pad_seg)
+    positions = torch.arange(seq_length).unsqueeze(0).expand(n, -1).contiguous()
+    return LMBatch(tokens, labels, loss_mask, segments_to_attention_mask(segments), positions)

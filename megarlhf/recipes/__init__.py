@@ -1,0 +1,1 @@
+"""Entry points that read top to bottom: sft, reward_model, dpo, ppo."""

@@ -1,0 +1,69 @@
+"""Plain functions the recipes share (no recipe inherits from another)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megarlhf.algos.logprobs import token_logprobs, vocab_start_of
+from megarlhf.config import ModelConfig
+from megarlhf.parallel import ModelParallel
+
+__all__ = ["lm_forward_step", "exact_match_eval"]
+
+
+def lm_forward_step(mp: ModelParallel, model_cfg: ModelConfig, device) -> Callable:
+    """megatron ``forward_step_func`` for next-token loss on :class:`LMBatch` microbatches.
+
+    Returns the token-summed loss and the number of loss tokens (megatron divides by the
+    global count when ``calculate_per_token_loss`` is set), so packing does not change it.
+    """
+    from megarlhf.models.llama import padded_vocab
+
+    tp = mp.config.tp
+    vstart = vocab_start_of(mp.tp_rank, padded_vocab(model_cfg, tp), tp)
+
+    def forward_step(data_iter, model):
+        b = next(data_iter).to(device)
+        logits = model(b.tokens, b.position_ids, attention_mask=b.attention_mask)
+
+        def loss_fn(output):
+            lp = token_logprobs(output, b.labels, mp.tp_group, vstart)
+            loss_sum = -(lp * b.loss_mask).sum()
+            n = b.loss_mask.sum().to(torch.int)
+            return loss_sum, n, {"lm_loss": torch.stack([loss_sum.detach().clone(),
+                                                         n.detach().float()])}
+        return logits, loss_fn
+
+    return forward_step
+
+
+def exact_match_eval(chunks, mp: ModelParallel, model_cfg: ModelConfig, template, prompts_path: str,
+                     num_prompts: int, max_new_tokens: int, batch_size: int) -> Tuple[float, int, float]:
+    """Greedy answers to verifiable prompts, scored by the number after ``####``.
+    Prompts are split over the data-parallel replicas; returns (accuracy, n, seconds)."""
+    from megarlhf.data.load import SourceConfig, load_examples
+    from megarlhf.data.task import is_correct
+    from megarlhf.rollout.engine import MegatronEngine, SamplingParams
+
+    t0 = time.time()
+    rows, _ = load_examples([SourceConfig(path=prompts_path)], "prompts", dedup=False)
+    rows = [r for r in rows if r.get("reference") is not None][:num_prompts]
+    if not rows:
+        raise ValueError(f"{prompts_path}: no prompts with a reference answer to score")
+    per = -(-len(rows) // mp.dp_size)
+    mine = rows[mp.dp_rank * per:(mp.dp_rank + 1) * per]
+    engine = MegatronEngine(chunks, mp, model_cfg.vocab_size, max_batch=batch_size)
+    out = engine.generate([template.encode_prompt(r["prompt"]) for r in mine],
+                          SamplingParams(max_new_tokens=max_new_tokens, greedy=True,
+                                         stop_ids=template.stop_ids()))
+    correct = sum(is_correct(template.tok.decode(resp), r["reference"])
+                  for resp, r in zip(out.response_ids, mine))
+    from megarlhf import platform
+
+    counts = torch.tensor([correct, len(mine)], dtype=torch.float64, device=platform.current().device)
+    dist.all_reduce(counts, group=mp.dp_group)
+    return float(counts[0] / counts[1]), int(counts[1]), time.time() - t0
