@@ -64,6 +64,7 @@ __all__ = [
     "set_rng_state",
     "cpu_has_amx",
     "transformer_engine_status",
+    "resolve_dtype",
     "fp8_status",
     "require_transformer_engine",
 ]
@@ -157,6 +158,16 @@ def set_rng_state(state: torch.Tensor) -> None:
         torch.cuda.set_rng_state(state)
     else:
         torch.set_rng_state(state)
+
+
+def resolve_dtype(name: str) -> str:
+    """``auto`` -> ``bfloat16`` where bf16 matrix units exist (GPUs; CPUs with AMX), else
+    ``float32``; other names pass through."""
+    if name != "auto":
+        return name
+    if has_gpu():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_amx() else "float32"
 
 
 def transformer_engine_status() -> "tuple[bool, str]":

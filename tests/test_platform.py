@@ -141,3 +141,12 @@ def test_transformer_engine_absent_is_reported():
         platform.require_transformer_engine(None)
     with pytest.raises(RuntimeError, match="cannot be used"):
         platform.require_transformer_engine("hybrid")
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    assert platform.resolve_dtype("float32") == "float32"
+    assert platform.resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(platform, "cpu_has_amx", lambda: True)
+    assert platform.resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(platform, "cpu_has_amx", lambda: False)
+    assert platform.resolve_dtype("auto") == "float32"

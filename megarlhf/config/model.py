@@ -58,8 +58,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """The padded vocabulary is a multiple of this times the TP size (as in Megatron-LM)."""
     params_dtype: str = "float32"
-    """Parameter and compute dtype: ``float32`` or ``bfloat16`` (megatron's mixed
-    precision keeps fp32 master weights in the optimizer when bf16)."""
+    """Parameter and compute dtype: ``float32``, ``bfloat16`` (megatron's mixed precision
+    keeps fp32 master weights in the optimizer) or ``auto``: bf16 on GPUs and on CPUs with
+    AMX bf16 units, fp32 elsewhere."""
     transformer_impl: str = "local"
     """Layer implementation: ``local`` (torch layers, runs anywhere) or
     ``transformer_engine`` (needs Transformer Engine and a GPU)."""

@@ -10,7 +10,7 @@ from megarlhf.config.parallel import ParallelConfig
 
 __all__ = ["ConfigError", "check_model", "check_layout"]
 
-_DTYPES = ("float32", "bfloat16")
+_DTYPES = ("float32", "bfloat16", "auto")
 _IMPLS = ("local", "transformer_engine")
 _FP8 = (None, "hybrid", "e4m3")
 

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Set
 
 import torch
 
+from megarlhf import platform
 from megarlhf.convert.hf_config import ConversionError, model_config_from_hf, read_hf_config
 from megarlhf.convert.tensor_io import HFTensorReader, Scratch
 
@@ -118,7 +119,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
                 "Convert it as --model-type causal.")
         raise ConversionError(f"{hf_dir} is a reward model ({facts['architecture']}): it has no "
                               "LM head to convert as --model-type causal")
-    target_dtype = _DTYPES[model.params_dtype]
+    target_dtype = _DTYPES[platform.resolve_dtype(model.params_dtype)]
     reader = HFTensorReader(hf_dir)
     check_source(reader, expected_hf_tensors(model, kind, facts["tied"]), facts["tied"])
     out_dir = os.path.abspath(out_dir)

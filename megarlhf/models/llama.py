@@ -48,7 +48,7 @@ def transformer_config(cfg: ModelConfig, mp: ModelParallel):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     plat = platform.current()
-    bf16 = cfg.params_dtype == "bfloat16"
+    bf16 = platform.resolve_dtype(cfg.params_dtype) == "bfloat16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     par = mp.config
     kwargs = dict(
@@ -236,5 +236,5 @@ def describe(cfg: ModelConfig, mp: ModelParallel) -> str:
     return (f"Llama {cfg.num_layers}L h{cfg.hidden_size} ffn{cfg.ffn_hidden_size} "
             f"heads {cfg.num_attention_heads}/{cfg.num_query_groups}kv vocab {cfg.vocab_size}"
             f"(padded {padded_vocab(cfg, mp.config.tp)}), {cfg.num_parameters() / 1e6:.1f}M params, "
-            f"{cfg.params_dtype}, TP{mp.config.tp} PP{mp.config.pp} DP{mp.dp_size}")
+            f"{platform.resolve_dtype(cfg.params_dtype)}, TP{mp.config.tp} PP{mp.config.pp} DP{mp.dp_size}")
 

@@ -37,7 +37,7 @@ __all__ = ["SFTConfig", "TrainConfig", "EvalConfig", "run"]
 
 def _tiny_model() -> ModelConfig:
     # vocab_size 0: taken from the tokenizer
-    return preset("tiny", vocab_size=0, max_position_embeddings=256)
+    return preset("tiny", vocab_size=0, max_position_embeddings=256, params_dtype="auto")
 
 
 @dataclass(frozen=True)
