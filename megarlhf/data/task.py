@@ -46,9 +46,9 @@ class TaskConfig:
     """Fewest operations in a problem."""
     max_steps: int = 2
     """Most operations in a problem."""
-    max_value: int = 99
+    max_value: int = 20
     """Largest starting value and operand."""
-    num_sft: int = 6000
+    num_sft: int = 18000
     """Worked solutions for supervised fine-tuning."""
     num_preference: int = 3000
     """Correct-vs-wrong preference pairs."""

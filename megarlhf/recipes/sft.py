@@ -52,7 +52,7 @@ class TrainConfig:
     """Tokens per row; at least ``data.max_length``."""
     packing: bool = True
     """Pack several examples per row (attention kept within each example)."""
-    epochs: float = 3.0
+    epochs: float = 1.0
     """Passes over the training data (``max_steps`` wins when set)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: from ``epochs``)."""
