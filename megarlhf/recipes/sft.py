@@ -113,6 +113,11 @@ class SFTConfig:
         if t.seq_length > self.model.max_position_embeddings:
             problems.append(f"train.seq_length={t.seq_length} exceeds "
                             f"model.max_position_embeddings={self.model.max_position_embeddings}")
+        if t.packing and self.model.transformer_impl == "transformer_engine":
+            # TE attention takes packed sequences as cu_seqlens (PackedSeqParams), not the
+            # block-diagonal mask the local layers use; that path is not wired yet.
+            problems.append("train.packing=true is not supported with model.transformer_impl="
+                            "'transformer_engine' yet; set train.packing=false")
         dp = max(1, self.world // self.parallel.model_parallel_size)
         if t.global_batch_size % dp:
             problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
