@@ -65,6 +65,7 @@ __all__ = [
     "cpu_has_amx",
     "transformer_engine_status",
     "resolve_dtype",
+    "hot_loop",
     "fp8_status",
     "require_transformer_engine",
 ]
@@ -377,6 +378,22 @@ CPU_PATCHES: Dict[str, Callable[[], None]] = {
     "streams": _patch_streams,
     "inference-p2p": _patch_inference_p2p,
 }
+
+
+@contextlib.contextmanager
+def hot_loop():
+    """Suspend the CUDA-literal redirect (the one per-op cost of the CPU layer) around a
+    tight loop whose code never names a CUDA device, e.g. the generation engine's steps.
+    A no-op on GPUs."""
+    mode = _INSTALLED.get("_mode")
+    if mode is None or torch._C._len_torch_function_stack() == 0:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
 
 
 def install_cpu_compat() -> None:

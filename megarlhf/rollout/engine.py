@@ -1,18 +1,20 @@
 """KV-cached batched sampling on the policy's own megatron weights (TP- and PP-aware).
 
-    engine = MegatronEngine(chunks, mp, max_batch=64)
+    engine = MegatronEngine(chunks, mp, vocab_size, max_batch=64)
     out = engine.generate(prompt_ids, SamplingParams(max_new_tokens=64, greedy=True,
                                                      stop_ids=template.stop_ids()))
 
-Ragged prompts are handled as megatron's static engine does: decoding starts at the
-shortest prompt; while a sequence is still inside its prompt, its prompt token is
-forced instead of the sample. The KV cache (megatron ``StaticInferenceContext``) is
-sized from the chunk's batch and lengths and allocated once per chunk; batches larger
-than ``max_batch`` are generated in chunks.
+Each step runs :class:`~megarlhf.rollout.decoder.LlamaDecoder` on the chunk's own
+parameters with a KV cache allocated once per batch chunk; batches larger than
+``max_batch`` are generated in chunks, so a 512-prompt PPO step never holds 512
+sequences at once. Ragged prompts are handled as megatron's static engine does:
+decoding starts at the shortest prompt, and while a sequence is still inside its prompt
+its prompt token is forced instead of the sample.
 
-Randomness is tied to the prompt, not the rank: each sequence draws from its own
-generator seeded by ``(params.seed, index of the prompt)``, so the same seed gives the
-same samples whatever the TP/PP/DP layout or chunking.
+Randomness is tied to the prompt, not the rank: each sequence draws its uniforms from its
+own generator seeded by ``(params.seed, index of the prompt)`` and samples by inverse
+CDF over the real vocabulary, so the same seed gives the same samples whatever the
+TP/PP/DP layout, chunking or vocabulary padding.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.distributed as dist
 
 from megarlhf import platform
 from megarlhf.parallel import ModelParallel
+from megarlhf.rollout.decoder import LlamaDecoder
 
 __all__ = ["SamplingParams", "RolloutBatch", "MegatronEngine"]
 
@@ -47,6 +50,9 @@ class SamplingParams:
     """Token ids that end a sequence (included in the response)."""
     seed: int = 0
     """Seed of the per-prompt generators."""
+    eos_id: Optional[int] = None
+    """The tokenizer's EOS id: a sequence ending with it finishes with reason ``eos``
+    (other stop ids give ``stop``). Include it in ``stop_ids`` to stop on it."""
 
 
 @dataclass
@@ -55,7 +61,7 @@ class RolloutBatch:
 
     prompt_ids: List[List[int]]
     response_ids: List[List[int]]
-    finish_reason: List[str]  # "stop" (a stop id) or "length"
+    finish_reason: List[str]  # "eos", "stop" (another stop id) or "length"
     sample_logprobs: List[List[float]] = field(default_factory=list)
     """log-prob of each response token under the sampling distribution (temperature,
     top-k/p applied); 0 for greedy."""
@@ -94,6 +100,8 @@ class MegatronEngine:
         self.max_batch = max_batch
         self.vocab_size = vocab_size
         self.device = platform.current().device
+        config = self.model.config
+        self.decoder = LlamaDecoder(self.model, mp.tp_group, mp.config.tp, config.layernorm_epsilon)
 
     def update_weights(self) -> None:
         """Nothing to do: this engine reads the training weights in place."""
@@ -103,37 +111,31 @@ class MegatronEngine:
         if params.temperature <= 0 and not params.greedy:
             raise ValueError("temperature must be > 0 (or use greedy)")
         out = RolloutBatch([], [], [], [], [])
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with platform.hot_loop():
             for start in range(0, len(prompts), self.max_batch):
                 chunk = [list(p) for p in prompts[start:start + self.max_batch]]
                 part = self._generate_chunk(chunk, params, first_index=start)
                 for name in ("prompt_ids", "response_ids", "finish_reason", "sample_logprobs",
                              "policy_logprobs"):
                     getattr(out, name).extend(getattr(part, name))
-        finally:
-            self.model.train(was_training)
         return out
 
     # -- one chunk -----------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx) -> Optional[torch.Tensor]:
+    def _forward(self, tokens: torch.Tensor, start: int) -> Optional[torch.Tensor]:
         """One (pre)fill or decode step through this rank's pipeline stage; returns the
         last position's gathered logits ``[b, V]`` on the last stage, else None."""
         mp = self.mp
         b, s = tokens.shape
-        hidden = self.model.config.hidden_size
+        x = tokens
         if not mp.is_first_stage:
-            recv = torch.empty(s, b, hidden, dtype=self.model.config.params_dtype, device=self.device)
-            dist.recv(recv, src=dist.get_global_rank(mp.pp_group, mp.pp_rank - 1), group=mp.pp_group)
-            self.model.set_input_tensor(recv)
-        out = self.model(tokens, positions, attention_mask=None, inference_context=ctx,
-                         runtime_gather_output=True)
+            x = torch.empty(b, s, self.decoder.hidden, dtype=self.decoder.dtype, device=self.device)
+            dist.recv(x, src=dist.get_global_rank(mp.pp_group, mp.pp_rank - 1), group=mp.pp_group)
+        out = self.decoder.forward(x, start)
         if not mp.is_last_stage:
             dist.send(out.contiguous(), dst=dist.get_global_rank(mp.pp_group, mp.pp_rank + 1),
                       group=mp.pp_group)
             return None
-        return out[:, -1, :].float()
+        return out
 
     def _share_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
         if self.mp.config.pp > 1:
@@ -143,8 +145,6 @@ class MegatronEngine:
 
     def _generate_chunk(self, prompts: List[List[int]], params: SamplingParams,
                         first_index: int) -> RolloutBatch:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         b = len(prompts)
         lens = torch.tensor([len(p) for p in prompts])
         if (lens == 0).any():
@@ -154,67 +154,77 @@ class MegatronEngine:
         tokens = torch.zeros(b, total, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p)
-        positions = torch.arange(total).unsqueeze(0).expand(b, -1)
-        ctx = StaticInferenceContext(b, total)
-        gens = [torch.Generator().manual_seed(params.seed * 1_000_003 + first_index + i)
-                for i in range(b)]
-        done = torch.zeros(b, dtype=torch.bool)
-        finish = ["length"] * b
-        sample_lp = [[] for _ in range(b)]
-        policy_lp = [[] for _ in range(b)]
-        ends = lens + params.max_new_tokens  # last position (exclusive) per sequence
+        self.decoder.start(b, total, self.device)
+        # One uniform per sequence and position, drawn from the prompt's own generator:
+        # sampling is by inverse CDF, so the draw does not depend on the vocabulary
+        # padding, the batch it runs in, or the layout.
+        uniforms = torch.stack([
+            torch.rand(total, generator=torch.Generator().manual_seed(
+                params.seed * 1_000_003 + first_index + i), dtype=torch.float64)
+            for i in range(b)])
+        sample_lp = torch.zeros(b, total)
+        policy_lp = torch.zeros(b, total)
+        ends = lens + params.max_new_tokens  # exclusive end position per sequence
         stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long)
-        prev = 0
+        eos = params.eos_id
+        done = torch.zeros(b, dtype=torch.bool)
+        stopped_at = torch.full((b,), -1, dtype=torch.long)
+        prev, cur = 0, min_len
         for cur in range(min_len, total):
-            step_tokens = tokens[:, prev:cur].to(self.device)
-            step_pos = positions[:, prev:cur].to(self.device)
-            logits = self._forward(step_tokens, step_pos, ctx)
-            ctx.increment_sequence_len_offset(cur - prev)
+            logits = self._forward(tokens[:, prev:cur].to(self.device), prev)
             prev = cur
-            new = torch.zeros(b, dtype=torch.long)
             if logits is not None:
-                # The real vocabulary only: padded ids can never be picked, and the
-                # samples do not depend on how much padding this TP size adds.
+                # The real vocabulary only: padded ids can never be picked.
                 logits = logits[:, :self.vocab_size].cpu()
-                policy = torch.log_softmax(logits, dim=-1)
-                if params.greedy:
-                    new = logits.argmax(-1)
-                    samp = torch.zeros(b)
-                else:
-                    filt = torch.log_softmax(_filter_logits(logits, params), dim=-1)
-                    probs = filt.exp()
-                    new = torch.stack([torch.multinomial(probs[i], 1, generator=gens[i])[0]
-                                       for i in range(b)])
-                    samp = filt.gather(-1, new[:, None])[:, 0]
-                pol = policy.gather(-1, new[:, None])[:, 0]
+                new, samp, pol = _pick(logits, params, uniforms[:, cur])
+            else:
+                new = torch.zeros(b, dtype=torch.long)
             new = self._share_from_last_stage(new.to(self.device)).cpu()
             in_prompt = cur < lens
-            active = ~done & ~in_prompt & (cur < ends)
             tokens[:, cur] = torch.where(in_prompt, tokens[:, cur], new)
+            active = ~done & ~in_prompt
             if logits is not None:
-                for i in torch.nonzero(active).flatten().tolist():
-                    sample_lp[i].append(float(samp[i]))
-                    policy_lp[i].append(float(pol[i]))
-            for i in torch.nonzero(active).flatten().tolist():
-                if len(stop) and (new[i] == stop).any():
-                    done[i] = True
-                    finish[i] = "stop"
-            generated_enough = (torch.tensor([cur + 1 for _ in range(b)]) >= ends) & ~in_prompt
-            done |= generated_enough
+                sample_lp[:, cur] = samp
+                policy_lp[:, cur] = pol
+            if len(stop):
+                hit = active & torch.isin(new, stop)
+                stopped_at = torch.where(hit, torch.full_like(stopped_at, cur), stopped_at)
+                done |= hit
+            done |= (cur + 1 >= ends) & ~in_prompt
             if bool(done.all()):
                 break
-        responses = []
+        responses, finish, s_lp, p_lp = [], [], [], []
         for i in range(b):
             n = int(lens[i])
-            resp = tokens[i, n:n + params.max_new_tokens].tolist()
-            if finish[i] == "stop":
-                k = next(j for j, t in enumerate(resp) if t in set(params.stop_ids))
-                resp = resp[:k + 1]
-            else:
-                resp = resp[:min(params.max_new_tokens, prev + 1 - n)]
+            end = int(stopped_at[i]) + 1 if stopped_at[i] >= 0 else min(int(ends[i]), cur + 1)
+            resp = tokens[i, n:end].tolist()
             responses.append(resp)
-            sample_lp[i] = sample_lp[i][:len(resp)]
-            policy_lp[i] = policy_lp[i][:len(resp)]
+            if stopped_at[i] >= 0:
+                finish.append("eos" if eos is not None and resp[-1] == eos else "stop")
+            else:
+                finish.append("length")
+            s_lp.append(sample_lp[i, n:end].tolist())
+            p_lp.append(policy_lp[i, n:end].tolist())
+        self.decoder.finish()
+        last = self.mp.is_last_stage
         return RolloutBatch(prompt_ids=prompts, response_ids=responses, finish_reason=finish,
-                            sample_logprobs=sample_lp if self.mp.is_last_stage else [],
-                            policy_logprobs=policy_lp if self.mp.is_last_stage else [])
+                            sample_logprobs=s_lp if last else [], policy_logprobs=p_lp if last else [])
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
+    """Next tokens ``[b]`` from fp32 logits ``[b, V]`` and uniforms ``[b]``; returns the
+    tokens, their log-probs under the sampling distribution and under the raw policy."""
+    policy = torch.log_softmax(logits, dim=-1)
+    if params.greedy:
+        new = logits.argmax(-1)
+        return new, torch.zeros(new.shape), policy.gather(-1, new[:, None])[:, 0]
+    plain = params.temperature == 1.0 and not params.top_k and params.top_p >= 1.0
+    filt = policy if plain else torch.log_softmax(_filter_logits(logits, params), dim=-1)
+    cdf = filt.double().exp().cumsum(-1)
+    new = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    new = new.clamp_(max=logits.shape[-1] - 1)
+    # never land on a zero-probability id at a CDF plateau (possible only at the edges)
+    zero = filt.gather(-1, new[:, None])[:, 0] == torch.finfo(filt.dtype).min
+    if zero.any():
+        new = torch.where(zero, filt.argmax(-1), new)
+    return new, filt.gather(-1, new[:, None])[:, 0], policy.gather(-1, new[:, None])[:, 0]
