@@ -52,11 +52,64 @@ def _relaunch(world_size: int, argv: List[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+# Commands that take flags rather than a config (they act on a checkpoint).
+FLAG_COMMANDS = {
+    "generate": ("megarlhf.rollout.commands", "generate_main",
+                 "sample responses from a checkpoint (JSONL in, JSONL out)"),
+    "pairs": ("megarlhf.rollout.commands", "pairs_main",
+              "preference pairs from a policy's own samples on verifiable prompts"),
+}
+
+
+def _flag_command(name: str, argv: List[str]) -> int:
+    import importlib
+
+    from megarlhf.config import ConfigError
+    from megarlhf.data.load import DataError
+    from megarlhf.models.checkpoint import CheckpointError
+
+    module, func, _ = FLAG_COMMANDS[name]
+    try:
+        if not _in_distributed_env() and "-h" not in argv and "--help" not in argv:
+            tp, pp = _flag_value(argv, "--tp"), _flag_value(argv, "--pp")
+            _check_checkpoint_layout(argv, tp, pp)  # before any process starts
+            if tp * pp > 1:
+                return _relaunch(tp * pp, [name, *argv])
+        return getattr(importlib.import_module(module), func)(argv)
+    except (ConfigError, DataError, CheckpointError, ValueError) as e:
+        print(f"megarlhf {name}: {e}", file=sys.stderr)
+        return 2
+
+
+def _check_checkpoint_layout(argv: List[str], tp: int, pp: int) -> None:
+    from megarlhf.config import ParallelConfig, check_layout
+    from megarlhf.models.checkpoint import read_meta
+
+    ckpt = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ckpt"), None)
+    if ckpt is not None:
+        check_layout(read_meta(ckpt).model, ParallelConfig(tensor_model_parallel_size=tp,
+                                                           pipeline_model_parallel_size=pp),
+                     tp * pp, prefix="--tp/--pp")
+
+
+def _flag_value(argv: List[str], flag: str) -> int:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith(flag + "="):
+            return int(a.split("=", 1)[1])
+    return 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FLAG_COMMANDS:
+        return _flag_command(argv[0], argv[1:])
     ap = argparse.ArgumentParser(prog="megarlhf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
+    for name, (_, _, help_text) in FLAG_COMMANDS.items():
+        sub.add_parser(name, help=help_text + " (see `megarlhf %s --help`)" % name)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", default=None, help="YAML config file")

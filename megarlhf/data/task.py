@@ -10,7 +10,8 @@ writes ordinary JSONL files that the regular loaders read (nothing special-cased
   plausible wrong one (an arithmetic slip, a dropped step, a wrong operation)
 * ``ultrafeedback.jsonl`` the same problems as raw UltraFeedback-style completions with
   per-aspect ratings (the loader turns them into pairs by the mean of aspects)
-* ``prompts.jsonl``     ``{"prompt", "reference"}`` for PPO
+* ``prompts.jsonl``     ``{"prompt", "reference", "solution"}`` for PPO (and for pairs built
+  from the policy's own samples, where ``solution`` is the fallback chosen answer)
 * ``eval.jsonl``        held-out ``{"prompt", "reference"}`` problems (disjoint questions)
 
 A solution is scored by exact match of the number after ``####``.
@@ -185,7 +186,7 @@ def write_task_files(out_dir: str, cfg: TaskConfig) -> Dict[str, str]:
             ],
         })
     _write(paths["ultrafeedback"], uf_rows)
-    _write(paths["prompts"], ({"prompt": p.question, "reference": str(p.answer)}
+    _write(paths["prompts"], ({"prompt": p.question, "reference": str(p.answer), "solution": p.solution()}
                               for p in fresh(cfg.num_prompts)))
     _write(paths["eval"], ({"prompt": p.question, "reference": str(p.answer)} for p in eval_set))
     return paths

@@ -241,7 +241,8 @@ def run(cfg: SFTConfig) -> dict:
     tok_ref = os.path.abspath(tok_path)
     save_model(chunks, ckpt, CheckpointMeta(
         model=model_cfg, kind="causal", tokenizer=tok_ref, chat_template=cfg.chat_template.name,
-        extra={"recipe": "sft", "steps": total_steps, "consumed_samples": consumed,
+        extra={"chat_template_config": dataclasses.asdict(cfg.chat_template),
+               "recipe": "sft", "steps": total_steps, "consumed_samples": consumed,
                "exact_match": accuracy, "eval_prompts": n_eval}))
     result = {"steps": total_steps, "exact_match": accuracy, "eval_prompts": n_eval,
               "train_seconds": round(train_time, 1), "total_seconds": round(time.time() - t_start, 1),

@@ -20,7 +20,7 @@ TP/PP/DP layout, chunking or vocabulary padding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from megarlhf import platform
 from megarlhf.parallel import ModelParallel
 from megarlhf.rollout.decoder import LlamaDecoder
 
-__all__ = ["SamplingParams", "RolloutBatch", "MegatronEngine"]
+__all__ = ["SamplingParams", "RolloutBatch", "RolloutEngine", "MegatronEngine"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,16 @@ class RolloutBatch:
     truncation): what PPO's ratio needs."""
 
 
+class RolloutEngine(Protocol):
+    """What PPO needs from a generation backend. A backend that keeps its own copy of the
+    weights refreshes it in ``update_weights`` (called after every optimizer step)."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 progress=None, first_index: int = 0) -> RolloutBatch: ...
+
+    def update_weights(self) -> None: ...
+
+
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p applied to ``[b, V]`` fp32 logits."""
     logits = logits / params.temperature
@@ -107,14 +117,21 @@ class MegatronEngine:
         """Nothing to do: this engine reads the training weights in place."""
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 progress=None, first_index: int = 0) -> RolloutBatch:
+        """Responses to ``prompts`` (token ids), in order. ``progress(n)`` is called after
+        each chunk of ``n`` prompts; ``first_index`` is the global index of ``prompts[0]``
+        (sampling randomness is keyed by it, so a shard of a larger batch samples what the
+        whole batch would)."""
         if params.temperature <= 0 and not params.greedy:
             raise ValueError("temperature must be > 0 (or use greedy)")
         out = RolloutBatch([], [], [], [], [])
         with platform.hot_loop():
             for start in range(0, len(prompts), self.max_batch):
                 chunk = [list(p) for p in prompts[start:start + self.max_batch]]
-                part = self._generate_chunk(chunk, params, first_index=start)
+                part = self._generate_chunk(chunk, params, first_index=first_index + start)
+                if progress is not None:
+                    progress(len(chunk))
                 for name in ("prompt_ids", "response_ids", "finish_reason", "sample_logprobs",
                              "policy_logprobs"):
                     getattr(out, name).extend(getattr(part, name))

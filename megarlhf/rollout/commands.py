@@ -1,0 +1,247 @@
+"""``megarlhf generate`` and ``megarlhf pairs``: sampling from a checkpoint as a command.
+
+    megarlhf generate --ckpt runs/sft/checkpoint --prompts prompts.jsonl --out out.jsonl --greedy
+    torchrun --nproc-per-node 2 -m megarlhf.cli generate --ckpt C --prompts P --out O --tp 2
+    megarlhf pairs --ckpt runs/sft/checkpoint --prompts runs/sft/task/prompts.jsonl --out pairs.jsonl
+
+Input rows carry ``prompt`` (text or messages; tokenized with the checkpoint's tokenizer
+and chat template) or ``prompt_ids`` (used as they are; no tokenizer needed). Output rows
+come in input order. Processes beyond TP x PP are data-parallel replicas, each sampling a
+contiguous share of the prompts (randomness is keyed by the prompt's index, so the result
+does not depend on the number of processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["generate_main", "pairs_main"]
+
+
+def _common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder (with megarlhf.json)")
+    ap.add_argument("--prompts", required=True, help="JSONL with prompt or prompt_ids per row")
+    ap.add_argument("--out", required=True, help="output JSONL")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-batch", type=int, default=64, help="sequences generated at once")
+
+
+class _Setup:
+    """Distributed init, the model from a checkpoint, its tokenizer and chat template."""
+
+    def __init__(self, args):
+        from megarlhf.config import ParallelConfig, check_layout
+        from megarlhf.models.checkpoint import load_model, read_meta
+        from megarlhf.models.llama import build_model
+        from megarlhf.parallel import DistEnv, init_distributed, initialize_model_parallel
+        from megarlhf.rollout.engine import MegatronEngine
+
+        self.meta = read_meta(args.ckpt)
+        env = DistEnv.from_environ()
+        par = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+        check_layout(self.meta.model, par, env.world_size, prefix="--tp/--pp")
+        init_distributed(env)
+        self.rank = env.rank
+        self.mp = initialize_model_parallel(par, seed=args.seed)
+        self.chunks = build_model(self.meta.model, self.mp)
+        load_model(self.chunks, args.ckpt)
+        self.template = self._template(args.ckpt)
+        # Never sample an id the tokenizer cannot decode (a model's embedding may be larger).
+        vocab = self.meta.model.vocab_size
+        if self.template is not None:
+            vocab = min(vocab, self.template.tok.vocab_size)
+        self.engine = MegatronEngine(self.chunks, self.mp, vocab, args.max_batch)
+
+    def _template(self, ckpt: str):
+        from megarlhf.data.chat import ChatTemplate, ChatTemplateConfig
+        from megarlhf.data.tokenizer import load_tokenizer
+
+        if not self.meta.tokenizer:
+            return None
+        path = self.meta.tokenizer if os.path.isabs(self.meta.tokenizer) else \
+            os.path.join(ckpt, self.meta.tokenizer)
+        tok = load_tokenizer(path)
+        cfg = self.meta.extra.get("chat_template_config")
+        cfg = ChatTemplateConfig(**cfg) if cfg else ChatTemplateConfig(name=self.meta.chat_template or "tulu")
+        return ChatTemplate(cfg, tok)
+
+
+def _read_prompts(path: str, template) -> Tuple[List[Dict[str, Any]], List[List[int]]]:
+    from megarlhf.data.load import DataError, SourceConfig, read_rows
+    from megarlhf.data.schemas import RowError, parse_prompt_row
+
+    rows, ids = [], []
+    for n, row in read_rows(SourceConfig(path=path)):
+        where = f"{path}: line {n}"
+        if isinstance(row, RowError):
+            raise DataError(f"{where}: {row}")
+        if "prompt_ids" in row:
+            p = row["prompt_ids"]
+            if not (isinstance(p, list) and p and all(isinstance(t, int) and t >= 0 for t in p)):
+                raise DataError(f"{where}: field 'prompt_ids': expected a non-empty list of token ids")
+            ids.append(p)
+        else:
+            if template is None:
+                raise DataError(f"{where}: a text prompt needs a tokenizer, and the checkpoint "
+                                "records none; give prompt_ids instead")
+            try:
+                parsed = parse_prompt_row(row)
+            except RowError as e:
+                raise DataError(f"{where}: {e}") from None
+            ids.append(template.encode_prompt(parsed["prompt"]))
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no prompts")
+    return rows, ids
+
+
+def _sample(setup: _Setup, ids: List[List[int]], params, label: str) -> Optional[Any]:
+    """This DP replica's share of ``ids``, gathered on rank 0 in input order."""
+    from tqdm import tqdm
+
+    mp = setup.mp
+    per = -(-len(ids) // mp.dp_size)
+    lo = mp.dp_rank * per
+    mine = ids[lo:lo + per]
+    for p in mine:
+        if len(p) + params.max_new_tokens > setup.meta.model.max_position_embeddings:
+            raise ValueError(f"a prompt of {len(p)} tokens + {params.max_new_tokens} new tokens exceeds "
+                             f"the model's max_position_embeddings={setup.meta.model.max_position_embeddings}")
+    bar = tqdm(total=len(ids), desc=label, disable=setup.rank != 0, unit="prompt")
+    out = setup.engine.generate(mine, params, progress=lambda n: bar.update(n * mp.dp_size),
+                                first_index=lo)
+    bar.close()
+    # Each replica's last-stage TP rank 0 holds the log-probs; gather those to rank 0.
+    holder = mp.is_last_stage and mp.tp_rank == 0
+    parts: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (mp.dp_rank, out) if holder else None)
+    if setup.rank != 0:
+        return None
+    merged = None
+    for _, part in sorted((p for p in parts if p is not None), key=lambda x: x[0]):
+        if merged is None:
+            merged = part
+        else:
+            for name in ("prompt_ids", "response_ids", "finish_reason", "sample_logprobs",
+                         "policy_logprobs"):
+                getattr(merged, name).extend(getattr(part, name))
+    return merged
+
+
+def _write_jsonl(path: str, rows) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def generate_main(argv: List[str]) -> int:
+    from megarlhf.rollout.engine import SamplingParams
+
+    ap = argparse.ArgumentParser(prog="megarlhf generate", description="Sample responses from a checkpoint.")
+    _common_args(ap)
+    ap.add_argument("--greedy", action="store_true", help="most likely token (no sampling)")
+    args = ap.parse_args(argv)
+    setup = _Setup(args)
+    rows, ids = _read_prompts(args.prompts, setup.template)
+    stop = setup.template.stop_ids() if setup.template else []
+    eos = setup.template.tok.eos_id if setup.template else None
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            stop_ids=stop, seed=args.seed, eos_id=eos)
+    out = _sample(setup, ids, params, "generate")
+    if setup.rank == 0:
+        result = []
+        for i, row in enumerate(rows):
+            r = {"response_ids": out.response_ids[i], "finish_reason": out.finish_reason[i]}
+            if setup.template:
+                r["response"] = setup.template.tok.decode(out.response_ids[i])
+            result.append({**{k: v for k, v in row.items() if k != "prompt_ids"},
+                           **({"prompt_ids": row["prompt_ids"]} if "prompt_ids" in row else {}), **r})
+        _write_jsonl(args.out, result)
+        reasons = {k: out.finish_reason.count(k) for k in sorted(set(out.finish_reason))}
+        print(f"wrote {len(result)} responses to {args.out} (finish reasons: {reasons})")
+    _teardown()
+    return 0
+
+
+def pairs_main(argv: List[str]) -> int:
+    """Preference pairs from the policy's own samples on verifiable prompts: chosen is a
+    correct sample (or the row's ``solution`` when none was), rejected a wrong sample."""
+    from megarlhf.data.task import extract_answer, is_correct
+    from megarlhf.rollout.engine import SamplingParams
+
+    ap = argparse.ArgumentParser(prog="megarlhf pairs", description=pairs_main.__doc__)
+    _common_args(ap)
+    ap.add_argument("--samples-per-prompt", type=int, default=4)
+    ap.set_defaults(temperature=0.7, max_new_tokens=64)
+    args = ap.parse_args(argv)
+    setup = _Setup(args)
+    if setup.template is None:
+        raise SystemExit("megarlhf pairs: the checkpoint records no tokenizer")
+    rows, ids = _read_prompts(args.prompts, setup.template)
+    for i, row in enumerate(rows):
+        if row.get("reference") is None:
+            raise SystemExit(f"{args.prompts}: row {i + 1}: field 'reference' is missing "
+                             "(pairs need verifiable prompts)")
+    k = args.samples_per_prompt
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, stop_ids=setup.template.stop_ids(),
+                            seed=args.seed, eos_id=setup.template.tok.eos_id)
+    out = _sample(setup, [p for p in ids for _ in range(k)], params, "pairs")
+    if setup.rank == 0:
+        tok, rng = setup.template.tok, random.Random(args.seed)
+        pairs, counts = [], {"pairs": 0, "all_correct": 0, "no_correct_no_solution": 0,
+                             "chosen_from_policy": 0, "chosen_from_solution": 0}
+        for i, row in enumerate(rows):
+            texts = [tok.decode([t for t in out.response_ids[i * k + j] if t not in setup.template.stop_ids()])
+                     for j in range(k)]
+            good = [t for t in texts if is_correct(t, row["reference"])]
+            bad = [t for t in texts if not is_correct(t, row["reference"]) and extract_answer(t) is not None]
+            bad = bad or [t for t in texts if not is_correct(t, row["reference"])]
+            if not bad:
+                counts["all_correct"] += 1
+                continue
+            if good:
+                chosen = good[0]
+                counts["chosen_from_policy"] += 1
+            elif isinstance(row.get("solution"), str):
+                chosen = row["solution"]
+                counts["chosen_from_solution"] += 1
+            else:
+                counts["no_correct_no_solution"] += 1
+                continue
+            prompt = row["prompt"]
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rng.choice(bad),
+                          "reference": row["reference"]})
+        counts["pairs"] = len(pairs)
+        _write_jsonl(args.out, pairs)
+        print(f"wrote {len(pairs)} pairs to {args.out} from {len(rows)} prompts x {k} samples: {counts}")
+    _teardown()
+    return 0
+
+
+def _teardown() -> None:
+    from megarlhf.parallel import destroy
+
+    destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(generate_main(sys.argv[1:]))
