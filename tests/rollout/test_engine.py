@@ -40,6 +40,13 @@ def test_tp2_pp2_gives_the_same_tokens(tp1, tp2pp2, key):
     assert tp2pp2[key].response_ids == tp1[key].response_ids
 
 
+def test_pp2_alone_gives_the_same_tokens(mg_causal, tmp_path, tp1):
+    pp2 = generate(mg_causal, tmp_path, 1, 2)
+    for key in ("greedy", "sample"):
+        assert pp2[key].response_ids == tp1[key].response_ids
+    assert pp2["policy_logprob_err"] < 1e-5
+
+
 def test_chunking_gives_the_same_outputs(tp1):
     a, b = tp1["sample"], tp1["sample_one_chunk"]
     assert a.response_ids == b.response_ids and a.finish_reason == b.finish_reason
