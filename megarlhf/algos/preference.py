@@ -1,0 +1,58 @@
+"""Preference losses as pure functions (torch only): Bradley-Terry reward modelling and
+DPO with its variants. Inputs are per-pair tensors ``[n]``; every function returns the
+per-pair loss ``[n]`` (callers sum or average) so masking and batching stay outside.
+
+Bradley-Terry (reward model):  ``-log sigma(r_c - r_r - m)``.
+DPO (Rafailov et al. 2023), with ``h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))``:
+  sigmoid (the paper's)          ``-log sigma(beta h)``
+  conservative DPO (cDPO)        ``-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)``
+  IPO (Azar et al. 2023)         ``(h - 1 / (2 beta))^2``
+Length normalisation (average instead of summed token log-probs) is applied to the
+sequence log-probs before these functions (:func:`sequence_logprobs`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bradley_terry_loss", "dpo_loss", "dpo_rewards", "sequence_logprobs", "LOSS_TYPES"]
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``[n]`` rewards -> ``[n]`` losses ``-log sigma(r_c - r_r - margin)``."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin)
+
+
+def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor,
+                      average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of ``[n, s]`` token log-probs over ``mask`` (response tokens) -> ``[n]``."""
+    mask = mask.to(token_logprobs.dtype)
+    total = (token_logprobs * mask).sum(-1)
+    if not average:
+        return total
+    return total / mask.sum(-1).clamp(min=1.0)
+
+
+def dpo_rewards(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                ref_rejected: torch.Tensor, beta: float):
+    """Implicit rewards ``beta (log pi - log ref)`` of chosen and rejected, ``[n]`` each."""
+    return beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO loss from sequence log-probs ``[n]`` of policy and reference."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        return (-(1.0 - label_smoothing) * F.logsigmoid(beta * h)
+                - label_smoothing * F.logsigmoid(-beta * h))
+    if loss_type == "ipo":
+        if label_smoothing:
+            raise ValueError("label_smoothing applies to the sigmoid loss only")
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")

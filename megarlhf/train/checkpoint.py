@@ -1,0 +1,226 @@
+"""Training checkpoints: model, optimizer, LR schedule, RNG states, data position and step,
+in one megatron distributed checkpoint.
+
+Layout under ``out_dir/checkpoints/``::
+
+    step_0000100/      a complete checkpoint (megatron torch_dist files + megarlhf.json)
+    step_0000200/
+    latest             the name of the newest complete checkpoint (updated last)
+
+A checkpoint is written to ``step_N.tmp`` and renamed when every rank has finished, then
+``latest`` is replaced, then checkpoints beyond the last ``keep`` are deleted; a job killed
+at any moment leaves either the previous or the new checkpoint complete, never a torn one.
+
+Resharding: model weights load at any TP x PP. Optimizer state: the plain optimizer
+(DP=1 or no distributed optimizer) and the distributed optimizer resume exactly at the
+layout they were saved with (the distributed optimizer uses megatron's ``dp_reshardable``
+format: DP size must match); RNG states are restored when the world size matches.
+Loading an optimizer at another layout is refused with a message; load the weights only
+(``init_from``) to change the layout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megarlhf import platform
+from megarlhf.models.checkpoint import (CheckpointError, CheckpointMeta, is_checkpoint,
+                                        model_sharded_state_dict, write_meta)
+
+__all__ = ["save_train_state", "load_train_state", "find_checkpoint", "checkpoint_root",
+           "LATEST", "TrainState"]
+
+LATEST = "latest"
+_DIST_OPT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+TrainState = Dict[str, Any]
+
+
+def checkpoint_root(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _uses_dist_opt(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "device": platform.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    platform.set_rng_state(state["device"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _state(chunks, optimizer, rng: Any, is_loading: bool) -> Dict[str, Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model = model_sharded_state_dict(chunks)
+    md = _DIST_OPT if _uses_dist_opt(optimizer) else None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    with torch.no_grad():
+        if is_loading and md is not None:
+            # The distributed optimizer builds its load state dict from existing Adam
+            # states (and asserts one common step): create them first.
+            for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+                inner.init_state_fn(inner.optimizer, inner.config)
+                for group in inner.optimizer.param_groups:
+                    for p in group["params"]:  # torch Adam keeps a per-parameter step
+                        inner.optimizer.state[p].setdefault("step", torch.tensor(0.0))
+        opt = optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=md)
+    return {**model, "optimizer": opt,
+            "rng": ShardedObject("rng_state", rng, (world,), (_rank(),), replica_id=0)}
+
+
+def save_train_state(out_dir: str, step: int, chunks: Sequence[torch.nn.Module], optimizer,
+                     scheduler, train: Dict[str, Any], meta: CheckpointMeta, keep: int = 2) -> str:
+    """Collective. ``train`` holds the loop's position (e.g. consumed samples); returns the
+    checkpoint folder."""
+    from megatron.core import dist_checkpointing
+
+    root = checkpoint_root(out_dir)
+    name = f"step_{step:07d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    state = _state(chunks, optimizer, _rng_state(), is_loading=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    state["train"] = {"step": step, "scheduler": scheduler.state_dict(), "world_size": world,
+                      "layout": _layout_key(chunks), **train}
+    dist_checkpointing.save(state, tmp)
+    _barrier()
+    if _rank() == 0:
+        write_meta(tmp, meta)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = os.path.join(root, LATEST)
+        with open(pointer + ".tmp", "w") as f:
+            f.write(name + "\n")
+        os.replace(pointer + ".tmp", pointer)
+        for old in _complete(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _complete(root: str) -> List[str]:
+    """Complete checkpoint folder names, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = [n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp")
+             and is_checkpoint(os.path.join(root, n))]
+    return sorted(names)
+
+
+def find_checkpoint(out_dir: str, resume: Optional[str]) -> Optional[str]:
+    """``resume``: ``auto`` (the newest complete checkpoint under ``out_dir``, or none),
+    a checkpoint folder, or None/``never``."""
+    if resume in (None, "", "never", "none"):
+        return None
+    if resume != "auto":
+        if not is_checkpoint(resume):
+            raise CheckpointError(f"resume={resume!r} is not a complete checkpoint folder")
+        return resume
+    root = checkpoint_root(out_dir)
+    pointer = os.path.join(root, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if name and is_checkpoint(os.path.join(root, name)):
+            return os.path.join(root, name)
+    names = _complete(root)  # the pointer is missing or stale: newest complete one
+    return os.path.join(root, names[-1]) if names else None
+
+
+def load_train_state(ckpt_dir: str, chunks: Sequence[torch.nn.Module], optimizer, scheduler
+                     ) -> Dict[str, Any]:
+    """Restore everything :func:`save_train_state` wrote; returns the ``train`` dict."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    if "train" not in common:
+        raise CheckpointError(f"{ckpt_dir} holds model weights only (no training state); "
+                              "use it as init_from instead of resume")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_world = common["train"].get("world_size", world)
+    if saved_world != world or common["train"].get("layout") not in (None, _layout_key(chunks)):
+        raise CheckpointError(
+            f"{ckpt_dir} was saved by {saved_world} processes with layout "
+            f"{common['train'].get('layout')}; this job has {world} with {_layout_key(chunks)}. "
+            "Optimizer state resumes only at the same layout: start a new run with "
+            "init_from pointing at this checkpoint to keep the weights.")
+    state = _state(chunks, optimizer, None, is_loading=True)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(state, ckpt_dir)
+    from megarlhf.models.checkpoint import _bare
+
+    with torch.no_grad():  # the distributed optimizer copies into views of leaf params
+        for i, chunk in enumerate(chunks):
+            key = "model" if len(chunks) == 1 else f"model{i}"
+            _bare(chunk).load_state_dict(loaded[key], strict=False)
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_step(optimizer, loaded["optimizer"])
+    scheduler.load_state_dict(common["train"]["scheduler"])
+    _set_rng_state(loaded["rng"])
+    return common["train"]
+
+
+def _layout_key(chunks) -> str:
+    from megatron.core import parallel_state as ps
+
+    return (f"tp{ps.get_tensor_model_parallel_world_size()}-pp{ps.get_pipeline_model_parallel_world_size()}"
+            f"-dp{ps.get_data_parallel_world_size()}-vpp{len(chunks)}")
+
+
+def _restore_adam_step(optimizer, saved) -> None:
+    """The distributed optimizer's dp_reshardable load leaves torch Adam's per-parameter
+    ``step`` at its initial value; restore it from the saved param groups."""
+    if not _uses_dist_opt(optimizer):
+        return
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved_list = saved if isinstance(saved, list) else [saved]
+    for opt, sd in zip(inner, saved_list):
+        groups = sd.get("optimizer", {}).get("param_groups") if isinstance(sd, dict) else None
+        if not groups:
+            continue
+        for group, saved_group in zip(opt.optimizer.param_groups, groups):
+            step = saved_group.get("step")
+            if step is None:
+                continue
+            for p in group["params"]:
+                st = opt.optimizer.state.get(p)
+                if st is not None and "step" in st:
+                    st["step"] = torch.as_tensor(step, dtype=st["step"].dtype) \
+                        if torch.is_tensor(st["step"]) else step

@@ -1,0 +1,23 @@
+"""A run resumed from a checkpoint ends with the same weights, bit for bit, as one that
+never stopped (plain and distributed optimizer, fp32 and bf16)."""
+
+import pytest
+import torch
+
+from tests.conftest import torchrun
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["--tp", "2", "--dtype", "bfloat16"]),
+                                         (2, ["--dist-opt"])],
+                         ids=["plain", "tp2_bf16", "dp2_distributed_optimizer"])
+def test_resume_is_bit_exact(tmp_path, nproc, extra):
+    out = str(tmp_path)
+    torchrun("tests/train/resume_worker.py", nproc, "--out", out, *extra)
+    torchrun("tests/train/resume_worker.py", nproc, "--out", out, "--resume", *extra)
+    for rank in range(nproc):
+        full = torch.load(tmp_path / f"final_full_rank{rank}.pt")
+        resumed = torch.load(tmp_path / f"final_resumed_rank{rank}.pt")
+        assert full["lr"] == resumed["lr"]
+        for name, w in full["weights"].items():
+            assert torch.equal(w, resumed["weights"][name]), name
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000003"
