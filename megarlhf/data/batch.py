@@ -126,3 +126,47 @@ def pack_examples(examples: Sequence[Example], seq_length: int, pad_id: int,
     segments = torch.where(segments >= 0, segments, pad_seg)
     positions = torch.arange(seq_length).unsqueeze(0).expand(n, -1).contiguous()
     return LMBatch(tokens, labels, loss_mask, segments_to_attention_mask(segments), positions)
+
+
+@dataclass
+class PairBatch:
+    """Preference pairs for one microbatch: row ``2i`` is pair i's chosen sequence and row
+    ``2i + 1`` its rejected one, so one forward covers both.
+
+    tokens, labels, loss_mask, position_ids as in :class:`LMBatch` (``[2n, s]``; the loss
+    mask marks response tokens), ``last_index [2n]`` the last real token of each row
+    (where a reward model's score is read), ``ref_logprobs [2n]`` precomputed reference
+    sequence log-probs (or None), ``margin [n]`` per-pair reward margins (or None).
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    last_index: torch.Tensor
+    ref_logprobs: Optional[torch.Tensor] = None
+    margin: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.tokens.shape[0] // 2
+
+    def to(self, device) -> "PairBatch":
+        opt = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PairBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
+                         self.position_ids.to(device), self.last_index.to(device),
+                         opt(self.ref_logprobs), opt(self.margin), opt(self.attention_mask))
+
+
+def pair_batch(pairs: Sequence[Tuple[Example, Example]], seq_length: int, pad_id: int,
+               ref_logprobs: Optional[Sequence[Tuple[float, float]]] = None,
+               margins: Optional[Sequence[float]] = None) -> PairBatch:
+    """Right-padded chosen/rejected rows, interleaved."""
+    rows: List[Example] = [side for pair in pairs for side in pair]
+    lm = pad_examples(rows, seq_length, pad_id)
+    last = torch.tensor([len(ids) - 1 for ids, _ in rows], dtype=torch.long)
+    ref = None if ref_logprobs is None else torch.tensor(
+        [x for pair in ref_logprobs for x in pair], dtype=torch.float32)
+    margin = None if margins is None else torch.tensor(list(margins), dtype=torch.float32)
+    return PairBatch(lm.tokens, lm.labels, lm.loss_mask, lm.position_ids, last, ref, margin)

@@ -109,30 +109,35 @@ class ChatTemplate:
         """Token ids that end an answer when sampling."""
         return sorted({self.end_id, self.tok.eos_id})
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False
-               ) -> Tuple[str, List[Tuple[int, int]]]:
-        """The conversation as text, and the character spans that are trained."""
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False,
+               end_at_stop: bool = False) -> Tuple[str, List[Tuple[int, int]]]:
+        """The conversation as text, and the character spans that are trained.
+
+        ``end_at_stop`` ends a conversation whose last message is the assistant's at its end
+        token (no suffix): what a sampled response looks like, which is how reward models
+        and DPO see their sequences."""
         p = self.parts
         text = p["begin"]
         spans: List[Tuple[int, int]] = []
-        for m in messages:
+        for k, m in enumerate(messages):
             role, content = m["role"], m["content"]
             if role == "assistant":
                 text += p["assistant_prefix"]
                 start = len(text)
                 text += content + p["assistant_end"]
                 spans.append((start, len(text)))
-                text += p["assistant_suffix"]
+                if not (end_at_stop and k == len(messages) - 1):
+                    text += p["assistant_suffix"]
             else:
                 text += p[f"{role}_prefix"] + content + p[f"{role}_suffix"]
         if add_generation_prompt:
             text += p["assistant_prefix"]
         return text, spans
 
-    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False
-               ) -> Tuple[List[int], List[bool]]:
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False,
+               end_at_stop: bool = False) -> Tuple[List[int], List[bool]]:
         """Token ids and a loss mask (True on assistant content and end tokens)."""
-        text, spans = self.render(messages, add_generation_prompt)
+        text, spans = self.render(messages, add_generation_prompt, end_at_stop)
         ids, offsets = self.tok.encode_with_offsets(text)
         mask = [any(s <= a < e for s, e in spans) for a, _ in offsets]
         return ids, mask

@@ -64,7 +64,8 @@ def tokenize_example(ex: Dict[str, Any], kind: str, template: ChatTemplate) -> D
         return {"prompt_ids": prompt_ids, "prompt_len": len(prompt_ids), "length": len(prompt_ids)}
     out: Dict[str, Any] = {"prompt_len": len(prompt_ids)}
     for side in ("chosen", "rejected"):
-        ids, mask = template.encode(ex["prompt"] + [{"role": "assistant", "content": ex[side]}])
+        ids, mask = template.encode(ex["prompt"] + [{"role": "assistant", "content": ex[side]}],
+                                    end_at_stop=True)
         out[f"{side}_ids"], out[f"{side}_mask"] = ids, mask
     out["length"] = max(len(out["chosen_ids"]), len(out["rejected_ids"]))
     return out

@@ -231,7 +231,7 @@ def load_examples(sources: List[SourceConfig], kind: str, *, skip_invalid: bool 
                     if isinstance(ex, RowError):
                         fail(i, ex)
                     else:
-                        kept_here.append(dict(ex, row=i))
+                        kept_here.append(dict(ex, row=i, subset=None))
             else:
                 for i, row in rows:
                     if isinstance(row, RowError):
@@ -242,6 +242,8 @@ def load_examples(sources: List[SourceConfig], kind: str, *, skip_invalid: bool 
                     except RowError as e:
                         fail(i, e)
                         continue
+                    if kind == "preference":  # RewardBench-style files name a subset per row
+                        ex["subset"] = None if row.get("subset") is None else str(row["subset"])
                     kept_here.append(dict(ex, row=i))
         unique = []
         for ex in kept_here:

@@ -30,6 +30,7 @@ from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.data.dataset import DataConfig
 from megarlhf.data.task import TaskConfig
 from megarlhf.data.tokenizer import TokenizerConfig
+from megarlhf.train.metrics import LogConfig
 from megarlhf.train.schedule import ScheduleConfig
 
 __all__ = ["SFTConfig", "TrainConfig", "EvalConfig", "run"]
@@ -62,8 +63,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta2: float = 0.98
     clip_grad: float = 1.0
-    log_interval: int = 20
-    """Steps between printed metrics."""
     out_dir: str = "runs/sft"
     """Checkpoint (``out_dir/checkpoint``), metrics (``metrics.jsonl``), task files."""
     init_from: Optional[str] = None
@@ -95,6 +94,7 @@ class SFTConfig:
     """The built-in task (used when data or tokenizer are not given)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=lambda: LogConfig(interval=20))
     world: int = 1
     """Processes started when launched without torchrun/srun (TP x PP x DP)."""
 
@@ -159,7 +159,7 @@ def run(cfg: SFTConfig) -> dict:
     init_distributed(env)
     plat = platform.current()
     mp = initialize_model_parallel(cfg.parallel, seed=cfg.train.seed)
-    log = MetricsLog(os.path.join(cfg.train.out_dir, "metrics.jsonl"))
+    log = MetricsLog(cfg.train.out_dir, cfg.log, dataclasses.asdict(cfg))
     log.say(f"megarlhf sft: {env.world_size} process(es) on {plat.describe()}")
 
     # -- tokenizer and data ------------------------------------------------------------------
@@ -205,8 +205,9 @@ def run(cfg: SFTConfig) -> dict:
 
     ids_col, mask_col = data.train["input_ids"], data.train["loss_mask"]
     forward_step = lm_forward_step(mp, model_cfg, plat.device)
-    consumed, tokens_seen = 0, 0
+    consumed = 0
     batches = sampler.batches(consumed)
+    log.start_progress(total_steps)
     t_loop = time.time()
     for step in range(1, total_steps + 1):
         examples = [(ids_col[i], mask_col[i]) for i in next(batches)]
@@ -222,13 +223,13 @@ def run(cfg: SFTConfig) -> dict:
         scheduler.step(1)
         consumed += t.global_batch_size
         loss_sum, n_tok = _global_loss(res["outputs"], mp)
-        tokens_seen += int(batch.tokens.numel()) * mp.dp_size
-        if step % t.log_interval == 0 or step == total_steps or step == 1:
-            dt = time.time() - t0
-            log.log(step, {"loss": loss_sum / max(n_tok, 1), "lr": optimizer.param_groups[0]["lr"],
-                           "grad_norm": float(res["grad_norm"] or 0.0), "rows": len(micro) * t.micro_batch_size,
-                           "step_s": round(dt, 3), "epoch": round(consumed / sampler.samples_per_epoch, 2)})
+        dt = time.time() - t0
+        log.log(step, {"loss": loss_sum / max(n_tok, 1), "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(n_tok / dt),
+                       "step_s": round(dt, 3), "epoch": round(consumed / sampler.samples_per_epoch, 2)},
+                echo=step % cfg.log.interval == 0 or step in (1, total_steps))
     train_time = time.time() - t_loop
+    log.close()
 
     # -- evaluation and checkpoint -----------------------------------------------------------
     eval_path = cfg.eval.prompts or builtin["eval"]
@@ -248,6 +249,7 @@ def run(cfg: SFTConfig) -> dict:
               "train_seconds": round(train_time, 1), "total_seconds": round(time.time() - t_start, 1),
               "checkpoint": ckpt}
     log.log(total_steps, {"exact_match": accuracy, "train_seconds": result["train_seconds"]}, echo=False)
+    log.close()
     log.say(f"saved {ckpt}; training took {train_time:.0f} s, everything {result['total_seconds']:.0f} s")
     destroy()
     return result

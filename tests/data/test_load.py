@@ -30,7 +30,8 @@ U = lambda text: [{"role": "user", "content": text}]  # noqa: E731
 def test_pairs_strings(tmp_path):
     p = jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
     ex, rep = load(p)
-    assert ex == [{"prompt": U("2+2?"), "chosen": "4", "rejected": "5", "row": 1, "source": "p.jsonl"}]
+    assert ex == [{"prompt": U("2+2?"), "chosen": "4", "rejected": "5", "row": 1, "source": "p.jsonl",
+                   "subset": None}]
     assert rep.sources[0].kept == 1
 
 

@@ -137,3 +137,11 @@ def test_custom_template(sp):
 def test_message_validation(msgs, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         validate_messages(msgs)
+
+
+def test_preference_sequences_end_at_the_stop_token(sp):
+    ct = ChatTemplate(ChatTemplateConfig(), sp)
+    text, _ = ct.render(MSGS[1:3], end_at_stop=True)
+    assert text.endswith("It is 5.</s>")
+    ids, mask = ct.encode(MSGS[1:3], end_at_stop=True)
+    assert ids[-1] == sp.eos_id and mask[-1]

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 SHORT = ["task.num_sft=256", "task.num_eval=32", "task.num_preference=16", "task.num_prompts=16",
          "train.global_batch_size=32", "train.micro_batch_size=4", "train.max_steps=4",
-         "train.log_interval=1", "eval.num_prompts=32", "eval.max_new_tokens=24"]
+         "eval.num_prompts=32", "eval.max_new_tokens=24"]
 
 
 def sft(out_dir, *overrides):
