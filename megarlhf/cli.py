@@ -22,6 +22,12 @@ def _demo() -> Tuple[type, Callable]:
     return DemoConfig, run
 
 
+def _rm() -> Tuple[type, Callable]:
+    from megarlhf.recipes.reward_model import RMConfig, run
+
+    return RMConfig, run
+
+
 def _sft() -> Tuple[type, Callable]:
     from megarlhf.recipes.sft import SFTConfig, run
 
@@ -32,6 +38,7 @@ def _sft() -> Tuple[type, Callable]:
 COMMANDS: Dict[str, Tuple[Callable[[], Tuple[type, Callable]], str]] = {
     "demo": (_demo, "train the tiny Llama a few steps at TP=2 and check its checkpoint"),
     "sft": (_sft, "supervised fine-tuning on chat data (default: the built-in task)"),
+    "rm": (_rm, "train a Bradley-Terry reward model from an SFT checkpoint"),
 }
 
 
@@ -58,6 +65,8 @@ FLAG_COMMANDS = {
                  "sample responses from a checkpoint (JSONL in, JSONL out)"),
     "pairs": ("megarlhf.rollout.commands", "pairs_main",
               "preference pairs from a policy's own samples on verifiable prompts"),
+    "rm-eval": ("megarlhf.recipes.reward_model", "eval_main",
+                "pair accuracy of a reward model, per subset (RewardBench-style files)"),
 }
 
 

@@ -147,26 +147,45 @@ class PairBatch:
     ref_logprobs: Optional[torch.Tensor] = None
     margin: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+    """``[n]`` 1 for real pairs, 0 for filler pairs that only complete a microbatch."""
 
     @property
     def num_pairs(self) -> int:
         return self.tokens.shape[0] // 2
 
+    def weights(self) -> torch.Tensor:
+        return torch.ones(self.num_pairs, device=self.tokens.device) if self.valid is None else self.valid
+
     def to(self, device) -> "PairBatch":
         opt = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PairBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
                          self.position_ids.to(device), self.last_index.to(device),
-                         opt(self.ref_logprobs), opt(self.margin), opt(self.attention_mask))
+                         opt(self.ref_logprobs), opt(self.margin), opt(self.attention_mask),
+                         opt(self.valid))
 
 
 def pair_batch(pairs: Sequence[Tuple[Example, Example]], seq_length: int, pad_id: int,
                ref_logprobs: Optional[Sequence[Tuple[float, float]]] = None,
-               margins: Optional[Sequence[float]] = None) -> PairBatch:
-    """Right-padded chosen/rejected rows, interleaved."""
+               margins: Optional[Sequence[float]] = None, num_pairs: Optional[int] = None) -> PairBatch:
+    """Right-padded chosen/rejected rows, interleaved; ``num_pairs`` repeats the last pair
+    as zero-weight filler so every microbatch has the same shape (pipeline stages need it)."""
+    real = len(pairs)
+    if num_pairs is not None and num_pairs > real:
+        pairs = list(pairs) + [pairs[-1]] * (num_pairs - real)
+        if ref_logprobs is not None:
+            ref_logprobs = list(ref_logprobs) + [ref_logprobs[-1]] * (num_pairs - real)
+        if margins is not None:
+            margins = list(margins) + [margins[-1]] * (num_pairs - real)
     rows: List[Example] = [side for pair in pairs for side in pair]
     lm = pad_examples(rows, seq_length, pad_id)
     last = torch.tensor([len(ids) - 1 for ids, _ in rows], dtype=torch.long)
     ref = None if ref_logprobs is None else torch.tensor(
         [x for pair in ref_logprobs for x in pair], dtype=torch.float32)
     margin = None if margins is None else torch.tensor(list(margins), dtype=torch.float32)
-    return PairBatch(lm.tokens, lm.labels, lm.loss_mask, lm.position_ids, last, ref, margin)
+    valid = None
+    if len(pairs) > real:
+        valid = torch.zeros(len(pairs))
+        valid[:real] = 1.0
+    return PairBatch(lm.tokens, lm.labels, lm.loss_mask, lm.position_ids, last, ref, margin,
+                     valid=valid)

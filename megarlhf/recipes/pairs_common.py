@@ -1,0 +1,123 @@
+"""Plain functions shared by the pairwise recipes (reward model, DPO): configs of the loop,
+model set-up, pair microbatches, metric reduction and checkpoint plumbing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megarlhf.parallel import ModelParallel
+from megarlhf.train.schedule import ScheduleConfig
+
+__all__ = ["LoopConfig", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of"]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The optimisation loop of a pairwise recipe."""
+
+    global_batch_size: int = 64
+    """Pairs per optimizer step (over all data-parallel ranks)."""
+    micro_batch_size: int = 8
+    """Pairs per microbatch (2x rows: chosen and rejected in one forward)."""
+    seq_length: int = 128
+    """Tokens per row; at least ``data.max_length``."""
+    epochs: float = 1.0
+    max_steps: int = 0
+    """Stop after this many steps (0: from ``epochs``)."""
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_ratio=0.03))
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+    """Shard optimizer states over data-parallel ranks when DP > 1."""
+    save_interval: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
+    resume: str = "auto"
+    """``auto``: continue from the newest complete checkpoint in ``out_dir`` if any;
+    ``never``; or a checkpoint folder."""
+    eval_interval: int = 0
+    """Steps between held-out evaluations (0: only at the end)."""
+    out_dir: str = "runs/job"
+    """Checkpoints (``checkpoints/``), the final model (``final/``), ``metrics.jsonl``."""
+    init_from: str = "runs/sft/checkpoint"
+    """The starting checkpoint (an SFT model)."""
+    seed: int = 1234
+
+
+def tokenizer_of(meta, ckpt_dir: str):
+    """The tokenizer and chat template recorded in a checkpoint."""
+    from megarlhf.data.chat import ChatTemplate, ChatTemplateConfig
+    from megarlhf.data.tokenizer import load_tokenizer
+
+    if not meta.tokenizer:
+        raise ValueError(f"{ckpt_dir}: the checkpoint records no tokenizer (set tokenizer.path)")
+    path = meta.tokenizer if os.path.isabs(meta.tokenizer) else os.path.join(ckpt_dir, meta.tokenizer)
+    tok = load_tokenizer(path)
+    cfg = meta.extra.get("chat_template_config")
+    cfg = ChatTemplateConfig(**cfg) if cfg else ChatTemplateConfig(name=meta.chat_template or "tulu")
+    return tok, ChatTemplate(cfg, tok)
+
+
+def load_init(chunks, ckpt_dir: str, kind: str, init_kind: str) -> List[str]:
+    """Weights from ``ckpt_dir``; a reward/value model started from a causal checkpoint gets
+    a fresh scalar head (the LM head is not loaded)."""
+    from megarlhf.models.checkpoint import load_model
+
+    skip = ("output_layer.",) if kind == "reward" and init_kind == "causal" else ()
+    if kind == "causal" and init_kind == "reward":
+        raise ValueError(f"{ckpt_dir} is a reward model; a policy needs a causal checkpoint")
+    return load_model(chunks, ckpt_dir, skip_prefixes=skip)
+
+
+def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad_id: int,
+                      with_ref: bool = False, margin: Optional[float] = None) -> List[Any]:
+    """Pair batches of ``mbs`` pairs from rows ``indices`` of a tokenized preference dataset."""
+    from megarlhf.data.batch import pair_batch
+
+    out = []
+    for s in range(0, len(indices), mbs):
+        rows = [ds[int(i)] for i in indices[s:s + mbs]]
+        pairs = [((r["chosen_ids"], r["chosen_mask"]), (r["rejected_ids"], r["rejected_mask"]))
+                 for r in rows]
+        refs = [(r["ref_chosen"], r["ref_rejected"]) for r in rows] if with_ref else None
+        margins = [margin] * len(rows) if margin else None
+        out.append(pair_batch(pairs, seq_length, pad_id, refs, margins, num_pairs=mbs))
+    return out
+
+
+def reduce_stats(outputs: List[Dict[str, torch.Tensor]], mp: ModelParallel, device) -> torch.Tensor:
+    """Sum each microbatch's ``stats`` vector, then over pipeline stages (only the last holds
+    them) and data-parallel replicas; the same result on every rank."""
+    total = None
+    for o in outputs:
+        total = o["stats"].double() if total is None else total + o["stats"].double()
+    n = _stats_len(outputs, mp, device)
+    if total is None:
+        total = torch.zeros(n, dtype=torch.float64, device=device)
+    total = total.to(device)
+    if mp.config.pp > 1:
+        dist.all_reduce(total, group=mp.pp_group)
+    dist.all_reduce(total, group=mp.dp_group)
+    return total
+
+
+def _stats_len(outputs, mp: ModelParallel, device) -> int:
+    """The stats vector's length, known on the last stage and shared along the pipeline."""
+    n = torch.tensor([len(outputs[0]["stats"]) if outputs else 0], device=device)
+    if mp.config.pp > 1:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=mp.pp_group)
+    return int(n.item())
+
+
+def config_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
