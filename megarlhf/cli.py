@@ -28,6 +28,12 @@ def _rm() -> Tuple[type, Callable]:
     return RMConfig, run
 
 
+def _dpo() -> Tuple[type, Callable]:
+    from megarlhf.recipes.dpo import DPOConfig, run
+
+    return DPOConfig, run
+
+
 def _sft() -> Tuple[type, Callable]:
     from megarlhf.recipes.sft import SFTConfig, run
 
@@ -39,6 +45,7 @@ COMMANDS: Dict[str, Tuple[Callable[[], Tuple[type, Callable]], str]] = {
     "demo": (_demo, "train the tiny Llama a few steps at TP=2 and check its checkpoint"),
     "sft": (_sft, "supervised fine-tuning on chat data (default: the built-in task)"),
     "rm": (_rm, "train a Bradley-Terry reward model from an SFT checkpoint"),
+    "dpo": (_dpo, "direct preference optimisation of an SFT policy"),
 }
 
 

@@ -119,6 +119,17 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 1800) -> Di
     plat = platform.current(env.local_rank)
     if dist.is_initialized():
         return env
+    if env.source == "single":
+        # One process and no launcher: a private file store, so that several single-process
+        # jobs on one machine never compete for a port.
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="megarlhf-pg-")
+        os.close(fd)
+        os.unlink(path)
+        dist.init_process_group(backend=plat.backend, init_method=f"file://{path}", rank=0,
+                                world_size=1, timeout=datetime.timedelta(seconds=timeout_s))
+        return env
     dist.init_process_group(
         backend=plat.backend,
         init_method=f"tcp://{_bracket_ipv6(env.master_addr)}:{env.master_port}",
@@ -157,6 +168,7 @@ class ModelParallel:
     pp_rank: int
     dp_rank: int
     dp_size: int
+    seed: int = 0
 
     @property
     def tp_group(self):
@@ -207,6 +219,7 @@ def initialize_model_parallel(par: ParallelConfig, seed: int = 1234) -> ModelPar
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
+        seed=seed,
     )
 
 

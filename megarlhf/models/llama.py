@@ -176,7 +176,7 @@ def _build_chunk(cfg: ModelConfig, mp: ModelParallel, tconfig, kind: str,
         model.rotary_pos_emb_cache.clear()
     if last:
         if kind == "reward":
-            model.output_layer = ScalarHead(tconfig, cfg.hidden_size, mp.tp_group)
+            model.output_layer = ScalarHead(tconfig, cfg.hidden_size, mp.tp_group, init_seed=mp.seed)
         else:
             model.output_layer.register_forward_hook(
                 _mask_padded_vocab_hook(cfg.vocab_size, padded, mp.config.tp, mp.tp_rank))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -80,19 +80,25 @@ def load_init(chunks, ckpt_dir: str, kind: str, init_kind: str) -> List[str]:
 
 
 def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad_id: int,
-                      with_ref: bool = False, margin: Optional[float] = None) -> List[Any]:
-    """Pair batches of ``mbs`` pairs from rows ``indices`` of a tokenized preference dataset."""
+                      with_ref: bool = False, margin: Optional[float] = None) -> Tuple[List[Any], int]:
+    """Pair batches of ``mbs`` pairs from rows ``indices`` of a tokenized preference dataset,
+    and the row length they are padded to: the longest sequence among them rounded up to a
+    multiple of 8 (at most ``seq_length``), the same for every microbatch of the call, as
+    pipeline stages require."""
     from megarlhf.data.batch import pair_batch
 
+    rows_all = [ds[int(i)] for i in indices]
+    longest = max([max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows_all] or [1])
+    seq_length = min(seq_length, -(-longest // 8) * 8)
     out = []
-    for s in range(0, len(indices), mbs):
-        rows = [ds[int(i)] for i in indices[s:s + mbs]]
+    for s in range(0, len(rows_all), mbs):
+        rows = rows_all[s:s + mbs]
         pairs = [((r["chosen_ids"], r["chosen_mask"]), (r["rejected_ids"], r["rejected_mask"]))
                  for r in rows]
         refs = [(r["ref_chosen"], r["ref_rejected"]) for r in rows] if with_ref else None
         margins = [margin] * len(rows) if margin else None
         out.append(pair_batch(pairs, seq_length, pad_id, refs, margins, num_pairs=mbs))
-    return out
+    return out, seq_length
 
 
 def reduce_stats(outputs: List[Dict[str, torch.Tensor]], mp: ModelParallel, device) -> torch.Tensor:

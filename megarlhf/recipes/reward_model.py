@@ -113,9 +113,9 @@ def evaluate_pairs(chunks, mp, ds, mbs: int, seq_length: int, pad_id: int, devic
     n = len(ds)
     per = -(-n // mp.dp_size)
     mine = list(range(mp.dp_rank * per, min(n, (mp.dp_rank + 1) * per)))
-    micro = pair_microbatches(ds, mine, mbs, seq_length, pad_id)
+    micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id)
     step = reward_forward_step(mp, device)
-    outs = forward_only(chunks, mp, step, micro, seq_length, 2 * mbs) if micro else []
+    outs = forward_only(chunks, mp, step, micro, seq, 2 * mbs) if micro else []
     result = _summary(reduce_stats(outs, mp, device))
     if subsets:
         names = ds["subset"]
@@ -203,10 +203,10 @@ def run(cfg: RMConfig) -> dict:
     log.start_progress(total_steps, step)
     while step < total_steps:
         indices = next(batches)
-        micro = pair_microbatches(data.train, indices, t.micro_batch_size, t.seq_length,
-                                  tokenizer.pad_id, margin=cfg.margin)
+        micro, seq = pair_microbatches(data.train, indices, t.micro_batch_size, t.seq_length,
+                                       tokenizer.pad_id, margin=cfg.margin)
         t0 = time.time()
-        res = train_step(ddp, optimizer, mp, forward_step, micro, t.seq_length, 2 * t.micro_batch_size)
+        res = train_step(ddp, optimizer, mp, forward_step, micro, seq, 2 * t.micro_batch_size)
         scheduler.step(1)
         step += 1
         consumed += t.global_batch_size

@@ -1,0 +1,330 @@
+"""Direct preference optimisation of a policy.
+
+    megarlhf dpo --config examples/tiny/dpo.yaml [key=value ...]
+
+Steps: tokenizer, chat template and policy from the SFT checkpoint -> preference data ->
+reference log-probs, by default precomputed in one pass of the initial policy over the
+data (it *is* the reference), or computed on the fly by a frozen copy
+(``dpo.reference=online``) -> megatron DDP, optimizer, LR schedule -> loop over global
+batches of pairs: chosen and rejected in one forward, per-token log-probs from the
+vocabulary-parallel logits (never gathered), summed (or averaged, ``length_normalized``)
+over response tokens, DPO loss averaged over the pairs of the global batch -> exact-match
+evaluation of greedy answers -> checkpoints (resumable) and the final policy.
+
+Paper settings (Ivison et al. 2024): sigmoid loss, beta 0.1, summed log-probs, lr 5e-7
+linear decay, warmup ratio 0.1, 3 epochs, batch 32. The tiny defaults keep beta and the
+loss and use a learning rate suited to a 3M-parameter model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megarlhf.algos.preference import LOSS_TYPES
+from megarlhf.config import ConfigError, ParallelConfig, check_layout
+from megarlhf.data.dataset import DataConfig
+from megarlhf.recipes.pairs_common import LoopConfig
+from megarlhf.train.metrics import LogConfig
+from megarlhf.train.schedule import ScheduleConfig
+
+__all__ = ["DPOConfig", "DPOLossConfig", "run"]
+
+
+@dataclass(frozen=True)
+class DPOLossConfig:
+    """The DPO objective."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (the paper: 0.1)."""
+    loss_type: str = "sigmoid"
+    """``sigmoid`` (DPO, the paper's) or ``ipo``."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed probability that a preference label is flipped (sigmoid only)."""
+    length_normalized: bool = False
+    """Average instead of summed response log-probs."""
+    reference: str = "precomputed"
+    """``precomputed`` (one pass before training) or ``online`` (a frozen copy each step)."""
+
+
+@dataclass(frozen=True)
+class ExactMatchConfig:
+    """Greedy exact-match evaluation on verifiable prompts after training."""
+
+    prompts: Optional[str] = None
+    """JSONL of ``{prompt, reference}``; none: skip."""
+    num_prompts: int = 500
+    max_new_tokens: int = 48
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=128, max_prompt_length=96,
+                                                                eval_size=0))
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(
+        lr=1e-4, min_lr=0.0, epochs=1.0, global_batch_size=32, micro_batch_size=8,
+        schedule=ScheduleConfig(style="linear", warmup_ratio=0.1), out_dir="runs/dpo"))
+    eval: ExactMatchConfig = field(default_factory=ExactMatchConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    world: int = 1
+
+    def world_size(self) -> int:
+        return self.world
+
+    def validate(self) -> None:
+        problems = []
+        t, d = self.train, self.dpo
+        if self.world % self.parallel.model_parallel_size:
+            problems.append(f"world={self.world} is not divisible by TP x PP = "
+                            f"{self.parallel.model_parallel_size}")
+        dp = max(1, self.world // self.parallel.model_parallel_size)
+        if t.global_batch_size % (dp * t.micro_batch_size):
+            problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                            f"DP={dp} x train.micro_batch_size={t.micro_batch_size}")
+        if t.seq_length < self.data.max_length:
+            problems.append(f"train.seq_length={t.seq_length} is shorter than data.max_length="
+                            f"{self.data.max_length}")
+        if d.loss_type not in LOSS_TYPES:
+            problems.append(f"dpo.loss_type={d.loss_type!r}: expected one of {LOSS_TYPES}")
+        if d.label_smoothing and d.loss_type != "sigmoid":
+            problems.append("dpo.label_smoothing applies to dpo.loss_type='sigmoid' only")
+        if not 0.0 <= d.label_smoothing < 0.5:
+            problems.append(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+        if d.beta <= 0:
+            problems.append(f"dpo.beta={d.beta} must be > 0")
+        if d.reference not in ("precomputed", "online"):
+            problems.append(f"dpo.reference={d.reference!r}: expected 'precomputed' or 'online'")
+        if d.reference == "online" and self.parallel.pp > 1:
+            problems.append("dpo.reference='online' runs the reference inside the policy's "
+                            "forward step, which needs pipeline_model_parallel_size=1; use "
+                            "'precomputed' with pipeline parallelism")
+        if not self.data.sources:
+            problems.append("data.sources is empty: give preference pairs")
+        if problems:
+            raise ConfigError(problems)
+
+
+def sequence_logprobs_fn(mp, model_cfg, average: bool):
+    """``(logits [2n, s, V/tp], batch) -> [2n]`` response log-probs (vocab-parallel)."""
+    from megarlhf.algos.logprobs import token_logprobs, vocab_start_of
+    from megarlhf.algos.preference import sequence_logprobs
+    from megarlhf.models.llama import padded_vocab
+
+    tp = mp.config.tp
+    vstart = vocab_start_of(mp.tp_rank, padded_vocab(model_cfg, tp), tp)
+
+    def seq_lp(logits, b):
+        lp = token_logprobs(logits, b.labels, mp.tp_group, vstart)
+        return sequence_logprobs(lp, b.loss_mask, average=average)
+
+    return seq_lp
+
+
+def dpo_forward_step(mp, model_cfg, d: DPOLossConfig, device, ref_chunks=None):
+    """megatron forward step. ``stats`` = [loss sum, pairs, accuracy, reward chosen sum,
+    reward rejected sum, policy chosen log-prob sum, policy rejected log-prob sum]."""
+    from megarlhf.algos.preference import dpo_loss, dpo_rewards
+
+    seq_lp = sequence_logprobs_fn(mp, model_cfg, d.length_normalized)
+
+    def forward_step(data_iter, model):
+        b = next(data_iter).to(device)
+        logits = model(b.tokens, b.position_ids, attention_mask=None)
+        if ref_chunks is not None:
+            with torch.no_grad():
+                ref = seq_lp(ref_chunks[0](b.tokens, b.position_ids, attention_mask=None), b)
+        else:
+            ref = b.ref_logprobs
+
+        def loss_fn(output, non_loss_data=False):
+            pol = seq_lp(output, b)
+            pc, pr, rc, rr = pol[0::2], pol[1::2], ref[0::2], ref[1::2]
+            w = b.weights().float()
+            loss = (dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing) * w).sum()
+            chosen_r, rejected_r = dpo_rewards(pc, pr, rc, rr, d.beta)
+            stats = torch.stack([x.double() for x in (
+                loss.detach(), w.sum(), ((chosen_r > rejected_r).float() * w).sum(),
+                (chosen_r.detach() * w).sum(), (rejected_r.detach() * w).sum(),
+                (pc.detach() * w).sum(), (pr.detach() * w).sum())])
+            if non_loss_data:
+                return {"stats": stats, "seq_logprobs": pol.detach()}
+            return loss, w.sum().to(torch.int), {"stats": stats}
+        return logits, loss_fn
+
+    return forward_step
+
+
+def _summary(stats: torch.Tensor) -> Dict[str, float]:
+    loss, n, acc, rc, rr, pc, pr = stats.tolist()
+    return {"loss": loss / n, "accuracy": acc / n, "reward_chosen": rc / n, "reward_rejected": rr / n,
+            "margin": (rc - rr) / n, "logp_chosen": pc / n, "logp_rejected": pr / n}
+
+
+def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, seq_length: int,
+                         pad_id: int, device):
+    """Sequence log-probs of every pair under the initial policy (the reference), computed
+    in one forward pass split over data-parallel replicas; returns the dataset with
+    ``ref_chosen`` and ``ref_rejected`` columns (identical on every rank)."""
+    from megarlhf.recipes.pairs_common import pair_microbatches
+    from megarlhf.train.step import forward_only
+
+    seq_lp = sequence_logprobs_fn(mp, model_cfg, d.length_normalized)
+    n = len(ds)
+    per = -(-n // mp.dp_size)
+    mine = list(range(mp.dp_rank * per, min(n, (mp.dp_rank + 1) * per)))
+    micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id)
+
+    def step(it, model):
+        b = next(it).to(device)
+        out = model(b.tokens, b.position_ids, attention_mask=None)
+        return out, lambda o, non_loss_data=True: (seq_lp(o, b).double(), b.weights())
+
+    outs = forward_only(chunks, mp, step, micro, seq, 2 * mbs) if micro else []
+    values = torch.zeros(n, 2, dtype=torch.float64, device=device)
+    if outs:
+        lp = torch.cat([o[0][o[1].repeat_interleave(2) > 0] for o in outs]).view(-1, 2)
+        values[mine[0]:mine[0] + len(lp)] = lp
+    if mp.config.pp > 1:  # only the last stage computed them
+        dist.all_reduce(values, group=mp.pp_group)
+    dist.all_reduce(values, group=mp.dp_group)
+    v = values.cpu().tolist()
+    return ds.add_column("ref_chosen", [x[0] for x in v]).add_column("ref_rejected", [x[1] for x in v])
+
+
+def run(cfg: DPOConfig) -> dict:
+    from megarlhf import platform
+    from megarlhf.data.dataset import build_dataset
+    from megarlhf.data.sampler import ShardedSampler
+    from megarlhf.models.checkpoint import CheckpointMeta, read_meta, save_model
+    from megarlhf.models.llama import build_model, describe
+    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
+    from megarlhf.recipes.common import exact_match_eval
+    from megarlhf.recipes.pairs_common import load_init, pair_microbatches, reduce_stats, tokenizer_of
+    from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
+    from megarlhf.train.metrics import MetricsLog
+    from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
+    from megarlhf.train.schedule import build_scheduler
+    from megarlhf.train.step import train_step
+
+    t, d = cfg.train, cfg.dpo
+    env = DistEnv.from_environ()
+    init_distributed(env)
+    plat = platform.current()
+    mp = initialize_model_parallel(cfg.parallel, seed=t.seed)
+    log = MetricsLog(t.out_dir, cfg.log, dataclasses.asdict(cfg))
+    log.say(f"megarlhf dpo: {env.world_size} process(es) on {plat.describe()}")
+
+    # -- tokenizer, data, policy, reference ----------------------------------------------------
+    init_meta = read_meta(t.init_from)
+    tokenizer, template = tokenizer_of(init_meta, t.init_from)
+    data = build_dataset(cfg.data, "preference", template)
+    for line in data.summary():
+        log.say(f"data: {line}")
+    model_cfg = init_meta.model
+    check_layout(model_cfg, cfg.parallel, env.world_size)
+    chunks = build_model(model_cfg, mp, kind="causal")
+    load_init(chunks, t.init_from, "causal", init_meta.kind)
+    log.say(f"policy: {describe(model_cfg, mp)} from {t.init_from}")
+    ref_chunks = None
+    train_ds, eval_ds = data.train, data.eval
+    if d.reference == "precomputed":
+        t0 = time.time()
+        train_ds = precompute_reference(chunks, mp, model_cfg, train_ds, d, t.micro_batch_size,
+                                        t.seq_length, tokenizer.pad_id, plat.device)
+        if eval_ds is not None:
+            eval_ds = precompute_reference(chunks, mp, model_cfg, eval_ds, d, t.micro_batch_size,
+                                           t.seq_length, tokenizer.pad_id, plat.device)
+        log.say(f"reference log-probs precomputed for {len(train_ds)} pairs in {time.time() - t0:.1f} s")
+    else:
+        ref_chunks = build_model(model_cfg, mp, kind="causal")
+        load_init(ref_chunks, t.init_from, "causal", init_meta.kind)
+        for c in ref_chunks:
+            c.eval()
+            c.requires_grad_(False)
+    for c in chunks:
+        c.config.calculate_per_token_loss = True  # losses are sums over pairs
+    use_dist_opt = t.distributed_optimizer and mp.dp_size > 1
+    ddp = wrap_ddp(chunks, mp, use_dist_opt)
+    optimizer = build_optimizer(ddp, OptimConfig(
+        lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta2=t.adam_beta2,
+        clip_grad=t.clip_grad, use_distributed_optimizer=use_dist_opt), mp)
+    sampler = ShardedSampler(len(train_ds), t.global_batch_size, mp.dp_rank, mp.dp_size, seed=t.seed)
+    total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
+    scheduler = build_scheduler(optimizer, t.schedule, t.lr, t.min_lr, total_steps, t.weight_decay)
+    meta = CheckpointMeta(model=model_cfg, kind="causal", tokenizer=init_meta.tokenizer,
+                          chat_template=init_meta.chat_template,
+                          extra={**{k: v for k, v in init_meta.extra.items() if k == "chat_template_config"},
+                                 "recipe": "dpo", "init_from": os.path.abspath(t.init_from)})
+
+    step, consumed = 0, 0
+    ckpt = find_checkpoint(t.out_dir, t.resume)
+    if ckpt:
+        state = load_train_state(ckpt, chunks, optimizer, scheduler)
+        step, consumed = state["step"], state["consumed_samples"]
+        log.say(f"resumed from {ckpt} at step {step} ({consumed} pairs consumed)")
+    log.say(f"training {total_steps} steps of {t.global_batch_size} pairs "
+            f"({sampler.steps_per_epoch} per epoch), loss {d.loss_type}, beta {d.beta}")
+
+    # -- loop --------------------------------------------------------------------------------
+    forward_step = dpo_forward_step(mp, model_cfg, d, plat.device, ref_chunks)
+    with_ref = ref_chunks is None
+    batches = sampler.batches(consumed)
+    log.start_progress(total_steps, step)
+    while step < total_steps:
+        micro, seq = pair_microbatches(train_ds, next(batches), t.micro_batch_size, t.seq_length,
+                                       tokenizer.pad_id, with_ref=with_ref)
+        t0 = time.time()
+        res = train_step(ddp, optimizer, mp, forward_step, micro, seq, 2 * t.micro_batch_size)
+        scheduler.step(1)
+        step += 1
+        consumed += t.global_batch_size
+        stats = _summary(reduce_stats(res["outputs"], mp, plat.device))
+        tokens = sum(int((m.tokens != tokenizer.pad_id).sum()) for m in micro) * mp.dp_size
+        dt = time.time() - t0
+        log.log(step, {**stats, "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(tokens / dt),
+                       "step_s": round(dt, 3)})
+        if t.save_interval and step % t.save_interval == 0 and step < total_steps:
+            save_train_state(t.out_dir, step, chunks, optimizer, scheduler,
+                             {"consumed_samples": consumed}, meta, keep=t.keep_checkpoints)
+    log.close()
+
+    result: Dict[str, object] = {"steps": step}
+    if eval_ds is not None:
+        from megarlhf.train.step import forward_only
+
+        per = -(-len(eval_ds) // mp.dp_size)
+        mine = list(range(mp.dp_rank * per, min(len(eval_ds), (mp.dp_rank + 1) * per)))
+        micro, seq = pair_microbatches(eval_ds, mine, t.micro_batch_size, t.seq_length,
+                                       tokenizer.pad_id, with_ref=with_ref)
+        outs = forward_only(chunks, mp, forward_step, micro, seq, 2 * t.micro_batch_size) \
+            if micro else []
+        ev = _summary(reduce_stats(outs, mp, plat.device))
+        log.say(f"held-out implicit-reward accuracy {ev['accuracy']:.1%} on {len(eval_ds)} pairs")
+        result["eval_pairs"] = ev
+    if cfg.eval.prompts:
+        acc, n, secs = exact_match_eval(chunks, mp, model_cfg, template, cfg.eval.prompts,
+                                        cfg.eval.num_prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        log.say(f"exact match on {n} prompts ({cfg.eval.prompts}): {acc:.1%} (greedy, {secs:.1f} s)")
+        result.update(exact_match=acc, eval_prompts=n)
+        MetricsLog(t.out_dir, dataclasses.replace(cfg.log, progress_bar=False, wandb=False)).log(
+            step, {"exact_match": acc}, echo=False)
+    save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},
+                     meta, keep=t.keep_checkpoints)
+    final = os.path.join(t.out_dir, "final")
+    save_model(chunks, final, dataclasses.replace(
+        meta, extra={**meta.extra, "steps": step, **({"exact_match": result["exact_match"]}
+                                                      if "exact_match" in result else {})}))
+    log.say(f"saved {final}")
+    result["final"] = final
+    destroy()
+    return result
