@@ -47,7 +47,7 @@ class TaskConfig:
     """Fewest operations in a problem."""
     max_steps: int = 2
     """Most operations in a problem."""
-    max_value: int = 20
+    max_value: int = 12
     """Largest starting value and operand."""
     num_sft: int = 18000
     """Worked solutions for supervised fine-tuning."""

@@ -1,0 +1,17 @@
+"""Reward-model training throughput (non-pad tokens/s), optionally against TRL in the same command.
+
+    python benchmarks/rm.py --layers 4 --hidden 256 --heads 8 --kv-heads 2 --ffn 688 \
+        --vocab 4096 --batch 8 --seq-len 128 --steps 12 [--trl] [--dtype bfloat16]
+
+Prints one JSON line last: tokens_per_s, peak_rss_mb (and TRL's figure and the ratio
+with --trl). Details in benchmarks/pairwise.py.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pairwise import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("rm"))
