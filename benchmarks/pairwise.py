@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,7 +126,13 @@ def trl_side(kind: str, args, rows, files) -> Dict[str, float]:
 
     tok_ours = load_tokenizer(files["tokenizer"])
     template = ChatTemplate(ChatTemplateConfig(), tok_ours)
-    hf_tok = transformers.LlamaTokenizer(vocab_file=files["tokenizer"], legacy=True)
+    tok_dir = tempfile.mkdtemp(prefix="trl-tok-")
+    shutil.copy(files["tokenizer"], os.path.join(tok_dir, "tokenizer.model"))
+    with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                   "legacy": True}, f)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
     hf_tok.pad_token = hf_tok.eos_token
     # Tulu-rendered prompts (BOS added by the tokenizer), answers closed by EOS.
     texts = []

@@ -16,8 +16,11 @@ Patched behaviours (CPU only):
 
 ``device-literals``
     megatron code creates tensors with ``device="cuda"`` (the schedules' token counter,
-    gradient clipping, the grad scaler ...). A :class:`torch.overrides.TorchFunctionMode`
-    rewrites any CUDA device argument to CPU.
+    gradient clipping, the grad scaler, the default causal mask ...). The tensor factories
+    (``torch.tensor``, ``zeros``, ``ones``, ``empty``, ``full``, ``arange``, ``rand*``, their
+    ``*_like`` forms) and ``Tensor.to`` are wrapped to rewrite a CUDA device to CPU. Only
+    these few calls pay for the wrapper; a ``TorchFunctionMode`` would tax every op (it
+    cost ~15% of a decode step on the tiny model).
 ``current-device``
     ``torch.cuda.current_device()`` (RoPE, buffers, ...) returns ``"cpu"``.
 ``tensor-cuda``
@@ -65,7 +68,6 @@ __all__ = [
     "cpu_has_amx",
     "transformer_engine_status",
     "resolve_dtype",
-    "hot_loop",
     "fp8_status",
     "require_transformer_engine",
 ]
@@ -224,19 +226,35 @@ def _is_cuda_device(value) -> bool:
     return False
 
 
-class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Rewrites ``device=cuda`` arguments (keyword or a positional device) to CPU."""
+def _cpu_device(dev):
+    return "cpu" if _is_cuda_device(dev) else dev
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+
+def _redirect_device_kwarg(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         dev = kwargs.get("device")
         if dev is not None and _is_cuda_device(dev):
-            kwargs = dict(kwargs, device="cpu")
-        elif func is torch.Tensor.to and args and any(_is_cuda_device(a) for a in args[1:]):
-            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
-        elif func is torch.device and args and _is_cuda_device(args[0]):
-            args = ("cpu",)
-        return func(*args, **kwargs)
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    wrapper.__megarlhf_wrapped__ = fn
+    return wrapper
+
+
+_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn",
+              "randint", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
+              "randn_like", "eye", "linspace", "empty_strided")
+_ORIG_TENSOR_TO = torch.Tensor.to
+
+
+def _tensor_to(self, *args, **kwargs):
+    if args and _is_cuda_device(args[0]):
+        args = ("cpu",) + args[1:]
+    dev = kwargs.get("device")
+    if dev is not None and _is_cuda_device(dev):
+        kwargs["device"] = "cpu"
+    return _ORIG_TENSOR_TO(self, *args, **kwargs)
 
 
 class _WallClockEvent:
@@ -303,9 +321,11 @@ def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
 
 
 def _patch_device_literals() -> None:
-    mode = _CudaToCpuMode()
-    mode.__enter__()  # stays on the (process-wide, main thread) mode stack
-    _INSTALLED["_mode"] = mode  # type: ignore[assignment]
+    for name in _FACTORIES:
+        fn = getattr(torch, name)
+        if not hasattr(fn, "__megarlhf_wrapped__"):
+            setattr(torch, name, _redirect_device_kwarg(fn))
+    torch.Tensor.to = _tensor_to  # type: ignore[assignment]
 
 
 def _patch_current_device() -> None:
@@ -378,22 +398,6 @@ CPU_PATCHES: Dict[str, Callable[[], None]] = {
     "streams": _patch_streams,
     "inference-p2p": _patch_inference_p2p,
 }
-
-
-@contextlib.contextmanager
-def hot_loop():
-    """Suspend the CUDA-literal redirect (the one per-op cost of the CPU layer) around a
-    tight loop whose code never names a CUDA device, e.g. the generation engine's steps.
-    A no-op on GPUs."""
-    mode = _INSTALLED.get("_mode")
-    if mode is None or torch._C._len_torch_function_stack() == 0:
-        yield
-        return
-    mode.__exit__(None, None, None)
-    try:
-        yield
-    finally:
-        mode.__enter__()
 
 
 def install_cpu_compat() -> None:

@@ -33,6 +33,10 @@ def test_device_literals_are_redirected_to_cpu():
     assert torch.tensor([1.0], device="cuda:0").device.type == "cpu"
     assert torch.ones(1).to("cuda").device.type == "cpu"
     assert torch.empty(3, device=torch.device("cuda")).device.type == "cpu"
+    assert torch.triu(torch.ones(2, 2, device="cuda"), diagonal=1).device.type == "cpu"
+    assert torch.zeros_like(torch.ones(2), device="cuda").device.type == "cpu"
+    assert torch.ones(2).to("cuda", torch.float64).dtype == torch.float64
+    assert torch.ones(2).to(device="cuda:1").device.type == "cpu"
     # megatron's schedules create their token counter like this:
     assert torch.zeros([], dtype=torch.int, device="cuda").dtype == torch.int
 
@@ -122,10 +126,11 @@ def test_inference_p2p_accepts_cpu_tensors():
 
 
 def test_install_is_idempotent():
-    depth_before = torch._C._len_torch_function_stack()
+    zeros = torch.zeros
     platform.install_cpu_compat()
     platform.install_cpu_compat()
-    assert torch._C._len_torch_function_stack() == depth_before
+    assert torch.zeros is zeros and not hasattr(zeros.__megarlhf_wrapped__, "__megarlhf_wrapped__")
+    assert torch._C._len_torch_function_stack() == 0  # no per-op mode
 
 
 def test_refuses_to_patch_a_gpu_machine(monkeypatch):

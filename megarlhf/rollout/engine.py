@@ -126,15 +126,14 @@ class MegatronEngine:
         if params.temperature <= 0 and not params.greedy:
             raise ValueError("temperature must be > 0 (or use greedy)")
         out = RolloutBatch([], [], [], [], [])
-        with platform.hot_loop():
-            for start in range(0, len(prompts), self.max_batch):
-                chunk = [list(p) for p in prompts[start:start + self.max_batch]]
-                part = self._generate_chunk(chunk, params, first_index=first_index + start)
-                if progress is not None:
-                    progress(len(chunk))
-                for name in ("prompt_ids", "response_ids", "finish_reason", "sample_logprobs",
-                             "policy_logprobs"):
-                    getattr(out, name).extend(getattr(part, name))
+        for start in range(0, len(prompts), self.max_batch):
+            chunk = [list(p) for p in prompts[start:start + self.max_batch]]
+            part = self._generate_chunk(chunk, params, first_index=first_index + start)
+            if progress is not None:
+                progress(len(chunk))
+            for name in ("prompt_ids", "response_ids", "finish_reason", "sample_logprobs",
+                         "policy_logprobs"):
+                getattr(out, name).extend(getattr(part, name))
         return out
 
     # -- one chunk -----------------------------------------------------------------------
