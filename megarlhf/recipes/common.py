@@ -56,7 +56,9 @@ def exact_match_eval(chunks, mp: ModelParallel, model_cfg: ModelConfig, template
         raise ValueError(f"{prompts_path}: no prompts with a reference answer to score")
     per = -(-len(rows) // mp.dp_size)
     mine = rows[mp.dp_rank * per:(mp.dp_rank + 1) * per]
-    engine = MegatronEngine(chunks, mp, model_cfg.vocab_size, max_batch=batch_size)
+    # Never sample an id the tokenizer cannot decode (a model's embedding may be larger).
+    vocab = min(model_cfg.vocab_size, template.tok.vocab_size)
+    engine = MegatronEngine(chunks, mp, vocab, max_batch=batch_size)
     out = engine.generate([template.encode_prompt(r["prompt"]) for r in mine],
                           SamplingParams(max_new_tokens=max_new_tokens, greedy=True,
                                          stop_ids=template.stop_ids()))
