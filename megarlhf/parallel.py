@@ -31,6 +31,7 @@ __all__ = [
     "init_distributed",
     "init_single_process",
     "initialize_model_parallel",
+    "build_layout",
     "ModelParallel",
     "destroy",
 ]
@@ -169,6 +170,8 @@ class ModelParallel:
     dp_rank: int
     dp_size: int
     seed: int = 0
+    ranks: Optional[List[int]] = None
+    """The job ranks this layout spans (None: all of them, through megatron's globals)."""
 
     @property
     def tp_group(self):
@@ -221,6 +224,62 @@ def initialize_model_parallel(par: ParallelConfig, seed: int = 1234) -> ModelPar
         dp_size=parallel_state.get_data_parallel_world_size(),
         seed=seed,
     )
+
+
+def build_layout(par: ParallelConfig, first_rank: int = 0, num_ranks: Optional[int] = None,
+                 seed: int = 1234) -> Optional[ModelParallel]:
+    """The TP/PP/DP groups of one model laid out on ranks ``[first_rank, first_rank +
+    num_ranks)`` of the job, independently of megatron's global layout: how several models
+    with different layouts (PPO's actor, critic, reference and reward model) live in one job.
+
+    Collective: every rank of the job calls it with the same arguments, in the same order
+    (creating a process group is). Ranks in the span get their :class:`ModelParallel`
+    (groups enumerated as megatron's ``tp-cp-ep-dp-pp`` order does), the others None.
+    megatron's globals must already be initialised (the RNG tracker lives there).
+    """
+    from megatron.core.parallel_state import (RankGenerator, default_embedding_ranks,
+                                              default_position_embedding_ranks)
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    world = dist.get_world_size()
+    num_ranks = world - first_rank if num_ranks is None else num_ranks
+    if first_rank < 0 or num_ranks < 1 or first_rank + num_ranks > world:
+        raise ValueError(f"ranks [{first_rank}, {first_rank + num_ranks}) are not within the "
+                         f"job's {world} ranks")
+    if num_ranks % par.model_parallel_size:
+        raise ValueError(f"{num_ranks} ranks are not divisible by TP x PP = {par.model_parallel_size}")
+    dp = num_ranks // par.model_parallel_size
+    gen = RankGenerator(tp=par.tp, ep=1, dp=dp, pp=par.pp, cp=1, order="tp-cp-ep-dp-pp",
+                        rank_offset=first_rank)
+    me = dist.get_rank()
+
+    def groups(enumeration: List[List[int]]):
+        mine, mine_ranks = None, None
+        for ranks in enumeration:
+            g = dist.new_group(ranks)
+            if me in ranks:
+                mine, mine_ranks = g, ranks
+        return mine, mine_ranks
+
+    tp, tp_ranks = groups(gen.get_ranks("tp"))
+    pp, pp_ranks = groups(gen.get_ranks("pp"))
+    dp_g, dp_ranks = groups(gen.get_ranks("dp"))
+    mp_g, _ = groups(gen.get_ranks("tp-pp"))
+    cp, _ = groups(gen.get_ranks("cp"))
+    pp_enum = gen.get_ranks("pp")
+    embd, _ = groups([default_embedding_ranks(r) for r in pp_enum])
+    pos_embd, _ = groups([default_position_embedding_ranks(r) for r in pp_enum])
+    if not first_rank <= me < first_rank + num_ranks:
+        return None
+    pgs = ProcessGroupCollection()
+    pgs.tp, pgs.pp, pgs.mp, pgs.cp, pgs.tp_cp = tp, pp, mp_g, cp, tp
+    pgs.dp, pgs.dp_cp, pgs.intra_dp_cp, pgs.intra_dist_opt = dp_g, dp_g, dp_g, dp_g
+    pgs.embd, pgs.pos_embd = embd, pos_embd
+    pgs.expt_dp = pgs.tp_ep_pp = pgs.ep = pgs.expt_tp = pgs.tp_ep = pgs.inter_dist_opt = None
+    pgs.intra_expt_dp = None
+    return ModelParallel(config=par, pg_collection=pgs, tp_rank=tp_ranks.index(me),
+                         pp_rank=pp_ranks.index(me), dp_rank=dp_ranks.index(me), dp_size=dp,
+                         seed=seed, ranks=list(range(first_rank, first_rank + num_ranks)))
 
 
 def destroy() -> None:

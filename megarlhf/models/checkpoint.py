@@ -110,18 +110,24 @@ def _bare(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_sharded_state_dict(chunks: Sequence[torch.nn.Module],
-                             skip_prefixes: Iterable[str] = ()) -> Dict[str, Any]:
+                             skip_prefixes: Iterable[str] = (), prefix: str = "") -> Dict[str, Any]:
     """megatron sharded state dict of this rank's chunks (the keys are layout-independent).
 
     ``skip_prefixes`` leaves out parameters, e.g. ``("output_layer.",)`` to initialise a
     reward model's head freshly while loading the rest from a causal-LM checkpoint.
+    ``prefix`` keeps several models apart in one checkpoint (PPO's actor and critic).
     """
     skip = tuple(skip_prefixes)
     out: Dict[str, Any] = {}
     for i, chunk in enumerate(chunks):
-        ssd = _bare(chunk).sharded_state_dict()
+        bare = _bare(chunk)
+        # Replica ids come from the model's own data-parallel group (a PPO role may not
+        # use megatron's global layout).
+        dp_group = getattr(bare, "megarlhf_dp_group", None)
+        ssd = bare.sharded_state_dict(prefix=prefix,
+                                      metadata=None if dp_group is None else {"dp_cp_group": dp_group})
         if skip:
-            ssd = {k: v for k, v in ssd.items() if not k.startswith(skip)}
+            ssd = {k: v for k, v in ssd.items() if not k[len(prefix):].startswith(skip)}
         out["model" if len(chunks) == 1 else f"model{i}"] = ssd
     return out
 

@@ -181,6 +181,8 @@ def _build_chunk(cfg: ModelConfig, mp: ModelParallel, tconfig, kind: str,
             model.output_layer.register_forward_hook(
                 _mask_padded_vocab_hook(cfg.vocab_size, padded, mp.config.tp, mp.tp_rank))
     model.megarlhf_kind = kind
+    model.megarlhf_dp_group = mp.dp_group if mp.ranks is not None else None
+    model.megarlhf_layout = f"tp{mp.config.tp}-pp{mp.config.pp}-dp{mp.dp_size}"
     return model
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,13 +34,14 @@ from megarlhf import platform
 from megarlhf.models.checkpoint import (CheckpointError, CheckpointMeta, is_checkpoint,
                                         model_sharded_state_dict, write_meta)
 
-__all__ = ["save_train_state", "load_train_state", "find_checkpoint", "checkpoint_root",
-           "LATEST", "TrainState"]
+__all__ = ["save_train_state", "load_train_state", "save_roles_state", "load_roles_state",
+           "find_checkpoint", "checkpoint_root", "LATEST", "TrainState"]
 
 LATEST = "latest"
 _DIST_OPT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 TrainState = Dict[str, Any]
+Role = Tuple[Sequence[torch.nn.Module], Any, Any]  # model chunks, optimizer, LR scheduler
 
 
 def checkpoint_root(out_dir: str) -> str:
@@ -81,12 +82,9 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _state(chunks, optimizer, rng: Any, is_loading: bool) -> Dict[str, Any]:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    model = model_sharded_state_dict(chunks)
+def _role_state(chunks, optimizer, is_loading: bool, prefix: str) -> Dict[str, Any]:
+    model = model_sharded_state_dict(chunks, prefix=prefix)
     md = _DIST_OPT if _uses_dist_opt(optimizer) else None
-    world = dist.get_world_size() if dist.is_initialized() else 1
     with torch.no_grad():
         if is_loading and md is not None:
             # The distributed optimizer builds its load state dict from existing Adam
@@ -97,14 +95,37 @@ def _state(chunks, optimizer, rng: Any, is_loading: bool) -> Dict[str, Any]:
                     for p in group["params"]:  # torch Adam keeps a per-parameter step
                         inner.optimizer.state[p].setdefault("step", torch.tensor(0.0))
         opt = optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=md)
-    return {**model, "optimizer": opt,
-            "rng": ShardedObject("rng_state", rng, (world,), (_rank(),), replica_id=0)}
+    return {**model, "optimizer": opt}
+
+
+def _state(roles: Dict[str, Role], rng: Any, is_loading: bool) -> Dict[str, Any]:
+    """One sharded state dict for every trainable model: a single model keeps the plain
+    layout (``model``, ``optimizer``); several are nested under their names, with their
+    tensors' keys prefixed by the name."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    out: Dict[str, Any] = {}
+    for name, (chunks, optimizer, _) in roles.items():
+        if name:
+            out[name] = _role_state(chunks, optimizer, is_loading, f"{name}.")
+        else:
+            out.update(_role_state(chunks, optimizer, is_loading, ""))
+    out["rng"] = ShardedObject("rng_state", rng, (world,), (_rank(),), replica_id=0)
+    return out
 
 
 def save_train_state(out_dir: str, step: int, chunks: Sequence[torch.nn.Module], optimizer,
                      scheduler, train: Dict[str, Any], meta: CheckpointMeta, keep: int = 2) -> str:
     """Collective. ``train`` holds the loop's position (e.g. consumed samples); returns the
     checkpoint folder."""
+    return save_roles_state(out_dir, step, {"": (chunks, optimizer, scheduler)}, train, meta, keep)
+
+
+def save_roles_state(out_dir: str, step: int, roles: Dict[str, Role], train: Dict[str, Any],
+                     meta: CheckpointMeta, keep: int = 2) -> str:
+    """:func:`save_train_state` for several trainable models (PPO's actor and critic), each
+    with its optimizer and scheduler, in one checkpoint. Collective over the whole job."""
     from megatron.core import dist_checkpointing
 
     root = checkpoint_root(out_dir)
@@ -115,10 +136,10 @@ def save_train_state(out_dir: str, step: int, chunks: Sequence[torch.nn.Module],
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    state = _state(chunks, optimizer, _rng_state(), is_loading=False)
+    state = _state(roles, _rng_state(), is_loading=False)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    state["train"] = {"step": step, "scheduler": scheduler.state_dict(), "world_size": world,
-                      "layout": _layout_key(chunks), **train}
+    state["train"] = {"step": step, "world_size": world, "layout": _layout_key(roles), **train,
+                      **_schedulers(roles)}
     dist_checkpointing.save(state, tmp)
     _barrier()
     if _rank() == 0:
@@ -133,6 +154,11 @@ def save_train_state(out_dir: str, step: int, chunks: Sequence[torch.nn.Module],
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+def _schedulers(roles: Dict[str, Role]) -> Dict[str, Any]:
+    return {("scheduler" if not name else f"{name}_scheduler"): sched.state_dict()
+            for name, (_, _, sched) in roles.items() if sched is not None}
 
 
 def _complete(root: str) -> List[str]:
@@ -167,7 +193,14 @@ def find_checkpoint(out_dir: str, resume: Optional[str]) -> Optional[str]:
 def load_train_state(ckpt_dir: str, chunks: Sequence[torch.nn.Module], optimizer, scheduler
                      ) -> Dict[str, Any]:
     """Restore everything :func:`save_train_state` wrote; returns the ``train`` dict."""
+    return load_roles_state(ckpt_dir, {"": (chunks, optimizer, scheduler)})
+
+
+def load_roles_state(ckpt_dir: str, roles: Dict[str, Role]) -> Dict[str, Any]:
+    """Restore everything :func:`save_roles_state` wrote; returns the ``train`` dict."""
     from megatron.core import dist_checkpointing
+
+    from megarlhf.models.checkpoint import _bare
 
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     if "train" not in common:
@@ -175,33 +208,42 @@ def load_train_state(ckpt_dir: str, chunks: Sequence[torch.nn.Module], optimizer
                               "use it as init_from instead of resume")
     world = dist.get_world_size() if dist.is_initialized() else 1
     saved_world = common["train"].get("world_size", world)
-    if saved_world != world or common["train"].get("layout") not in (None, _layout_key(chunks)):
+    if saved_world != world or common["train"].get("layout") not in (None, _layout_key(roles)):
         raise CheckpointError(
             f"{ckpt_dir} was saved by {saved_world} processes with layout "
-            f"{common['train'].get('layout')}; this job has {world} with {_layout_key(chunks)}. "
+            f"{common['train'].get('layout')}; this job has {world} with {_layout_key(roles)}. "
             "Optimizer state resumes only at the same layout: start a new run with "
             "init_from pointing at this checkpoint to keep the weights.")
-    state = _state(chunks, optimizer, None, is_loading=True)
+    state = _state(roles, None, is_loading=True)
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, ckpt_dir)
-    from megarlhf.models.checkpoint import _bare
-
-    with torch.no_grad():  # the distributed optimizer copies into views of leaf params
-        for i, chunk in enumerate(chunks):
-            key = "model" if len(chunks) == 1 else f"model{i}"
-            _bare(chunk).load_state_dict(loaded[key], strict=False)
-        optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_step(optimizer, loaded["optimizer"])
-    scheduler.load_state_dict(common["train"]["scheduler"])
+    for name, (chunks, optimizer, scheduler) in roles.items():
+        part = loaded[name] if name else loaded
+        prefix = f"{name}." if name else ""
+        with torch.no_grad():  # the distributed optimizer copies into views of leaf params
+            for i, chunk in enumerate(chunks):
+                key = "model" if len(chunks) == 1 else f"model{i}"
+                weights = {k[len(prefix):]: v for k, v in part[key].items()}
+                missing, _ = _bare(chunk).load_state_dict(weights, strict=False)
+                missing = [k for k in missing if not k.endswith("_extra_state")]
+                if missing:
+                    raise CheckpointError(f"{ckpt_dir}: {name or 'model'} weights missing: {missing[:5]}")
+            optimizer.load_state_dict(part["optimizer"])
+        _restore_adam_step(optimizer, part["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(common["train"]["scheduler" if not name else f"{name}_scheduler"])
     _set_rng_state(loaded["rng"])
     return common["train"]
 
 
-def _layout_key(chunks) -> str:
-    from megatron.core import parallel_state as ps
+def _layout_key(roles: Dict[str, Role]) -> str:
+    parts = []
+    for name, (chunks, _, _) in roles.items():
+        from megarlhf.models.checkpoint import _bare
 
-    return (f"tp{ps.get_tensor_model_parallel_world_size()}-pp{ps.get_pipeline_model_parallel_world_size()}"
-            f"-dp{ps.get_data_parallel_world_size()}-vpp{len(chunks)}")
+        layout = getattr(_bare(chunks[0]), "megarlhf_layout", "?")
+        parts.append(f"{name + ':' if name else ''}{layout}-vpp{len(chunks)}")
+    return ",".join(parts)
 
 
 def _restore_adam_step(optimizer, saved) -> None:

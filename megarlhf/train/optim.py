@@ -9,7 +9,7 @@ import torch
 
 from megarlhf.parallel import ModelParallel
 
-__all__ = ["OptimConfig", "wrap_ddp", "build_optimizer", "model_config_of"]
+__all__ = ["OptimConfig", "wrap_ddp", "build_optimizer", "build_optimizer_elsewhere", "model_config_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +77,25 @@ def build_optimizer(ddp_chunks: List[torch.nn.Module], cfg: OptimConfig, mp: Mod
         params_dtype=tconfig.params_dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(ocfg, ddp_chunks)
+    # A layout built apart from megatron's globals (a PPO role) hands its groups over; the
+    # global one lets megatron also set up its gloo groups.
+    explicit = mp.ranks is not None
+    optimizer = get_megatron_optimizer(ocfg, ddp_chunks, use_gloo_process_groups=not explicit,
+                                       pg_collection=mp.pg_collection if explicit else None)
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.finalize_model_grads_func = finalize_model_grads
     return optimizer
 
 
+
+
+def build_optimizer_elsewhere() -> None:
+    """What a rank that holds no part of a model does while that model's ranks run
+    :func:`build_optimizer`: megatron aligns parameter groups over the whole job with an
+    ``all_gather_object`` on the default group (one for the dense parameters, one for the
+    expert parameters), which every rank must join."""
+    import torch.distributed as dist
+
+    for _ in range(2):
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, [])

@@ -17,8 +17,8 @@ from megarlhf.algos.logprobs import token_entropy, token_logprobs, vocab_start_o
 from megarlhf.config import ParallelConfig  # noqa: E402
 from megarlhf.models.checkpoint import load_model, read_meta, save_model  # noqa: E402
 from megarlhf.models.llama import build_model, padded_vocab  # noqa: E402
-from megarlhf.parallel import destroy, init_distributed, initialize_model_parallel  # noqa: E402
-from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp  # noqa: E402
+from megarlhf.parallel import build_layout, destroy, init_distributed, initialize_model_parallel  # noqa: E402
+from megarlhf.train.optim import OptimConfig, build_optimizer, build_optimizer_elsewhere, wrap_ddp  # noqa: E402
 from megarlhf.train.step import forward_only, train_step  # noqa: E402
 
 
@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--save", default=None, help="save the model here after the run")
     ap.add_argument("--reward-from-causal", action="store_true",
                     help="build a reward model and load a causal checkpoint into its trunk")
+    ap.add_argument("--span", default=None,
+                    help="FIRST:NUM: megatron's globals stay TP1 PP1 over the whole job and the "
+                         "model is laid out on ranks FIRST..FIRST+NUM-1 only (a PPO role)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -52,7 +55,20 @@ def main():
     init_distributed()
     par = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                          virtual_pipeline_model_parallel_size=args.vpp, sequence_parallel=args.sp)
-    mp = initialize_model_parallel(par, seed=1)
+    if args.span:
+        first, num = map(int, args.span.split(":"))
+        initialize_model_parallel(ParallelConfig(), seed=1)
+        # Another layout created before this one: group creation order must not matter.
+        build_layout(ParallelConfig(), 0, 1, seed=1)
+        mp = build_layout(par, first, num, seed=1)
+        if mp is None:  # not a rank of this model: loading is collective over the job
+            load_model([], args.ckpt)
+            if args.mode == "train":
+                build_optimizer_elsewhere()
+            destroy()
+            return
+    else:
+        mp = initialize_model_parallel(par, seed=1)
     meta = read_meta(args.ckpt)
     cfg = meta.model
     kind = "reward" if args.reward_from_causal else meta.kind
