@@ -34,6 +34,12 @@ def _dpo() -> Tuple[type, Callable]:
     return DPOConfig, run
 
 
+def _ppo() -> Tuple[type, Callable]:
+    from megarlhf.recipes.ppo import PPOConfig, run
+
+    return PPOConfig, run
+
+
 def _sft() -> Tuple[type, Callable]:
     from megarlhf.recipes.sft import SFTConfig, run
 
@@ -46,6 +52,7 @@ COMMANDS: Dict[str, Tuple[Callable[[], Tuple[type, Callable]], str]] = {
     "sft": (_sft, "supervised fine-tuning on chat data (default: the built-in task)"),
     "rm": (_rm, "train a Bradley-Terry reward model from an SFT checkpoint"),
     "dpo": (_dpo, "direct preference optimisation of an SFT policy"),
+    "ppo": (_ppo, "PPO of an SFT policy against a reward model (actor, reference, critic, RM)"),
 }
 
 

@@ -208,7 +208,8 @@ def load_roles_state(ckpt_dir: str, roles: Dict[str, Role]) -> Dict[str, Any]:
                               "use it as init_from instead of resume")
     world = dist.get_world_size() if dist.is_initialized() else 1
     saved_world = common["train"].get("world_size", world)
-    if saved_world != world or common["train"].get("layout") not in (None, _layout_key(roles)):
+    layout_differs = roles and common["train"].get("layout") not in (None, _layout_key(roles))
+    if saved_world != world or layout_differs:
         raise CheckpointError(
             f"{ckpt_dir} was saved by {saved_world} processes with layout "
             f"{common['train'].get('layout')}; this job has {world} with {_layout_key(roles)}. "
