@@ -31,3 +31,13 @@ def test_conversion_memory_benchmark_writes_json(tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     assert {r["converter"] for r in rows} == {"hf_to_megatron", "megatron_to_hf"}
     assert all(r["peak_private_mib"] > 0 for r in rows)
+
+
+def test_ppo_benchmark_prints_json():
+    out = run("benchmarks/ppo.py", "--layers", 2, "--hidden", 64, "--heads", 4, "--kv-heads", 2,
+              "--ffn", 128, "--vocab", 512, "--prompts", 8, "--max-new-tokens", 8, "--minibatch", 4,
+              "--micro-batch", 4, "--steps", 2)
+    last = json.loads(out.strip().splitlines()[-1])
+    for key in ("generate_s", "score_s", "logprobs_s", "advantages_s", "update_s", "step_s"):
+        assert last[key] > 0, key
+    assert last["tokens_per_s"] > 0 and last["peak_rss_mb"] > 0 and last["steps_counted"] == 1
