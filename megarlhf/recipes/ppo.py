@@ -243,9 +243,9 @@ class PPOMicrobatch:
         return PPOMicrobatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
-def _logprob_step(mp, vocab_start: int, device, entropy: bool = False):
-    """Forward-only: per-token log-probs (and entropies) ``[b, s]`` of the labels."""
-    from megarlhf.algos.logprobs import token_entropy, token_logprobs
+def _logprob_step(mp, vocab_start: int, device):
+    """Forward-only: per-token log-probs ``[b, s]`` of the labels (0 off the mask)."""
+    from megarlhf.algos.logprobs import token_logprobs
 
     def step(it, model):
         b = next(it).to(device)
@@ -368,7 +368,7 @@ def microbatches(ro: Rollout, rows: range, mbs: int, extra: Optional[Dict[str, t
     return out
 
 
-def minibatch_rows(n: int, minibatch: int, mp, order: Optional[torch.Tensor] = None):
+def minibatch_rows(n: int, minibatch: int, mp):
     """For each minibatch: this rank's rows (``range`` into the possibly permuted batch)."""
     from megarlhf.train.roles import shard_rows
 

@@ -99,3 +99,30 @@ def test_export_to_transformers_generates(colocated, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(hf)
     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["placement=partitioned", "world=2"], "reward_ranks"),
+    (["placement=partitioned", "world=3", "reward_ranks=1", "reward.parallel.tensor_model_parallel_size=2"],
+     "reward.parallel"),
+    (["world=2", "actor.parallel.tensor_model_parallel_size=2", "rollout.prompts_per_step=10",
+      "ppo.minibatch_size=5"], "data-parallel replicas"),
+    (["ppo.kl_estimator=k2"], "ppo.kl_estimator"),
+    (["ppo.old_logprobs=cached"], "ppo.old_logprobs"),
+    (["rollout.prompts_per_step=12", "ppo.minibatch_size=8"], "must divide"),
+])
+def test_config_errors_name_the_fields(overrides, message):
+    from megarlhf.config import ConfigError, load_config
+    from megarlhf.recipes.ppo import PPOConfig
+
+    cfg = load_config(PPOConfig, None, ["data.sources=[{path: p.jsonl}]", *overrides])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        cfg.validate()
+
+
+def test_spans_of_the_placements():
+    from megarlhf.recipes.ppo import PPOConfig
+
+    assert PPOConfig(world=4).spans() == {r: (0, 4) for r in ("actor", "reference", "critic", "reward")}
+    spans = PPOConfig(world=4, placement="partitioned", reward_ranks=1).spans()
+    assert spans["reward"] == (3, 1) and spans["actor"] == spans["critic"] == spans["reference"] == (0, 3)
