@@ -34,6 +34,7 @@ setup(
         "psutil>=5.9",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "matplotlib>=3.8",  # the demo's reward curve and the scaling plots
     ],
     extras_require={
         # Transformer Engine (FP8 on Hopper). NVIDIA apex is used only when a cluster

@@ -17,6 +17,12 @@ __all__ = ["main", "COMMANDS"]
 
 
 def _demo() -> Tuple[type, Callable]:
+    from megarlhf.pipeline import PipelineConfig, run
+
+    return PipelineConfig, run
+
+
+def _smoke() -> Tuple[type, Callable]:
     from megarlhf.demo import DemoConfig, run
 
     return DemoConfig, run
@@ -48,7 +54,8 @@ def _sft() -> Tuple[type, Callable]:
 
 # name -> (loader of (schema, entry), one-line help)
 COMMANDS: Dict[str, Tuple[Callable[[], Tuple[type, Callable]], str]] = {
-    "demo": (_demo, "train the tiny Llama a few steps at TP=2 and check its checkpoint"),
+    "demo": (_demo, "the whole tiny pipeline on the built-in task: SFT -> RM -> DPO and PPO"),
+    "smoke": (_smoke, "train the tiny Llama a few steps at any TP x PP and check its checkpoint"),
     "sft": (_sft, "supervised fine-tuning on chat data (default: the built-in task)"),
     "rm": (_rm, "train a Bradley-Terry reward model from an SFT checkpoint"),
     "dpo": (_dpo, "direct preference optimisation of an SFT policy"),

@@ -1,7 +1,7 @@
-"""The built-in tiny job: a Llama trained for a few steps at TP=2 on CPU or GPU.
+"""A smoke test of a layout: a Llama trained for a few steps at TP=2 on CPU or GPU.
 
-    megarlhf demo                      # spawns 2 processes (TP=2) itself
-    megarlhf demo parallel.pipeline_model_parallel_size=2   # TP=2 x PP=2 on 4 processes
+    megarlhf smoke                      # spawns 2 processes (TP=2) itself
+    megarlhf smoke parallel.pipeline_model_parallel_size=2   # TP=2 x PP=2 on 4 processes
 
 It builds the tiny preset on megatron-core, trains it with megatron DDP, optimizer and
 pipeline schedules on a learnable synthetic sequence task, saves a distributed
@@ -98,7 +98,7 @@ def run(cfg: DemoConfig) -> dict:
     plat = platform.current()
     mp = initialize_model_parallel(cfg.parallel, seed=cfg.seed)
     say = print if env.rank == 0 else (lambda *a, **k: None)
-    say(f"megarlhf demo: {env.world_size} process(es) ({env.source}) on {plat.describe()}")
+    say(f"megarlhf smoke: {env.world_size} process(es) ({env.source}) on {plat.describe()}")
     say(f"model: {describe(cfg.model, mp)}")
 
     chunks = build_model(cfg.model, mp)

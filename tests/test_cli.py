@@ -1,5 +1,6 @@
-"""The `megarlhf` command: config errors, printing the config, and the demo job end to end."""
+"""The `megarlhf` command: config errors, printing the config, and the smoke job end to end."""
 
+import json
 import os
 import re
 import subprocess
@@ -19,15 +20,15 @@ def cli(*args, timeout=300):
 
 
 def test_bad_override_is_reported(capsys):
-    assert main(["demo", "model.num_layerz=3"]) == 2
+    assert main(["smoke", "model.num_layerz=3"]) == 2
     assert "model.num_layerz" in capsys.readouterr().err
 
 
 def test_invalid_layout_is_reported_before_any_process_starts(capsys):
-    assert main(["demo", "parallel.tensor_model_parallel_size=3"]) == 2
+    assert main(["smoke", "parallel.tensor_model_parallel_size=3"]) == 2
     err = capsys.readouterr().err
     assert "model.num_attention_heads=8 is not divisible by parallel.tensor_model_parallel_size=3" in err
-    assert main(["demo", "seq_length=4096"]) == 2
+    assert main(["smoke", "seq_length=4096"]) == 2
     assert "seq_length=4096 exceeds model.max_position_embeddings=512" in capsys.readouterr().err
 
 
@@ -36,18 +37,18 @@ def test_transformer_engine_without_it_is_reported(capsys):
 
     if platform.transformer_engine_status()[0]:
         pytest.skip("Transformer Engine is usable on this machine")
-    assert main(["demo", "model.transformer_impl=transformer_engine", "model.fp8=hybrid"]) == 2
+    assert main(["smoke", "model.transformer_impl=transformer_engine", "model.fp8=hybrid"]) == 2
     assert "model.transformer_impl='transformer_engine' cannot be used" in capsys.readouterr().err
 
 
 def test_print_config(capsys):
-    assert main(["demo", "--print-config", "steps=3"]) == 0
+    assert main(["smoke", "--print-config", "steps=3"]) == 0
     out = capsys.readouterr().out
     assert "steps: 3" in out and "tensor_model_parallel_size: 2" in out
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    res = cli("demo", "steps=4", f"out_dir={tmp_path}")
+def test_smoke_runs_end_to_end(tmp_path):
+    res = cli("smoke", "steps=4", f"out_dir={tmp_path}")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "starting 2 processes" in out and "TP2 PP1 DP1" in out
@@ -55,3 +56,31 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(losses) == 4
     assert "max |logit difference| = 0.00e+00" in out
     assert (tmp_path / "checkpoint" / "megarlhf.json").exists()
+
+
+def test_demo_pipeline_wires_every_stage(tmp_path):
+    """The whole pipeline at toy sizes (numbers are not checked here; the README reports a
+    real run): every stage runs, the table and results.json come out, the curve is drawn."""
+    out = tmp_path / "demo"
+    res = cli("demo", f"out_dir={out}", "sft.task.num_sft=96", "sft.task.num_preference=16",
+              "sft.task.num_prompts=24", "sft.task.num_eval=16", "sft.train.global_batch_size=32",
+              "sft.eval.num_prompts=16", "sft.eval.max_new_tokens=16",
+              "pairs.num_prompts=24", "pairs.samples_per_prompt=2", "pairs.max_new_tokens=16",
+              "rm.data.eval_size=4", "rm.train.max_steps=2", "rm.train.global_batch_size=8",
+              "rm.train.micro_batch_size=4",
+              "dpo.train.max_steps=2", "dpo.train.global_batch_size=8", "dpo.train.micro_batch_size=4",
+              "dpo.eval.num_prompts=16", "dpo.eval.max_new_tokens=16",
+              "ppo.rollout.prompts_per_step=8", "ppo.rollout.max_new_tokens=16", "ppo.ppo.minibatch_size=4",
+              "ppo.train.micro_batch_size=4", "ppo.train.max_steps=2", "ppo.eval.num_prompts=16",
+              "ppo.eval.max_new_tokens=16", "sft.log.progress_bar=false", "rm.log.progress_bar=false",
+              "dpo.log.progress_bar=false", "ppo.log.progress_bar=false", timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    res = res.stdout
+    last = res.strip().splitlines()[-1]
+    assert last == str(out / "results.json")
+    results = json.loads(open(last).read())
+    for key in ("sft_accuracy", "dpo_accuracy", "ppo_accuracy", "rm_pair_accuracy"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert len(results["ppo_score_curve"]) == 2
+    assert (out / "reward_curve.png").stat().st_size > 1000
+    assert "| PPO |" in res
