@@ -45,7 +45,7 @@ def _tiny_model() -> ModelConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    global_batch_size: int = 64
+    global_batch_size: int = 32
     """Examples per optimizer step (over all data-parallel ranks)."""
     micro_batch_size: int = 8
     """Rows per microbatch (a packed row holds several examples)."""
