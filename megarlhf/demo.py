@@ -48,7 +48,7 @@ class DemoConfig:
     """Tokens per sequence."""
     lr: float = 1e-3
     """AdamW learning rate (constant)."""
-    out_dir: str = "runs/demo"
+    out_dir: str = "runs/smoke"
     """Where the checkpoint is written."""
 
     def world_size(self) -> int:
