@@ -128,6 +128,9 @@ class PPOTrainConfig:
     weight_decay: float = 0.0
     adam_beta2: float = 0.95
     clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+    """Shard the actor's and critic's optimizer states over their data-parallel ranks
+    when DP > 1."""
     save_interval: int = 0
     keep_checkpoints: int = 2
     resume: str = "auto"
@@ -455,10 +458,11 @@ def run(cfg: PPOConfig) -> dict:
             continue
         for c in models[role]:
             c.config.calculate_per_token_loss = True
-        ddp = wrap_ddp(models[role], mp, False)
+        dist_opt = t.distributed_optimizer and mp.dp_size > 1
+        ddp = wrap_ddp(models[role], mp, dist_opt)
         opt = build_optimizer(ddp, OptimConfig(lr=lr, min_lr=lr if t.schedule.style == "constant" else 0.0,
                                                weight_decay=t.weight_decay, adam_beta2=t.adam_beta2,
-                                               clip_grad=t.clip_grad), mp)
+                                               clip_grad=t.clip_grad, use_distributed_optimizer=dist_opt), mp)
         sched = build_scheduler(opt, t.schedule, lr, lr if t.schedule.style == "constant" else 0.0,
                                 total_steps, t.weight_decay)
         trainable[role] = (ddp, opt, sched)

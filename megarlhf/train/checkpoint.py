@@ -98,6 +98,21 @@ def _role_state(chunks, optimizer, is_loading: bool, prefix: str) -> Dict[str, A
     return {**model, "optimizer": opt}
 
 
+def _prefix_optimizer_keys(opt_state: Any, prefix: str) -> None:
+    """Prefix the keys of an optimizer's checkpoint entries with the role's name: the
+    distributed optimizer names its shards ``optimizer.distributed...`` whatever the model,
+    so two trainable models in one checkpoint would collide."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    def rename(x):
+        if isinstance(x, ShardedBase) and not x.key.startswith(prefix):
+            x.key = prefix + x.key
+        return x
+
+    dict_list_map_inplace(rename, opt_state)
+
+
 def _state(roles: Dict[str, Role], rng: Any, is_loading: bool) -> Dict[str, Any]:
     """One sharded state dict for every trainable model: a single model keeps the plain
     layout (``model``, ``optimizer``); several are nested under their names, with their
@@ -109,6 +124,7 @@ def _state(roles: Dict[str, Role], rng: Any, is_loading: bool) -> Dict[str, Any]
     for name, (chunks, optimizer, _) in roles.items():
         if name:
             out[name] = _role_state(chunks, optimizer, is_loading, f"{name}.")
+            _prefix_optimizer_keys(out[name]["optimizer"], f"{name}.")
         else:
             out.update(_role_state(chunks, optimizer, is_loading, ""))
     out["rng"] = ShardedObject("rng_state", rng, (world,), (_rank(),), replica_id=0)

@@ -65,10 +65,12 @@ def test_first_minibatch_ratio_is_exactly_one(colocated):
 
 
 def test_resume_continues_identically(sft_like, mg_reward, tmp_path):
+    """DP=2 for every role: the actor's and critic's optimizers are distributed (sharded)
+    and both go into one checkpoint."""
     full, part = tmp_path / "full", tmp_path / "part"
-    cli(*ppo_args(sft_like, mg_reward, full, "train.max_steps=4"))
-    cli(*ppo_args(sft_like, mg_reward, part, "train.max_steps=2"))
-    out = cli(*ppo_args(sft_like, mg_reward, part, "train.max_steps=4"))
+    cli(*ppo_args(sft_like, mg_reward, full, "train.max_steps=4", "world=2"))
+    cli(*ppo_args(sft_like, mg_reward, part, "train.max_steps=2", "world=2"))
+    out = cli(*ppo_args(sft_like, mg_reward, part, "train.max_steps=4", "world=2"))
     assert "resumed from" in out and "at step 2" in out
     a, b = step_metrics(full), step_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
