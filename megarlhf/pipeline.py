@@ -196,17 +196,17 @@ def _plot(results: Dict[str, object], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = list(range(1, len(results["ppo_score_curve"]) + 1))
-    ax.plot(steps, results["ppo_score_curve"], label="reward-model score (mean)")
+    lines = ax.plot(steps, results["ppo_score_curve"], label="reward-model score (mean)")
     ax.set_xlabel("PPO step")
     ax.set_ylabel("score")
     acc = results["ppo_train_accuracy_curve"]
     if acc and acc[0] is not None:
         ax2 = ax.twinx()
-        ax2.plot(steps, acc, color="tab:orange", label="exact match of samples")
-        ax2.set_ylabel("exact match of sampled answers")
+        lines += ax2.plot(steps, acc, color="tab:orange", label="exact match of sampled answers")
+        ax2.set_ylabel("exact match")
         ax2.set_ylim(0, 1)
     ax.set_title("PPO on the built-in task")
-    fig.legend(loc="lower right")
+    ax.legend(lines, [l.get_label() for l in lines], loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
