@@ -9,6 +9,8 @@ DPO (Rafailov et al. 2023), with ``h = (log pi(y_c) - log ref(y_c)) - (log pi(y_
   IPO (Azar et al. 2023)         ``(h - 1 / (2 beta))^2``
 Length normalisation (average instead of summed token log-probs) is applied to the
 sequence log-probs before these functions (:func:`sequence_logprobs`).
+RPO (Pang et al. 2024, TRL's ``rpo_alpha``) adds ``alpha`` times the chosen response's
+per-token negative log-likelihood (:func:`chosen_nll`) to each pair's DPO loss.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bradley_terry_loss", "dpo_loss", "dpo_rewards", "sequence_logprobs", "LOSS_TYPES"]
+__all__ = ["bradley_terry_loss", "dpo_loss", "dpo_rewards", "sequence_logprobs", "chosen_nll",
+           "LOSS_TYPES"]
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -56,3 +59,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             raise ValueError("label_smoothing applies to the sigmoid loss only")
         return (h - 1.0 / (2.0 * beta)) ** 2
     raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+
+
+def chosen_nll(chosen_logprob_sum: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood ``[n]`` of the chosen responses, from their summed
+    log-probs and response token counts (RPO's extra term)."""
+    return -chosen_logprob_sum / chosen_tokens.to(chosen_logprob_sum.dtype).clamp(min=1.0)

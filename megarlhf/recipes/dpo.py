@@ -51,6 +51,9 @@ class DPOLossConfig:
     """Average instead of summed response log-probs."""
     reference: str = "precomputed"
     """``precomputed`` (one pass before training) or ``online`` (a frozen copy each step)."""
+    nll_weight: float = 0.0
+    """RPO (TRL's ``rpo_alpha``): weight of the chosen response's per-token negative
+    log-likelihood added to each pair's loss (0: plain DPO, the paper's)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class DPOConfig:
             problems.append("dpo.label_smoothing applies to dpo.loss_type='sigmoid' only")
         if not 0.0 <= d.label_smoothing < 0.5:
             problems.append(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+        if d.nll_weight < 0:
+            problems.append(f"dpo.nll_weight={d.nll_weight} must be >= 0")
         if d.beta <= 0:
             problems.append(f"dpo.beta={d.beta} must be > 0")
         if d.reference not in ("precomputed", "online"):
@@ -132,7 +137,7 @@ def sequence_logprobs_fn(mp, model_cfg, average: bool):
 def dpo_forward_step(mp, model_cfg, d: DPOLossConfig, device, ref_chunks=None):
     """megatron forward step. ``stats`` = [loss sum, pairs, accuracy, reward chosen sum,
     reward rejected sum, policy chosen log-prob sum, policy rejected log-prob sum]."""
-    from megarlhf.algos.preference import dpo_loss, dpo_rewards
+    from megarlhf.algos.preference import chosen_nll, dpo_loss, dpo_rewards
 
     seq_lp = sequence_logprobs_fn(mp, model_cfg, d.length_normalized)
 
@@ -149,7 +154,12 @@ def dpo_forward_step(mp, model_cfg, d: DPOLossConfig, device, ref_chunks=None):
             pol = seq_lp(output, b)
             pc, pr, rc, rr = pol[0::2], pol[1::2], ref[0::2], ref[1::2]
             w = b.weights().float()
-            loss = (dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing) * w).sum()
+            per_pair = dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing)
+            if d.nll_weight:
+                n_tok = b.loss_mask[0::2].sum(-1)
+                per_pair = per_pair + d.nll_weight * chosen_nll(pc * n_tok if d.length_normalized else pc,
+                                                                n_tok)
+            loss = (per_pair * w).sum()
             chosen_r, rejected_r = dpo_rewards(pc, pr, rc, rr, d.beta)
             stats = torch.stack([x.double() for x in (
                 loss.detach(), w.sum(), ((chosen_r > rejected_r).float() * w).sum(),

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from megarlhf.algos.preference import bradley_terry_loss, dpo_loss, dpo_rewards, sequence_logprobs
+from megarlhf.algos.preference import (bradley_terry_loss, chosen_nll, dpo_loss, dpo_rewards,
+                                       sequence_logprobs)
 
 
 def lsig(x):
@@ -67,3 +68,9 @@ def test_gradients_flow_only_to_the_policy():
     # d/dpc [-log sigma(beta h)] = -beta * sigma(-beta h)
     g = -0.1 / (1 + math.exp(0.2))
     assert pc.grad.item() == pytest.approx(g) and pr.grad.item() == pytest.approx(-g)
+
+
+def test_chosen_nll_by_hand():
+    # RPO's term: -(sum of chosen token log-probs) / chosen tokens
+    assert chosen_nll(t(-6.0, -1.0), t(3.0, 4.0)).tolist() == [2.0, 0.25]
+    assert chosen_nll(t(0.0), t(0.0)).item() == 0.0  # an empty response divides by 1, not 0

@@ -2,6 +2,7 @@
 trajectory, exact resume after SIGKILL, held-out metrics and rm-eval."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -82,6 +83,17 @@ def test_dpo_online_reference_matches_precomputed(sft_like, tmp_path):
     cli(*common("dpo", ckpt, files, onl), "dpo.reference=online")
     for a, b in zip(metrics(pre), metrics(onl)):
         assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def test_dpo_nll_term_adds_the_chosen_per_token_nll(sft_like, tmp_path):
+    # Step 1 starts with policy == reference, so the DPO part is exactly log 2; with
+    # length-normalised log-probs the RPO term is minus the chosen per-token log-prob.
+    ckpt, files = sft_like
+    cli(*common("dpo", ckpt, files, tmp_path), "train.max_steps=1", "dpo.nll_weight=1.0",
+        "dpo.length_normalized=true")
+    first = metrics(tmp_path)[0]
+    assert first["logp_chosen"] < -0.01
+    assert abs(first["loss"] - (math.log(2.0) - first["logp_chosen"])) < 1e-5
 
 
 def final_weights(out_dir):
