@@ -100,8 +100,10 @@ class DistEnv:
                 raise RuntimeError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: "
                                    "launch with srun inside an allocation")
             master = env.get("MASTER_ADDR") or expand_slurm_nodelist(nodelist)[0]
-            # A port derived from the job id keeps two jobs on one node apart.
-            default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+            # A port derived from the job id keeps two jobs on one node apart, and a requeued
+            # job keeps its port. [10000, 30000) stays below Linux's ephemeral ports
+            # (32768-60999), which outgoing connections may hold at any moment.
+            default_port = 10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
             return cls(
                 rank=int(env["SLURM_PROCID"]),
                 world_size=int(env["SLURM_NTASKS"]),

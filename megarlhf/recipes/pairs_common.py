@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.parallel import ModelParallel
+from megarlhf.train.preemption import PreemptionConfig
 from megarlhf.train.schedule import ScheduleConfig
 
 __all__ = ["LoopConfig", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of"]
@@ -52,6 +53,8 @@ class LoopConfig:
     init_from: str = "runs/sft/checkpoint"
     """The starting checkpoint (an SFT model)."""
     seed: int = 1234
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
 
 
 def tokenizer_of(meta, ckpt_dir: str):

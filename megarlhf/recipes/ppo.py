@@ -46,6 +46,7 @@ from megarlhf.config import ConfigError, ParallelConfig
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.dpo import ExactMatchConfig
 from megarlhf.train.metrics import LogConfig
+from megarlhf.train.preemption import PreemptionConfig
 from megarlhf.train.schedule import ScheduleConfig
 
 __all__ = ["PPOConfig", "RoleConfig", "PPOLossConfig", "RolloutConfig", "PPOTrainConfig", "run"]
@@ -138,6 +139,8 @@ class PPOTrainConfig:
     """Steps between exact-match evaluations (0: at the start and the end only)."""
     out_dir: str = "runs/ppo"
     seed: int = 1234
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
 
 
 @dataclass(frozen=True)
@@ -397,12 +400,17 @@ def run(cfg: PPOConfig) -> dict:
     from megarlhf.train.checkpoint import find_checkpoint, load_roles_state, save_roles_state
     from megarlhf.train.metrics import MetricsLog
     from megarlhf.train.optim import OptimConfig, build_optimizer, build_optimizer_elsewhere, wrap_ddp
+    from megarlhf.train.preemption import Preemption
     from megarlhf.train.roles import is_writer, share_rows, shard_rows
     from megarlhf.train.schedule import build_scheduler
     from megarlhf.train.step import forward_only, train_step
 
     t, P, R = cfg.train, cfg.ppo, cfg.rollout
+    preempt = Preemption(t.preemption)  # signal handlers first: a signal only sets a flag
     env = DistEnv.from_environ()
+    if env.world_size != cfg.world:  # the roles' ranks are laid out from cfg.world
+        raise ConfigError([f"world={cfg.world} but the job has {env.world_size} processes "
+                           f"({env.source}): set world={env.world_size}"])
     init_distributed(env)
     plat = platform.current()
     dev = plat.device
@@ -665,10 +673,13 @@ def run(cfg: PPOConfig) -> dict:
             acc = evaluate(step)
             if acc is not None:
                 log.log(step, {"exact_match": acc}, echo=False)
-        if t.save_interval and step % t.save_interval == 0 and step < total_steps:
-            save_roles_state(t.out_dir, step, ckpt_roles,
-                             {"consumed_samples": consumed, "kl_controller": kl_ctl.state_dict()},
-                             meta_out, keep=t.keep_checkpoints)
+        stop = preempt.should_stop()  # collective: a signal on any rank stops every rank here
+        if (stop or t.save_interval and step % t.save_interval == 0) and step < total_steps:
+            position = {"consumed_samples": consumed, "kl_controller": kl_ctl.state_dict()}
+            saved = save_roles_state(t.out_dir, step, ckpt_roles, position, meta_out,
+                                     keep=t.keep_checkpoints)
+            if stop:
+                preempt.exit(step, saved, log)  # requeue under SLURM; exit with status 75
     log.close()
 
     result["steps"] = step

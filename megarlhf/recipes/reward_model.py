@@ -149,10 +149,12 @@ def run(cfg: RMConfig) -> dict:
     from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
     from megarlhf.train.metrics import MetricsLog
     from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
+    from megarlhf.train.preemption import Preemption
     from megarlhf.train.schedule import build_scheduler
     from megarlhf.train.step import train_step
 
     t = cfg.train
+    preempt = Preemption(t.preemption)  # signal handlers first: a signal only sets a flag
     env = DistEnv.from_environ()
     init_distributed(env)
     plat = platform.current()
@@ -220,9 +222,12 @@ def run(cfg: RMConfig) -> dict:
             ev = evaluate_pairs(chunks, mp, data.eval, t.micro_batch_size, t.seq_length,
                                 tokenizer.pad_id, plat.device)
             log.log(step, {f"eval_{k}": v for k, v in ev.items()})
-        if t.save_interval and step % t.save_interval == 0 and step < total_steps:
-            save_train_state(t.out_dir, step, chunks, optimizer, scheduler,
-                             {"consumed_samples": consumed}, meta, keep=t.keep_checkpoints)
+        stop = preempt.should_stop()  # collective: a signal on any rank stops every rank here
+        if (stop or t.save_interval and step % t.save_interval == 0) and step < total_steps:
+            saved = save_train_state(t.out_dir, step, chunks, optimizer, scheduler,
+                                     {"consumed_samples": consumed}, meta, keep=t.keep_checkpoints)
+            if stop:
+                preempt.exit(step, saved, log)  # requeue under SLURM; exit with status 75
     log.close()
 
     result: Dict[str, object] = {"steps": step}

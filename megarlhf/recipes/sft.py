@@ -6,8 +6,9 @@
 Steps: tokenizer and data -> model (fresh or from a checkpoint) -> megatron DDP,
 optimizer and LR schedule -> loop over global batches (packed or padded microbatches
 through megatron's schedules; the loss is the mean over all assistant tokens of the
-global batch) -> exact-match evaluation of greedy answers on held-out prompts -> a
-distributed checkpoint that records its tokenizer and chat template.
+global batch; resumable training checkpoints every ``save_interval`` steps, at the end
+and when a signal asks the job to stop) -> exact-match evaluation of greedy answers on
+held-out prompts -> a distributed checkpoint that records its tokenizer and chat template.
 
 Departures from open-instruct's Tulu 2 SFT: packing keeps examples apart with a
 block-diagonal attention mask (RoPE makes positions relative) rather than
@@ -31,6 +32,7 @@ from megarlhf.data.dataset import DataConfig
 from megarlhf.data.task import TaskConfig
 from megarlhf.data.tokenizer import TokenizerConfig
 from megarlhf.train.metrics import LogConfig
+from megarlhf.train.preemption import PreemptionConfig
 from megarlhf.train.schedule import ScheduleConfig
 
 __all__ = ["SFTConfig", "TrainConfig", "EvalConfig", "run"]
@@ -64,10 +66,20 @@ class TrainConfig:
     adam_beta2: float = 0.98
     clip_grad: float = 1.0
     out_dir: str = "runs/sft"
-    """Checkpoint (``out_dir/checkpoint``), metrics (``metrics.jsonl``), task files."""
+    """The model (``out_dir/checkpoint``), training checkpoints (``out_dir/checkpoints``),
+    metrics (``metrics.jsonl``), task files."""
     init_from: Optional[str] = None
     """Start from this checkpoint instead of fresh weights."""
+    save_interval: int = 0
+    """Steps between training checkpoints (0: only at the end and when stopped by a signal)."""
+    keep_checkpoints: int = 2
+    """Training checkpoints kept (older ones are deleted once a newer one is complete)."""
+    resume: str = "auto"
+    """``auto``: continue from the newest complete training checkpoint in ``out_dir`` if
+    any; ``never``; or a checkpoint folder."""
     seed: int = 1234
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
 
 
 @dataclass(frozen=True)
@@ -149,12 +161,15 @@ def run(cfg: SFTConfig) -> dict:
     from megarlhf.models.llama import build_model, describe
     from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
     from megarlhf.recipes.common import exact_match_eval, lm_forward_step
+    from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
     from megarlhf.train.metrics import MetricsLog
     from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
+    from megarlhf.train.preemption import Preemption
     from megarlhf.train.schedule import build_scheduler
     from megarlhf.train.step import train_step
 
     t_start = time.time()
+    preempt = Preemption(cfg.train.preemption)  # signal handlers first: a signal only sets a flag
     env = DistEnv.from_environ()
     init_distributed(env)
     plat = platform.current()
@@ -198,6 +213,16 @@ def run(cfg: SFTConfig) -> dict:
                              seed=cfg.data.seed)
     total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
     scheduler = build_scheduler(optimizer, t.schedule, t.lr, t.min_lr, total_steps, t.weight_decay)
+    meta = CheckpointMeta(model=model_cfg, kind="causal", tokenizer=os.path.abspath(tok_path),
+                          chat_template=cfg.chat_template.name,
+                          extra={"chat_template_config": dataclasses.asdict(cfg.chat_template),
+                                 "recipe": "sft"})
+    step, consumed = 0, 0
+    resume_from = find_checkpoint(t.out_dir, t.resume)
+    if resume_from:
+        state = load_train_state(resume_from, chunks, optimizer, scheduler)
+        step, consumed = state["step"], state["consumed_samples"]
+        log.say(f"resumed from {resume_from} at step {step} ({consumed} examples consumed)")
     log.say(f"training {total_steps} steps of {t.global_batch_size} examples "
             f"({sampler.steps_per_epoch} steps per epoch, {sampler.dropped_per_epoch} examples "
             f"left out of each epoch's last partial batch), "
@@ -205,11 +230,11 @@ def run(cfg: SFTConfig) -> dict:
 
     ids_col, mask_col = data.train["input_ids"], data.train["loss_mask"]
     forward_step = lm_forward_step(mp, model_cfg, plat.device)
-    consumed = 0
     batches = sampler.batches(consumed)
-    log.start_progress(total_steps)
+    log.start_progress(total_steps, step)
     t_loop = time.time()
-    for step in range(1, total_steps + 1):
+    while step < total_steps:
+        step += 1
         examples = [(ids_col[i], mask_col[i]) for i in next(batches)]
         if t.packing:
             batch = pack_examples(examples, t.seq_length, tokenizer.pad_id,
@@ -228,8 +253,16 @@ def run(cfg: SFTConfig) -> dict:
                        "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(n_tok / dt),
                        "step_s": round(dt, 3), "epoch": round(consumed / sampler.samples_per_epoch, 2)},
                 echo=step % cfg.log.interval == 0 or step in (1, total_steps))
+        stop = preempt.should_stop()  # collective: a signal on any rank stops every rank here
+        if (stop or t.save_interval and step % t.save_interval == 0) and step < total_steps:
+            saved = save_train_state(t.out_dir, step, chunks, optimizer, scheduler,
+                                     {"consumed_samples": consumed}, meta, keep=t.keep_checkpoints)
+            if stop:
+                preempt.exit(step, saved, log)  # requeue under SLURM; exit with status 75
     train_time = time.time() - t_loop
     log.close()
+    save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},
+                     meta, keep=t.keep_checkpoints)
 
     # -- evaluation and checkpoint -----------------------------------------------------------
     eval_path = cfg.eval.prompts or builtin["eval"]
@@ -239,12 +272,9 @@ def run(cfg: SFTConfig) -> dict:
     log.say(f"exact match on {n_eval} held-out prompts ({eval_path}): {accuracy:.1%} "
             f"(greedy, {eval_time:.1f} s)")
     ckpt = os.path.join(t.out_dir, "checkpoint")
-    tok_ref = os.path.abspath(tok_path)
-    save_model(chunks, ckpt, CheckpointMeta(
-        model=model_cfg, kind="causal", tokenizer=tok_ref, chat_template=cfg.chat_template.name,
-        extra={"chat_template_config": dataclasses.asdict(cfg.chat_template),
-               "recipe": "sft", "steps": total_steps, "consumed_samples": consumed,
-               "exact_match": accuracy, "eval_prompts": n_eval}))
+    save_model(chunks, ckpt, dataclasses.replace(meta, extra={
+        **meta.extra, "steps": total_steps, "consumed_samples": consumed, "exact_match": accuracy,
+        "eval_prompts": n_eval}))
     result = {"steps": total_steps, "exact_match": accuracy, "eval_prompts": n_eval,
               "train_seconds": round(train_time, 1), "total_seconds": round(time.time() - t_start, 1),
               "checkpoint": ckpt}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# PPO, the flagship layout: a 13B policy, its reference and a 13B critic on 2 nodes (TP=8,
+# DP=2) and a 70B reward model on a third (TP=4, DP=2): one job of 24 GPUs. The memory
+# calculation behind it: docs/slurm.md.
+#
+#   sbatch [sbatch options] slurm/ppo_70b_rm.sh [--config FILE] [key=value ...]
+#
+# Arguments after the script go to `megarlhf ppo`; without --config it runs
+# examples/ppo_13b_70b_rm.yaml. Submit from the repository (or set MEGARLHF_HOME to it), with
+# MEGARLHF_PYTHON naming the environment's interpreter. On a GPU-less test cluster, override
+# the request: sbatch --gpus-per-node=0 --nodes=... --ntasks-per-node=... slurm/ppo_70b_rm.sh ...
+# SIGUSR1 comes 900 s before the time limit: the job saves a checkpoint at the end of the
+# current step, requeues itself and resumes from that checkpoint.
+#SBATCH --job-name=megarlhf-ppo
+#SBATCH --nodes=3
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@900
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+exec "${MEGARLHF_HOME:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" ppo examples/ppo_13b_70b_rm.yaml "$@"

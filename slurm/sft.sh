@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Supervised fine-tuning of a 13B Llama on 2 nodes: TP=8, DP=2 (docs/slurm.md).
+#
+#   sbatch [sbatch options] slurm/sft.sh [--config FILE] [key=value ...]
+#
+# Arguments after the script go to `megarlhf sft`; without --config it runs
+# examples/sft_13b.yaml. Submit from the repository (or set MEGARLHF_HOME to it), with
+# MEGARLHF_PYTHON naming the environment's interpreter. On a GPU-less test cluster, override
+# the request: sbatch --gpus-per-node=0 --nodes=... --ntasks-per-node=... slurm/sft.sh ...
+# SIGUSR1 comes 600 s before the time limit: the job saves a checkpoint at the end of the
+# current step, requeues itself and resumes from that checkpoint.
+#SBATCH --job-name=megarlhf-sft
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+exec "${MEGARLHF_HOME:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" sft examples/sft_13b.yaml "$@"
