@@ -22,7 +22,7 @@ from typing import Dict, List
 
 from megarlhf.data.dataset import DataConfig
 from megarlhf.data.load import SourceConfig
-from megarlhf.recipes.dpo import DPOConfig, ExactMatchConfig
+from megarlhf.recipes.dpo import DPOConfig, DPOLossConfig, ExactMatchConfig
 from megarlhf.recipes.pairs_common import LoopConfig
 from megarlhf.recipes.ppo import PPOConfig, PPOLossConfig, PPOTrainConfig, RolloutConfig
 from megarlhf.recipes.reward_model import RMConfig
@@ -61,6 +61,8 @@ class PipelineConfig:
                          lr=5e-4, min_lr=5e-5), log=_quiet()))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
         data=DataConfig(max_length=128, max_prompt_length=96),
+        # RPO: plain DPO unlearns the arithmetic on pairs that differ in a digit or two
+        dpo=DPOLossConfig(nll_weight=1.0),
         train=LoopConfig(global_batch_size=32, micro_batch_size=16, seq_length=128, epochs=1.0, lr=1e-4,
                          min_lr=0.0, schedule=ScheduleConfig(style="linear", warmup_ratio=0.1)),
         eval=ExactMatchConfig(num_prompts=500), log=_quiet()))
