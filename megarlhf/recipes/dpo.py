@@ -305,12 +305,9 @@ def run(cfg: DPOConfig) -> dict:
         log.log(step, {**stats, "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(tokens / dt),
                        "step_s": round(dt, 3)})
-        stop = preempt.should_stop()  # collective: a signal on any rank stops every rank here
-        if (stop or t.save_interval and step % t.save_interval == 0) and step < total_steps:
-            saved = save_train_state(t.out_dir, step, chunks, optimizer, scheduler,
-                                     {"consumed_samples": consumed}, meta, keep=t.keep_checkpoints)
-            if stop:
-                preempt.exit(step, saved, log)  # requeue under SLURM; exit with status 75
+        preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
+            t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
+            keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
     log.close()
 
     result: Dict[str, object] = {"steps": step}

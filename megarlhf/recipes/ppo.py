@@ -673,13 +673,9 @@ def run(cfg: PPOConfig) -> dict:
             acc = evaluate(step)
             if acc is not None:
                 log.log(step, {"exact_match": acc}, echo=False)
-        stop = preempt.should_stop()  # collective: a signal on any rank stops every rank here
-        if (stop or t.save_interval and step % t.save_interval == 0) and step < total_steps:
-            position = {"consumed_samples": consumed, "kl_controller": kl_ctl.state_dict()}
-            saved = save_roles_state(t.out_dir, step, ckpt_roles, position, meta_out,
-                                     keep=t.keep_checkpoints)
-            if stop:
-                preempt.exit(step, saved, log)  # requeue under SLURM; exit with status 75
+        preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_roles_state(
+            t.out_dir, step, ckpt_roles, {"consumed_samples": consumed, "kl_controller": kl_ctl.state_dict()},
+            meta_out, keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
     log.close()
 
     result["steps"] = step

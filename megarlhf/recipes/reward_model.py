@@ -222,12 +222,9 @@ def run(cfg: RMConfig) -> dict:
             ev = evaluate_pairs(chunks, mp, data.eval, t.micro_batch_size, t.seq_length,
                                 tokenizer.pad_id, plat.device)
             log.log(step, {f"eval_{k}": v for k, v in ev.items()})
-        stop = preempt.should_stop()  # collective: a signal on any rank stops every rank here
-        if (stop or t.save_interval and step % t.save_interval == 0) and step < total_steps:
-            saved = save_train_state(t.out_dir, step, chunks, optimizer, scheduler,
-                                     {"consumed_samples": consumed}, meta, keep=t.keep_checkpoints)
-            if stop:
-                preempt.exit(step, saved, log)  # requeue under SLURM; exit with status 75
+        preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
+            t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
+            keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
     log.close()
 
     result: Dict[str, object] = {"steps": step}

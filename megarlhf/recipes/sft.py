@@ -253,12 +253,9 @@ def run(cfg: SFTConfig) -> dict:
                        "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(n_tok / dt),
                        "step_s": round(dt, 3), "epoch": round(consumed / sampler.samples_per_epoch, 2)},
                 echo=step % cfg.log.interval == 0 or step in (1, total_steps))
-        stop = preempt.should_stop()  # collective: a signal on any rank stops every rank here
-        if (stop or t.save_interval and step % t.save_interval == 0) and step < total_steps:
-            saved = save_train_state(t.out_dir, step, chunks, optimizer, scheduler,
-                                     {"consumed_samples": consumed}, meta, keep=t.keep_checkpoints)
-            if stop:
-                preempt.exit(step, saved, log)  # requeue under SLURM; exit with status 75
+        preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
+            t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
+            keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
     train_time = time.time() - t_loop
     log.close()
     save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},

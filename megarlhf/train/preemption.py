@@ -5,11 +5,9 @@ and resumes from that checkpoint (``train.resume=auto``).
     preempt = Preemption(cfg.train.preemption)  # first thing in run(): installs the handlers
     while step < total_steps:
         ...                                     # one training step
-        stop = preempt.should_stop()            # collective: every rank, once per step
-        if (stop or <save interval reached>) and step < total_steps:
-            ckpt = save_train_state(...)
-            if stop:
-                preempt.exit(step, ckpt, log)   # requeue (rank 0), then exit with status 75
+        preempt.end_of_step(step, total_steps, save_interval, lambda: save_train_state(...), log)
+        # collective, every rank once per step: saves at the interval or on a signal; after
+        # a signal, rank 0 requeues and every rank exits with status 75
 
 Signals:
   ``preemption.signal`` (SIGUSR1)  checkpoint, requeue, stop. ``#SBATCH --signal=USR1@600``
@@ -34,7 +32,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Mapping, NoReturn, Optional, Tuple
+from typing import Callable, Mapping, NoReturn, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -146,6 +144,17 @@ class Preemption:
             return False
         self.reason = "sigterm" if flag == _TERM else "requeue"
         return True
+
+    def end_of_step(self, step: int, total_steps: int, save_interval: int,
+                    save: Callable[[], str], log=None) -> None:
+        """Collective, once per step on every rank: ``save()`` (which returns the checkpoint
+        folder) every ``save_interval`` steps before the last, or at once when a signal
+        arrived, and after a signal :meth:`exit`."""
+        stop = self.should_stop()
+        if (stop or save_interval and step % save_interval == 0) and step < total_steps:
+            saved = save()
+            if stop:
+                self.exit(step, saved, log)  # requeue under SLURM; exit with status 75
 
     def exit(self, step: int, checkpoint: str, log=None) -> NoReturn:
         """Once ``checkpoint`` is saved: rank 0 requeues the SLURM job when
