@@ -1,0 +1,1 @@
+"""Performance models: FLOPs per token, memory per GPU, layout planning, device probes."""
