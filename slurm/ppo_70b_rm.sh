@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # PPO, the flagship layout: a 13B policy, its reference and a 13B critic on 2 nodes (TP=8,
-# DP=2) and a 70B reward model on a third (TP=4, DP=2): one job of 24 GPUs. The memory
-# calculation behind it: docs/slurm.md.
+# DP=2) and a 70B reward model on a third (TP=2, DP=4): one job of 24 GPUs. The memory
+# calculation behind it: docs/slurm.md; the layout is the planner's best on 3 nodes
+# (python tools/plan.py --policy llama2-13b --reward llama2-70b --nodes 3).
 #
 #   sbatch [sbatch options] slurm/ppo_70b_rm.sh [--config FILE] [key=value ...]
 #

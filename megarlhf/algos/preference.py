@@ -18,10 +18,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bradley_terry_loss", "dpo_loss", "dpo_rewards", "sequence_logprobs", "chosen_nll",
+__all__ = ["bradley_terry_loss", "pool_rewards", "response_positions", "POOLINGS", "dpo_loss", "dpo_rewards", "sequence_logprobs", "chosen_nll",
            "LOSS_TYPES"]
 
 LOSS_TYPES = ("sigmoid", "ipo")
+POOLINGS = ("last", "min", "mean")
+
+
+def response_positions(label_mask: torch.Tensor) -> torch.Tensor:
+    """``[n, s]`` bool: positions whose *input* token is a response token, from a mask on
+    label positions (position t marks the token it predicts, t + 1): shifted right by one."""
+    out = torch.zeros_like(label_mask, dtype=torch.bool)
+    out[:, 1:] = label_mask[:, :-1].bool()
+    return out
+
+
+def pool_rewards(values: torch.Tensor, response_mask: torch.Tensor, last_index: torch.Tensor,
+                 pooling: str = "last") -> torch.Tensor:
+    """One reward per row from per-token scalar values ``[n, s]``.
+
+    ``last``: the value at ``last_index`` (the last real token; the paper's reward model).
+    ``min``/``mean``: the minimum/mean over the positions whose input token belongs to the
+    response (``response_mask [n, s]``, see :func:`response_positions`), so every step of
+    the answer takes part in the reward, not only the summary in the last token's state.
+    """
+    rows = torch.arange(values.shape[0], device=values.device)
+    if pooling == "last":
+        return values[rows, last_index]
+    mask = response_mask.bool()
+    if not bool(mask.any(-1).all()):
+        raise ValueError("a row has no response token to pool over")
+    if pooling == "min":
+        return values.masked_fill(~mask, float("inf")).amin(-1)
+    if pooling == "mean":
+        m = mask.to(values.dtype)
+        return (values * m).sum(-1) / m.sum(-1)
+    raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS}")
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-__all__ = ["RopeScaling", "ModelConfig", "PRESETS", "preset", "padded_vocab_size"]
+__all__ = ["RopeScaling", "ModelConfig", "RuntimeConfig", "PRESETS", "preset", "padded_vocab_size"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,31 @@ class ModelConfig:
         mlp = 3 * h * f
         layer = attn + mlp + 2 * h
         return self.num_layers * layer + 2 * v * h + h
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a model started from a checkpoint runs (its shape comes from the checkpoint).
+    Each field left unset keeps the checkpoint's value; ``none`` switches FP8 or
+    recomputation off."""
+
+    params_dtype: Optional[str] = None
+    """``float32``, ``bfloat16`` or ``auto``."""
+    transformer_impl: Optional[str] = None
+    """``local`` or ``transformer_engine``."""
+    fp8: Optional[str] = None
+    """``hybrid``, ``e4m3`` or ``none`` (needs ``transformer_impl: transformer_engine``)."""
+    recompute_granularity: Optional[str] = None
+    """``full``, ``selective`` or ``none``."""
+
+    def apply(self, m: "ModelConfig") -> "ModelConfig":
+        """``m`` with the fields this config sets."""
+        changes: Dict[str, Any] = {}
+        for name in ("params_dtype", "transformer_impl", "fp8", "recompute_granularity"):
+            value = getattr(self, name)
+            if value is not None:
+                changes[name] = None if value == "none" else value
+        return dataclasses.replace(m, **changes) if changes else m
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -8,7 +8,7 @@ from typing import List, Optional
 from megarlhf.config.model import ModelConfig
 from megarlhf.config.parallel import ParallelConfig
 
-__all__ = ["ConfigError", "check_model", "check_layout"]
+__all__ = ["ConfigError", "check_model", "check_layout", "runtime_problems"]
 
 _DTYPES = ("float32", "bfloat16", "auto")
 _IMPLS = ("local", "transformer_engine")
@@ -56,6 +56,22 @@ def model_problems(m: ModelConfig, prefix: str = "model") -> List[str]:
     if m.recompute_granularity not in (None, "full", "selective"):
         p.append(f"{prefix}.recompute_granularity={m.recompute_granularity!r}: expected "
                  "'full', 'selective' or null")
+    return p
+
+
+def runtime_problems(r, prefix: str = "model") -> List[str]:
+    """Values of a :class:`RuntimeConfig` (before a checkpoint's settings are known)."""
+    allowed = {"params_dtype": _DTYPES, "transformer_impl": _IMPLS, "fp8": ("hybrid", "e4m3", "none"),
+               "recompute_granularity": ("full", "selective", "none")}
+    p: List[str] = []
+    for name, ok in allowed.items():
+        value = getattr(r, name)
+        if value is not None and value not in ok:
+            p.append(f"{prefix}.{name}={value!r}: expected one of {', '.join(ok)} (or unset: the "
+                     "checkpoint's)")
+    if r.fp8 not in (None, "none") and r.transformer_impl not in (None, "transformer_engine"):
+        p.append(f"{prefix}.fp8={r.fp8!r} needs {prefix}.transformer_impl='transformer_engine' "
+                 f"(got {r.transformer_impl!r})")
     return p
 
 

@@ -43,6 +43,7 @@ GB = 1e9
 class Gpu:
     name: str
     memory_gb: float
+    """Device memory in 10^9 bytes."""
     bf16_tflops: float
     """Dense bf16 peak from the datasheet."""
     hbm_gbs: float
@@ -54,11 +55,13 @@ class Gpu:
     fp8_tflops: Optional[float] = None
 
 
+# memory_gb: what the driver reports (nvidia-smi's MiB x 2^20, in 10^9 bytes): an "80GB"
+# H100 has 81,559 MiB = 85.5 GB. Datasheet peaks are dense (no sparsity).
 GPUS: Dict[str, Gpu] = {
-    "h100-80g": Gpu("H100 SXM 80GB", 80, 989, 3350, 450, 50, 1979),
-    "h200-141g": Gpu("H200 141GB", 141, 989, 4800, 450, 50, 1979),
-    "a100-80g": Gpu("A100 SXM 80GB", 80, 312, 2039, 300, 25),
-    "a100-40g": Gpu("A100 SXM 40GB", 40, 312, 1555, 300, 25),
+    "h100-80g": Gpu("H100 SXM 80GB", 85.5, 989, 3350, 450, 50, 1979),
+    "h200-141g": Gpu("H200 141GB", 150.1, 989, 4800, 450, 50, 1979),
+    "a100-80g": Gpu("A100 SXM 80GB", 85.1, 312, 2039, 300, 25),
+    "a100-40g": Gpu("A100 SXM 40GB", 42.4, 312, 1555, 300, 25),
 }
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.algos.preference import LOSS_TYPES
-from megarlhf.config import ConfigError, ParallelConfig, check_layout
+from megarlhf.config import ConfigError, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.pairs_common import LoopConfig
 from megarlhf.train.metrics import LogConfig
@@ -70,6 +70,9 @@ class ExactMatchConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """How the policy runs (precision, layers, FP8, recomputation); unset fields keep the
+    starting checkpoint's."""
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=128, max_prompt_length=96,
                                                                 eval_size=0))
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
@@ -84,7 +87,7 @@ class DPOConfig:
         return self.world
 
     def validate(self) -> None:
-        problems = []
+        problems = runtime_problems(self.model)
         t, d = self.train, self.dpo
         if self.world % self.parallel.model_parallel_size:
             problems.append(f"world={self.world} is not divisible by TP x PP = "
@@ -241,7 +244,7 @@ def run(cfg: DPOConfig) -> dict:
     data = build_dataset(cfg.data, "preference", template)
     for line in data.summary():
         log.say(f"data: {line}")
-    model_cfg = init_meta.model
+    model_cfg = cfg.model.apply(init_meta.model)
     check_layout(model_cfg, cfg.parallel, env.world_size)
     chunks = build_model(model_cfg, mp, kind="causal")
     load_init(chunks, t.init_from, "causal", init_meta.kind)

@@ -12,7 +12,8 @@ job (``megarlhf/train/roles.py``), so both placements compute the same numbers.
 One step, in timed phases:
   generate    the actor's DP replicas sample responses to this step's prompts (the
               rollout engine on the actor's own weights; randomness keyed by prompt)
-  score       the reward model scores prompt + response at the last token; a response
+  score       the reward model scores prompt + response (at the last token, or pooled
+              over the response as the reward model was trained: ``rm pooling``); a response
               cut at max_new_tokens (no EOS) gets ``missing_eos_penalty`` instead
   logprobs    reference log-probs, old actor log-probs (recomputed with the training
               forward pass, in the same microbatches as the first update: the first
@@ -42,7 +43,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megarlhf.algos.ppo import KL_ESTIMATORS
-from megarlhf.config import ConfigError, ParallelConfig
+from megarlhf.config import ConfigError, ParallelConfig, RuntimeConfig, check_model, runtime_problems
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.dpo import ExactMatchConfig
 from megarlhf.train.metrics import LogConfig
@@ -60,6 +61,9 @@ class RoleConfig:
     """Checkpoint to start from (empty for the reference: the actor's)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """The role's own TP/PP; data parallelism takes the role's remaining ranks."""
+    model: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """How the role's model runs (precision, layers, FP8, recomputation); unset fields
+    keep its checkpoint's."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ class PPOConfig:
         elif self.placement == "colocated" and self.reward_ranks:
             p.append("reward_ranks is only for placement=partitioned")
         n = ro.prompts_per_step * ro.samples_per_prompt
+        for role in ROLES:
+            p += runtime_problems(getattr(self, role).model, f"{role}.model")
         if not p:
             for role, (_, size) in self.spans().items():
                 par = getattr(self, role).parallel
@@ -388,6 +394,7 @@ def run(cfg: PPOConfig) -> dict:
     from megarlhf import platform
     from megarlhf.algos import ppo as A
     from megarlhf.algos.logprobs import vocab_start_of
+    from megarlhf.algos.preference import pool_rewards, response_positions
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.models.checkpoint import CheckpointMeta, load_model, read_meta, save_model
@@ -424,6 +431,10 @@ def run(cfg: PPOConfig) -> dict:
     inits = {"actor": cfg.actor.init_from, "reference": cfg.reference.init_from or cfg.actor.init_from,
              "critic": cfg.critic.init_from, "reward": cfg.reward.init_from}
     metas = {role: read_meta(path) for role, path in inits.items()}
+    shapes = {role: getattr(cfg, role).model.apply(metas[role].model) for role in ROLES}
+    rm_pooling = metas["reward"].extra.get("reward_pooling", "last")  # how the RM was trained
+    for role in ROLES:
+        check_model(shapes[role], prefix=f"{role}.model")
     tokenizer, template = tokenizer_of(metas["actor"], inits["actor"])
     for role in ("critic", "reward"):
         if metas[role].model.vocab_size != metas["actor"].model.vocab_size:
@@ -437,11 +448,11 @@ def run(cfg: PPOConfig) -> dict:
     for role in ROLES:
         mp, meta = layouts[role], metas[role]
         kind = "causal" if role in ("actor", "reference") else "reward"
-        chunks = build_model(meta.model, mp, kind=kind) if mp is not None else []
+        chunks = build_model(shapes[role], mp, kind=kind) if mp is not None else []
         skip = ("output_layer.",) if kind == "reward" and meta.kind == "causal" else ()
         load_model(chunks, inits[role], skip_prefixes=skip)  # collective over the job
         if mp is not None:
-            log.say(f"{role}: {describe(meta.model, mp)} on ranks {mp.ranks[0]}-{mp.ranks[-1]} "
+            log.say(f"{role}: {describe(shapes[role], mp)} on ranks {mp.ranks[0]}-{mp.ranks[-1]} "
                     f"from {inits[role]}{' (fresh value head)' if skip else ''}")
         if role in ("reference", "reward"):
             for c in chunks:
@@ -449,7 +460,7 @@ def run(cfg: PPOConfig) -> dict:
                 c.requires_grad_(False)
         models[role] = chunks if mp is not None else None
     actor_mp, critic_mp = layouts["actor"], layouts["critic"]
-    model_cfg = metas["actor"].model
+    model_cfg = shapes["actor"]
 
     # -- prompts, optimizers, schedules, resume ------------------------------------------------
     data = build_dataset(cfg.data, "prompts", template)
@@ -569,7 +580,7 @@ def run(cfg: PPOConfig) -> dict:
         # 2. score: the reward model on its own replicas (maybe its own ranks)
         with phase("score", times):
             values = forward_rows("reward", _value_step(dev), ro, lambda mp: [shard_rows(n_seq, mp)])
-            scores = values[torch.arange(ro.n), ro.last_index]
+            scores = pool_rewards(values, response_positions(ro.mask), ro.last_index, rm_pooling)
 
         # 3. reference log-probs, old log-probs (training forward, first-epoch microbatches), values
         with phase("logprobs", times):

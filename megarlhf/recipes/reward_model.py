@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import torch
 
-from megarlhf.config import ConfigError, ParallelConfig, check_layout
+from megarlhf.config import ConfigError, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.pairs_common import LoopConfig
 from megarlhf.train.metrics import LogConfig
@@ -35,6 +35,9 @@ __all__ = ["RMConfig", "run", "evaluate_pairs", "eval_main"]
 @dataclass(frozen=True)
 class RMConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """How the model runs (precision, layers, FP8, recomputation); unset fields keep the
+    starting checkpoint's."""
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=128, max_prompt_length=96,
                                                                 eval_size=200))
     """Preference pairs (``data.eval_size`` of them held out for pair accuracy)."""
@@ -42,6 +45,9 @@ class RMConfig:
         lr=1e-4, min_lr=1e-5, epochs=2.0, global_batch_size=32, micro_batch_size=8, out_dir="runs/rm"))
     margin: float = 0.0
     """Constant margin in the Bradley-Terry loss (0: the paper's plain loss)."""
+    pooling: str = "last"
+    """Where the reward is read: ``last`` (the last token; the paper's), ``min`` or
+    ``mean`` over the response's tokens. Saved with the model; PPO and rm-eval use it."""
     log: LogConfig = field(default_factory=LogConfig)
     world: int = 1
     """Processes started when launched without torchrun/srun."""
@@ -50,7 +56,7 @@ class RMConfig:
         return self.world
 
     def validate(self) -> None:
-        problems = []
+        problems = runtime_problems(self.model)
         t = self.train
         if self.world % self.parallel.model_parallel_size:
             problems.append(f"world={self.world} is not divisible by TP x PP = "
@@ -62,23 +68,27 @@ class RMConfig:
         if t.seq_length < self.data.max_length:
             problems.append(f"train.seq_length={t.seq_length} is shorter than data.max_length="
                             f"{self.data.max_length}")
+        from megarlhf.algos.preference import POOLINGS
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
         if not self.data.sources:
             problems.append("data.sources is empty: give preference pairs (e.g. from `megarlhf pairs`)")
         if problems:
             raise ConfigError(problems)
 
 
-def reward_forward_step(mp, device):
-    """megatron forward step: rewards at each row's last token, Bradley-Terry per pair.
+def reward_forward_step(mp, device, pooling: str = "last"):
+    """megatron forward step: one reward per row (``pooling``), Bradley-Terry per pair.
     ``stats`` = [loss sum, pairs, correct, margin sum, reward sum, reward^2 sum]."""
-    from megarlhf.algos.preference import bradley_terry_loss
+    from megarlhf.algos.preference import bradley_terry_loss, pool_rewards, response_positions
 
     def forward_step(data_iter, model):
         b = next(data_iter).to(device)
         values = model(b.tokens, b.position_ids, attention_mask=None)
 
         def loss_fn(output, non_loss_data=False):
-            r = output[torch.arange(output.shape[0], device=device), b.last_index, 0].float()
+            r = pool_rewards(output[..., 0].float(), response_positions(b.loss_mask), b.last_index,
+                             pooling)
             rc, rr = r[0::2], r[1::2]
             w = b.weights().float()
             loss = (bradley_terry_loss(rc, rr, 0.0 if b.margin is None else b.margin) * w).sum()
@@ -104,7 +114,7 @@ def _summary(stats: torch.Tensor) -> Dict[str, float]:
 
 
 def evaluate_pairs(chunks, mp, ds, mbs: int, seq_length: int, pad_id: int, device,
-                   subsets: bool = False) -> Dict[str, float]:
+                   subsets: bool = False, pooling: str = "last") -> Dict[str, float]:
     """Pair accuracy (and loss, margin) of a reward model on a tokenized pair dataset, split
     over data-parallel replicas; with ``subsets``, also the accuracy per ``subset``."""
     from megarlhf.recipes.pairs_common import pair_microbatches, reduce_stats
@@ -114,7 +124,7 @@ def evaluate_pairs(chunks, mp, ds, mbs: int, seq_length: int, pad_id: int, devic
     per = -(-n // mp.dp_size)
     mine = list(range(mp.dp_rank * per, min(n, (mp.dp_rank + 1) * per)))
     micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id)
-    step = reward_forward_step(mp, device)
+    step = reward_forward_step(mp, device, pooling)
     outs = forward_only(chunks, mp, step, micro, seq, 2 * mbs) if micro else []
     result = _summary(reduce_stats(outs, mp, device))
     if subsets:
@@ -168,7 +178,7 @@ def run(cfg: RMConfig) -> dict:
     data = build_dataset(cfg.data, "preference", template)
     for line in data.summary():
         log.say(f"data: {line}")
-    model_cfg = init_meta.model
+    model_cfg = cfg.model.apply(init_meta.model)
     check_layout(model_cfg, cfg.parallel, env.world_size)
     chunks = build_model(model_cfg, mp, kind="reward")
     fresh = load_init(chunks, t.init_from, "reward", init_meta.kind)
@@ -187,7 +197,7 @@ def run(cfg: RMConfig) -> dict:
     meta = CheckpointMeta(model=model_cfg, kind="reward", tokenizer=init_meta.tokenizer,
                           chat_template=init_meta.chat_template,
                           extra={**{k: v for k, v in init_meta.extra.items() if k == "chat_template_config"},
-                                 "recipe": "rm", "init_from": os.path.abspath(t.init_from)})
+                                 "recipe": "rm", "reward_pooling": cfg.pooling, "init_from": os.path.abspath(t.init_from)})
 
     # -- resume ------------------------------------------------------------------------------
     step, consumed = 0, 0
@@ -200,7 +210,7 @@ def run(cfg: RMConfig) -> dict:
             f"({sampler.steps_per_epoch} per epoch)")
 
     # -- loop --------------------------------------------------------------------------------
-    forward_step = reward_forward_step(mp, plat.device)
+    forward_step = reward_forward_step(mp, plat.device, cfg.pooling)
     batches = sampler.batches(consumed)
     log.start_progress(total_steps, step)
     while step < total_steps:
@@ -220,7 +230,7 @@ def run(cfg: RMConfig) -> dict:
                        "step_s": round(dt, 3)})
         if data.eval is not None and t.eval_interval and step % t.eval_interval == 0:
             ev = evaluate_pairs(chunks, mp, data.eval, t.micro_batch_size, t.seq_length,
-                                tokenizer.pad_id, plat.device)
+                                tokenizer.pad_id, plat.device, pooling=cfg.pooling)
             log.log(step, {f"eval_{k}": v for k, v in ev.items()})
         preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
             t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
@@ -230,7 +240,7 @@ def run(cfg: RMConfig) -> dict:
     result: Dict[str, object] = {"steps": step}
     if data.eval is not None:
         ev = evaluate_pairs(chunks, mp, data.eval, t.micro_batch_size, t.seq_length,
-                            tokenizer.pad_id, plat.device)
+                            tokenizer.pad_id, plat.device, pooling=cfg.pooling)
         log.log(step, {f"eval_{k}": v for k, v in ev.items()}, echo=False)
         log.say(f"held-out pair accuracy {ev['accuracy']:.1%} on {len(data.eval)} pairs "
                 f"(loss {ev['loss']:.4f}, margin {ev['margin']:.3f})")
@@ -284,9 +294,11 @@ def eval_main(argv: List[str]) -> int:
     chunks = build_model(meta.model, mp, kind="reward")
     load_model(chunks, args.ckpt)
     seq = max(max(len(x) for x in data.train["chosen_ids"]), max(len(x) for x in data.train["rejected_ids"]))
+    pooling = meta.extra.get("reward_pooling", "last")
     result = evaluate_pairs(chunks, mp, data.train, args.batch, seq, tokenizer.pad_id,
-                            platform.current().device, subsets=True)
+                            platform.current().device, subsets=True, pooling=pooling)
     result["pairs"] = len(data.train)
+    result["pooling"] = pooling
     result["dropped"] = {s.name: dataclasses.asdict(s) for s in data.report.sources}
     if env.rank == 0:
         for line in data.summary():

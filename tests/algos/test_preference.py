@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megarlhf.algos.preference import (bradley_terry_loss, chosen_nll, dpo_loss, dpo_rewards,
-                                       sequence_logprobs)
+                                       pool_rewards, response_positions, sequence_logprobs)
 
 
 def lsig(x):
@@ -74,3 +74,23 @@ def test_chosen_nll_by_hand():
     # RPO's term: -(sum of chosen token log-probs) / chosen tokens
     assert chosen_nll(t(-6.0, -1.0), t(3.0, 4.0)).tolist() == [2.0, 0.25]
     assert chosen_nll(t(0.0), t(0.0)).item() == 0.0  # an empty response divides by 1, not 0
+
+
+def test_reward_pooling_by_hand():
+    # two rows: prompt of 2 tokens, responses of 3 and 2 tokens, then padding
+    label_mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]])  # positions predicting a response token
+    resp = response_positions(label_mask)
+    assert resp.tolist() == [[False, False, True, True, True, False], [False, False, True, True, False, False]]
+    v = t(9, 9, 1, -2, 4, 7, 9, 9, 3, 5, 8, 8).reshape(2, 6)
+    last = torch.tensor([4, 3])
+    assert pool_rewards(v, resp, last, "last").tolist() == [4, 5]
+    assert pool_rewards(v, resp, last, "min").tolist() == [-2, 3]
+    assert pool_rewards(v, resp, last, "mean").tolist() == [1.0, 4.0]
+    with pytest.raises(ValueError, match="pooling='max'"):
+        pool_rewards(v, resp, last, "max")
+    with pytest.raises(ValueError, match="no response token"):
+        pool_rewards(v, torch.zeros_like(resp), last, "mean")
+    # gradients reach only the pooled positions
+    x = v.clone().requires_grad_(True)
+    pool_rewards(x, resp, last, "mean").sum().backward()
+    assert (x.grad != 0).tolist() == resp.tolist()

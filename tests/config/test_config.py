@@ -90,6 +90,30 @@ def test_model_validation_lists_every_problem():
     assert "model.fp8='hybrid' needs model.transformer_impl='transformer_engine'" in text
 
 
+def test_runtime_overrides_keep_unset_fields_and_switch_off_with_none():
+    from megarlhf.config import RuntimeConfig, runtime_problems
+
+    ckpt = ModelConfig(params_dtype="bfloat16", recompute_granularity="selective")
+    assert RuntimeConfig().apply(ckpt) == ckpt
+    got = RuntimeConfig(recompute_granularity="full", transformer_impl="transformer_engine",
+                        fp8="hybrid").apply(ckpt)
+    assert (got.recompute_granularity, got.transformer_impl, got.fp8, got.params_dtype) == (
+        "full", "transformer_engine", "hybrid", "bfloat16")
+    assert got.num_layers == ckpt.num_layers
+    assert RuntimeConfig(recompute_granularity="none", fp8="none").apply(got).recompute_granularity is None
+    assert RuntimeConfig(fp8="none").apply(got).fp8 is None
+    problems = runtime_problems(RuntimeConfig(fp8="e5m2", recompute_granularity="some",
+                                              params_dtype="fp16"), "critic.model")
+    assert any("critic.model.fp8='e5m2'" in p for p in problems)
+    assert any("critic.model.recompute_granularity='some'" in p for p in problems)
+    assert any("critic.model.params_dtype='fp16'" in p for p in problems)
+    assert runtime_problems(RuntimeConfig(fp8="hybrid", transformer_impl="local")) == [
+        "model.fp8='hybrid' needs model.transformer_impl='transformer_engine' (got 'local')"]
+    # an FP8 request on a checkpoint of local layers fails when the two are combined
+    with pytest.raises(ConfigError, match="model.fp8='hybrid' needs model.transformer_impl"):
+        check_model(RuntimeConfig(fp8="hybrid").apply(ckpt))
+
+
 def test_presets_have_published_shapes():
     assert preset("llama2-13b").num_parameters() == pytest.approx(13.0e9, rel=0.01)
     assert preset("llama2-70b").num_parameters() == pytest.approx(69.0e9, rel=0.01)

@@ -43,7 +43,9 @@ def common(recipe, ckpt, files, out, gbs=4, mbs=4):
 
 LAYOUTS = {"tp2_pp2": ["world=4", "parallel.tensor_model_parallel_size=2",
                        "parallel.pipeline_model_parallel_size=2"],
-           "dp2": ["world=2", "train.micro_batch_size=2"]}
+           "dp2": ["world=2", "train.micro_batch_size=2"],
+           # a runtime setting over the checkpoint's: recomputation changes memory, not numbers
+           "recompute_full": ["model.recompute_granularity=full"]}
 
 
 @pytest.fixture(scope="module", params=["rm", "dpo"])
@@ -62,6 +64,9 @@ def test_layouts_match_tp1(baseline, sft_like, tmp_path, layout):
     got = metrics(tmp_path)
     assert len(got) == len(ref) == 5
     assert len({round(r["grad_norm"], 6) for r in ref}) == 5  # the weights really move
+    if layout == "recompute_full":  # the override reached the model (and its saved config)
+        saved = json.load(open(os.path.join(tmp_path, "final", "megarlhf.json")))
+        assert saved["model"]["recompute_granularity"] == "full"
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * max(1.0, a["grad_norm"])
@@ -136,7 +141,7 @@ def test_sigkill_and_resume_is_bit_identical(sft_like, tmp_path):
 def test_rm_eval_reports_subsets(sft_like, tmp_path):
     ckpt, files = sft_like
     out = tmp_path / "rm"
-    cli(*common("rm", ckpt, files, out))
+    cli(*common("rm", ckpt, files, out), "pooling=mean")
     rows = [json.loads(l) for l in open(files["preference"])][:20]
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps(dict(r, subset="math" if i % 2 else "chat")) + "\n"
@@ -145,5 +150,6 @@ def test_rm_eval_reports_subsets(sft_like, tmp_path):
     text = cli("rm-eval", "--ckpt", out / "final", "--data", bench, "--out", res)
     r = json.loads(res.read_text())
     assert r["pairs"] == 20 and 0.0 <= r["accuracy"] <= 1.0
+    assert r["pooling"] == "mean"  # read as the model was trained
     assert set(k for k in r if k.startswith("accuracy/")) == {"accuracy/chat", "accuracy/math"}
     assert "math:" in text

@@ -112,6 +112,8 @@ def test_export_to_transformers_generates(colocated, tmp_path):
     (["ppo.kl_estimator=k2"], "ppo.kl_estimator"),
     (["ppo.old_logprobs=cached"], "ppo.old_logprobs"),
     (["rollout.prompts_per_step=12", "ppo.minibatch_size=8"], "must divide"),
+    (["critic.model.recompute_granularity=always"], "critic.model.recompute_granularity"),
+    (["reward.model.fp8=hybrid", "reward.model.transformer_impl=local"], "reward.model.fp8"),
 ])
 def test_config_errors_name_the_fields(overrides, message):
     from megarlhf.config import ConfigError, load_config
