@@ -52,7 +52,7 @@ import functools
 import os
 import time
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -70,6 +70,11 @@ __all__ = [
     "resolve_dtype",
     "fp8_status",
     "require_transformer_engine",
+    "Hardware",
+    "Kernels",
+    "detect_hardware",
+    "nvidia_apex_status",
+    "select_kernels",
 ]
 
 
@@ -193,22 +198,115 @@ def fp8_status() -> "tuple[bool, str]":
     ok, reason = transformer_engine_status()
     if not ok:
         return False, reason
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        return False, (f"FP8 needs compute capability 8.9 or newer (Ada/Hopper); "
-                       f"this GPU is {major}.{minor}")
-    return True, "ok"
+    problem = _fp8_hardware_problem(detect_hardware())
+    return (False, problem) if problem else (True, "ok")
 
 
 def require_transformer_engine(fp8: "Optional[str]", field: str = "model") -> None:
     """Raise a clear error before any model is built when TE/FP8 are asked for but absent."""
-    ok, reason = transformer_engine_status()
-    if not ok:
-        raise RuntimeError(f"{field}.transformer_impl='transformer_engine' cannot be used: {reason}")
-    if fp8 is not None:
-        ok, reason = fp8_status()
-        if not ok:
-            raise RuntimeError(f"{field}.fp8={fp8!r} cannot be used: {reason}")
+    select_kernels("transformer_engine", fp8, detect_hardware(), field)
+
+
+def nvidia_apex_status() -> "tuple[bool, str]":
+    """(usable, reason) for NVIDIA apex's fused kernels, found without importing apex.
+
+    The PyPI package called ``apex`` is unrelated: NVIDIA's is told apart by its
+    subpackages, and its fused kernels need the CUDA extensions (``amp_C``) built with it.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("apex")
+    if spec is None:
+        return False, "apex is not installed"
+    locations = list(spec.submodule_search_locations or [])
+    if not any(os.path.isdir(os.path.join(loc, sub)) for loc in locations
+               for sub in ("transformer", "normalization")):
+        return False, "the installed 'apex' is not NVIDIA apex (no apex.transformer or apex.normalization)"
+    if importlib.util.find_spec("amp_C") is None:
+        return False, "NVIDIA apex is installed without its CUDA extensions (no amp_C)"
+    return True, "ok"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What a model build can use on this machine. :func:`detect_hardware` reads it; tests
+    write it by hand, so every branch of :func:`select_kernels` runs on a CPU."""
+
+    gpu: Optional[str] = None
+    """CUDA device name; None when no GPU is visible."""
+    capability: Tuple[int, int] = (0, 0)
+    """CUDA compute capability (major, minor); (0, 0) without a GPU."""
+    transformer_engine: str = "Transformer Engine is not installed"
+    """``ok`` when Transformer Engine imports and has a GPU, else why it cannot be used."""
+    nvidia_apex: bool = False
+    """NVIDIA apex with its CUDA extensions is installed."""
+
+
+def detect_hardware() -> Hardware:
+    """This machine's :class:`Hardware` (imports Transformer Engine when it is installed)."""
+    te = transformer_engine_status()[1]
+    apex = nvidia_apex_status()[0]
+    if not has_gpu():
+        return Hardware(transformer_engine=te, nvidia_apex=apex)
+    return Hardware(gpu=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
+                    transformer_engine=te, nvidia_apex=apex)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """Which implementation a model build runs on."""
+
+    layers: str
+    """``transformer_engine`` (TE layer spec: fused norm+linear, fused attention) or
+    ``local`` (torch layers)."""
+    fp8: Optional[str]
+    """FP8 recipe inside the TE layers (``hybrid``: E4M3 forward, E5M2 backward; delayed
+    scaling), or None: the GEMMs run in the parameter dtype."""
+    fused: str
+    """Who supplies megatron-core's fused Adam and multi-tensor kernels (gradient
+    clipping, scaling): ``transformer_engine``, ``apex`` or ``torch``. megatron-core
+    imports them in that order of preference; this names what it will find."""
+
+
+def _fp8_hardware_problem(hw: Hardware) -> Optional[str]:
+    if hw.gpu is None:
+        return "FP8 needs a CUDA GPU of compute capability 8.9 or newer (Ada/Hopper) and none is visible"
+    if tuple(hw.capability) < (8, 9):
+        major, minor = hw.capability
+        return (f"FP8 needs compute capability 8.9 or newer (Ada/Hopper); this GPU "
+                f"({hw.gpu}) is {major}.{minor}")
+    return None
+
+
+def select_kernels(transformer_impl: str, fp8: Optional[str], hw: Hardware,
+                   field: str = "model") -> Kernels:
+    """The kernels a model configured with ``transformer_impl`` and ``fp8`` runs on ``hw``.
+
+    Pure: raises ``RuntimeError`` naming the fields and listing every reason when the
+    configuration cannot run there (FP8 on a CPU, without Transformer Engine, or on a GPU
+    older than Ada/Hopper), instead of falling back to something else silently.
+    """
+    problems = []
+    if transformer_impl not in ("local", "transformer_engine"):
+        problems.append(f"{field}.transformer_impl={transformer_impl!r}: expected 'local' or "
+                        "'transformer_engine'")
+    te_ok = hw.transformer_engine == "ok"
+    if transformer_impl == "transformer_engine" and not te_ok:
+        problems.append(f"{field}.transformer_impl='transformer_engine' cannot be used: "
+                        f"{hw.transformer_engine}")
+    if fp8 not in (None, "hybrid", "e4m3"):
+        problems.append(f"{field}.fp8={fp8!r}: expected 'hybrid', 'e4m3' or null")
+    elif fp8 is not None:
+        if transformer_impl == "local":
+            problems.append(f"{field}.fp8={fp8!r} needs {field}.transformer_impl='transformer_engine' "
+                            "(got 'local')")
+        hw_problem = _fp8_hardware_problem(hw)
+        if hw_problem:
+            problems.append(f"{field}.fp8={fp8!r} cannot be used: {hw_problem}")
+    if problems:
+        raise RuntimeError("; ".join(problems))
+    fused = "transformer_engine" if te_ok else "apex" if hw.nvidia_apex and hw.gpu else "torch"
+    return Kernels(layers=transformer_impl, fp8=fp8, fused=fused)
 
 
 # --------------------------------------------------------------------------------------

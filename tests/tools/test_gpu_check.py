@@ -1,0 +1,407 @@
+"""tools/gpu_check.py: what runs where (every branch, on hardware written out by hand), its
+verdicts, the CPU smoke run end to end, and its bundle in an interpreter that has only
+torch and its dependencies."""
+
+import importlib
+import importlib.metadata as md
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megarlhf import platform
+from megarlhf.platform import Hardware, Kernels, select_kernels
+from tests.conftest import REPO, run_tool
+
+_spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
+
+NO_TE = "Transformer Engine is not installed (pip install 'megarlhf[gpu]')"
+CPU = Hardware(transformer_engine=NO_TE)
+H100 = Hardware(gpu="NVIDIA H100 80GB HBM3", capability=(9, 0), transformer_engine="ok")
+H100_NO_TE = Hardware(gpu="NVIDIA H100 80GB HBM3", capability=(9, 0), transformer_engine=NO_TE)
+H100_APEX = Hardware(gpu="NVIDIA H100 80GB HBM3", capability=(9, 0), transformer_engine=NO_TE, nvidia_apex=True)
+L40S = Hardware(gpu="NVIDIA L40S", capability=(8, 9), transformer_engine="ok")
+A100 = Hardware(gpu="NVIDIA A100-SXM4-80GB", capability=(8, 0), transformer_engine="ok")
+V100 = Hardware(gpu="Tesla V100-SXM2-16GB", capability=(7, 0), transformer_engine=NO_TE)
+
+
+# -- selection: megarlhf.platform.select_kernels ------------------------------------------
+
+@pytest.mark.parametrize("hw, impl, fp8, expected", [
+    (CPU, "local", None, Kernels("local", None, "torch")),
+    (H100, "local", None, Kernels("local", None, "transformer_engine")),  # megatron prefers TE's Adam
+    (H100_APEX, "local", None, Kernels("local", None, "apex")),
+    (H100_NO_TE, "local", None, Kernels("local", None, "torch")),
+    (Hardware(nvidia_apex=True), "local", None, Kernels("local", None, "torch")),  # apex kernels need a GPU
+    (H100, "transformer_engine", None, Kernels("transformer_engine", None, "transformer_engine")),
+    (H100, "transformer_engine", "hybrid", Kernels("transformer_engine", "hybrid", "transformer_engine")),
+    (L40S, "transformer_engine", "e4m3", Kernels("transformer_engine", "e4m3", "transformer_engine")),
+    (A100, "transformer_engine", None, Kernels("transformer_engine", None, "transformer_engine")),
+])
+def test_select_kernels(hw, impl, fp8, expected):
+    assert select_kernels(impl, fp8, hw) == expected
+
+
+def test_fp8_on_cpu_names_both_missing_pieces():
+    with pytest.raises(RuntimeError) as e:
+        select_kernels("transformer_engine", "hybrid", CPU)
+    msg = str(e.value)
+    assert f"model.transformer_impl='transformer_engine' cannot be used: {NO_TE}" in msg
+    assert ("model.fp8='hybrid' cannot be used: FP8 needs a CUDA GPU of compute capability 8.9 or newer "
+            "(Ada/Hopper) and none is visible") in msg
+
+
+def test_fp8_without_transformer_engine_on_hopper_blames_only_transformer_engine():
+    with pytest.raises(RuntimeError) as e:
+        select_kernels("transformer_engine", "hybrid", H100_NO_TE, field="policy.model")
+    assert str(e.value) == f"policy.model.transformer_impl='transformer_engine' cannot be used: {NO_TE}"
+
+
+def test_fp8_on_a100_names_the_gpu_and_its_capability():
+    with pytest.raises(RuntimeError) as e:
+        select_kernels("transformer_engine", "hybrid", A100)
+    assert str(e.value) == ("model.fp8='hybrid' cannot be used: FP8 needs compute capability 8.9 or newer "
+                            "(Ada/Hopper); this GPU (NVIDIA A100-SXM4-80GB) is 8.0")
+
+
+def test_fp8_with_local_layers_and_unknown_values_are_refused():
+    with pytest.raises(RuntimeError, match=r"model.fp8='hybrid' needs model.transformer_impl='transformer_engine'"):
+        select_kernels("local", "hybrid", H100)
+    with pytest.raises(RuntimeError, match=r"model.fp8='e5m2': expected"):
+        select_kernels("transformer_engine", "e5m2", H100)
+    with pytest.raises(RuntimeError, match=r"model.transformer_impl='apex': expected"):
+        select_kernels("apex", None, H100)
+
+
+def test_require_transformer_engine_goes_through_the_same_selection(monkeypatch):
+    monkeypatch.setattr(platform, "detect_hardware", lambda: A100)
+    platform.require_transformer_engine(None)
+    with pytest.raises(RuntimeError, match=r"this GPU \(NVIDIA A100-SXM4-80GB\) is 8.0"):
+        platform.require_transformer_engine("hybrid")
+
+
+def test_detect_hardware_on_this_machine():
+    hw = platform.detect_hardware()
+    if platform.has_gpu():
+        pytest.skip("checks the CPU answer")
+    assert hw.gpu is None and hw.capability == (0, 0) and hw.transformer_engine != "ok"
+
+
+def _package(root: Path, name: str, *subpackages: str) -> None:
+    for sub in ("",) + subpackages:
+        d = root / name / sub
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "__init__.py").write_text("")
+
+
+def test_nvidia_apex_is_told_apart_from_the_pypi_package(tmp_path, monkeypatch):
+    for name in ("apex", "amp_C"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    empty, pypi, nvidia, built = (tmp_path / d for d in ("empty", "pypi", "nvidia", "built"))
+    empty.mkdir()
+    _package(pypi, "apex")
+    _package(nvidia, "apex", "normalization", "optimizers")
+    _package(built, "apex", "transformer")
+    (built / "amp_C.py").write_text("")
+    for root, expected in ((empty, "apex is not installed"), (pypi, "is not NVIDIA apex"),
+                           (nvidia, "without its CUDA extensions"), (built, "ok")):
+        monkeypatch.setattr(sys, "path", [str(root)])  # only the fake installation is visible
+        importlib.invalidate_caches()
+        ok, reason = platform.nvidia_apex_status()
+        assert expected in reason and ok == (expected == "ok")
+
+
+# -- what runs where: gpu_check.plan ------------------------------------------------------
+
+def statuses(items):
+    return {name: e["status"] for name, e in items.items()}
+
+
+def test_plan_without_a_gpu_runs_nothing_and_says_why():
+    items = gpu_check.plan(CPU, smoke=False)
+    assert list(items) == list(gpu_check.ITEMS)
+    assert all(e == {"status": "not run", "reason": items["gemm_probe"]["reason"]} for e in items.values())
+    assert "no CUDA GPU" in items["gemm_probe"]["reason"]
+
+
+def test_plan_cpu_smoke_runs_the_local_path_and_not_fp8():
+    items = gpu_check.plan(CPU, smoke=True)
+    assert statuses(items) == {"gemm_probe": "planned", "train_local": "planned", "generate": "planned",
+                               "train_te_bf16": "not run", "train_te_fp8": "not run",
+                               "fp8_loss_agreement": "not run", "fp8_gemms": "not run"}
+    assert items["train_local"] == {"status": "planned", "layers": "local", "fp8": None, "dtype": "bfloat16",
+                                    "fused": "torch"}
+    assert items["gemm_probe"]["device"] == "cpu"
+    assert "Transformer Engine is not installed" in items["train_te_bf16"]["reason"]
+    assert "none is visible" in items["train_te_fp8"]["reason"]
+    assert items["fp8_gemms"]["reason"] == items["train_te_fp8"]["reason"]
+
+
+def test_plan_on_hopper_with_transformer_engine_runs_everything():
+    items = gpu_check.plan(H100, smoke=False)
+    assert set(statuses(items).values()) == {"planned"}
+    assert items["train_te_fp8"] == {"status": "planned", "layers": "transformer_engine", "fp8": "hybrid",
+                                     "dtype": "bfloat16", "fused": "transformer_engine"}
+    assert items["train_te_bf16"]["fp8"] is None and items["gemm_probe"]["device"] == "cuda"
+
+
+def test_plan_on_hopper_without_transformer_engine_reports_fp8_not_run():
+    items = gpu_check.plan(H100_APEX, smoke=False)
+    assert statuses(items)["train_local"] == "planned" and items["train_local"]["fused"] == "apex"
+    for name in ("train_te_bf16", "train_te_fp8", "fp8_loss_agreement", "fp8_gemms"):
+        assert items[name]["status"] == "not run" and NO_TE in items[name]["reason"], name
+
+
+def test_plan_on_a100_runs_transformer_engine_in_bf16_only():
+    items = gpu_check.plan(A100, smoke=False)
+    assert items["train_te_bf16"]["status"] == "planned"
+    for name in ("train_te_fp8", "fp8_loss_agreement", "fp8_gemms"):
+        assert items[name]["status"] == "not run" and "compute capability 8.9" in items[name]["reason"], name
+
+
+def test_plan_on_a_gpu_without_bf16_trains_in_fp32():
+    items = gpu_check.plan(V100, smoke=False)
+    assert items["train_local"]["dtype"] == "float32" and items["gemm_probe"]["dtype"] == "float32"
+
+
+# -- pure verdicts ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H100 80GB HBM3", {"bf16": 989.0, "fp8": 1979.0}),
+    ("NVIDIA H200", {"bf16": 989.0, "fp8": 1979.0}),
+    ("NVIDIA H100 PCIe", {"bf16": 756.0, "fp8": 1513.0}),
+    ("NVIDIA H100 NVL", {"bf16": 835.0, "fp8": 1671.0}),
+    ("NVIDIA A100-SXM4-80GB", {"bf16": 312.0, "fp8": None}),
+    ("NVIDIA L40S", {"bf16": 362.0, "fp8": 733.0}),
+    ("Tesla T4", None),
+    (None, None),
+])
+def test_datasheet_peak(name, expected):
+    assert gpu_check.datasheet_peak(name) == expected
+
+
+# Kernel names as cuBLASLt and Transformer Engine report them on Hopper.
+FP8_GEMM = ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128_warpgroupsize1x1x1_"
+            "execute_segment_k_off_kernel__5x_cublas")
+NVJET_FP8 = "nvjet_qqtst_128x256_128x6_2x1_2cta_v_bz_TNT"
+BF16_GEMM = ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_"
+             "execute_segment_k_off_kernel__5x_cublas")
+NVJET_BF16 = "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT"
+TE_CAST = ("void transformer_engine::(anonymous namespace)::cast_transpose_kernel<8, false, __nv_bfloat16, "
+           "__nv_fp8_e4m3>(...)")
+OTHER = ["void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(...)",
+         "void flash_fwd_kernel<Flash_fwd_kernel_traits<128, cutlass::bfloat16_t>>(...)"]
+
+
+def test_classify_kernels_finds_fp8_gemms_by_name():
+    rows = [(FP8_GEMM, 0.004), (NVJET_FP8, 0.003), (BF16_GEMM, 0.002), (NVJET_BF16, 0.001), (TE_CAST, 0.0005)]
+    rows += [(n, 0.001) for n in OTHER]
+    c = gpu_check.classify_kernels(rows)
+    assert (c["gemm_kernels"], c["fp8_gemm_kernels"], c["fp8_other_kernels"]) == (4, 2, 1)
+    assert c["top_fp8_gemms"] == [FP8_GEMM, NVJET_FP8] and c["top_fp8_other"] == [TE_CAST]
+    assert math.isclose(c["fp8_gemm_seconds"], 0.007) and math.isclose(c["gemm_seconds"], 0.01)
+    bf16 = gpu_check.classify_kernels([(BF16_GEMM, 1.0), (NVJET_BF16, 1.0), ("aten::mm", 1.0)])
+    assert (bf16["gemm_kernels"], bf16["fp8_gemm_kernels"]) == (3, 0)
+
+
+def test_loss_agreement():
+    ref = [10.0, 8.0, 6.0]
+    ok = gpu_check.loss_agreement(ref, [10.05, 8.0, 6.06])
+    assert ok["status"] == "pass" and ok["at_step"] == 3 and math.isclose(ok["max_relative_difference"], 0.01)
+    bad = gpu_check.loss_agreement(ref, [10.0, 8.2, 6.0])
+    assert bad["status"] == "fail" and bad["at_step"] == 2 and math.isclose(bad["max_relative_difference"], 0.025)
+    assert gpu_check.loss_agreement(ref, [10.0, float("nan"), 6.0])["status"] == "fail"
+    assert gpu_check.loss_agreement(ref, ref[:2])["status"] == "fail"
+
+
+def _run(fp8_gemms, gemms=10, other=0, amax=0):
+    return {"profile": {"gemm_kernels": gemms, "fp8_gemm_kernels": fp8_gemms, "fp8_other_kernels": other,
+                        "top_gemms": [BF16_GEMM]},
+            "fp8_meta": {"te_modules": 64, "ran_in_fp8": 64 if amax else 0, "nonzero_amax_history": amax}}
+
+
+def test_fp8_gemm_verdict():
+    assert gpu_check.fp8_gemm_verdict(_run(8, other=4, amax=64), _run(0))["status"] == "pass"
+    # a control run that shows "FP8" GEMMs too means the names prove nothing
+    assert gpu_check.fp8_gemm_verdict(_run(8, amax=64), _run(8))["status"] == "fail"
+    silent = gpu_check.fp8_gemm_verdict(_run(0), _run(0))
+    assert silent["status"] == "fail" and "fell back to bf16" in silent["reason"]
+    unclear = gpu_check.fp8_gemm_verdict(_run(0, other=4, amax=64), _run(0))
+    assert unclear["status"] == "unproven" and unclear["te_modules_with_amax"] == 64
+
+
+def test_provider_and_qualname():
+    assert gpu_check.provider("megatron.core.extensions.transformer_engine.TELayerNormColumnParallelLinear") \
+        == "transformer_engine"
+    assert gpu_check.provider("transformer_engine.pytorch.optimizers.fused_adam.FusedAdam") == "transformer_engine"
+    assert gpu_check.provider("apex.optimizers.fused_adam.FusedAdam") == "apex"
+    assert gpu_check.provider("torch.optim.adamw.AdamW") == "torch"
+    assert gpu_check.provider("megatron.core.utils.local_multi_tensor_applier") == "torch"
+    import torch
+
+    assert gpu_check._qualname(json.dumps) == "json.dumps"
+    assert gpu_check._qualname(torch.nn.RMSNorm(4)) == "torch.nn.modules.normalization.RMSNorm"
+
+
+def test_synthetic_tokens_are_reproducible_and_follow_the_permutation():
+    a = gpu_check.synthetic_tokens(4, 64, 512, seed=3)
+    assert a.shape == (4, 64) and int(a.max()) < 512
+    assert gpu_check.synthetic_tokens(4, 64, 512, seed=3).equal(a)
+    pairs = {}
+    for row in a.tolist():
+        for x, y in zip(row, row[1:]):
+            pairs.setdefault(x, []).append(y)
+    # most successors of a token are one and the same token (its image under the permutation)
+    follow = sum(max(ys.count(y) for y in ys) for ys in pairs.values()) / sum(len(ys) for ys in pairs.values())
+    assert follow > 0.6
+
+
+def test_shape_flags_override_the_defaults():
+    args = gpu_check.parse_args(["--cpu-smoke", "--layers", "3", "--steps", "5"])
+    v = gpu_check.shape_values(args)
+    assert (v["layers"], v["steps"], v["hidden"]) == (3, 5, gpu_check.SMOKE_SHAPE["hidden"])
+    assert gpu_check.shape_values(gpu_check.parse_args([]))["hidden"] == 2048
+    with pytest.raises(SystemExit, match="must exceed"):
+        gpu_check.shape_values(gpu_check.parse_args(["--steps", "3", "--warmup", "3"]))
+    shape = gpu_check.build_shape(gpu_check.GPU_SHAPE)
+    assert 0.9e9 < shape.model.num_parameters() < 1.1e9 and shape.tokens_per_step == 8192
+    d = gpu_check.describe_shape(gpu_check.GPU_SHAPE, shape.model.num_parameters())
+    assert d["description"] == "Llama 16L h2048 ffn5632 heads 16/16kv vocab 32000, 0.95B params, seq 2048"
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+def _torch_only_site(root: Path) -> Path:
+    """A folder of links to torch, what torch requires, and numpy (which torch images
+    carry): what a bare GPU machine has, without megatron-core, omegaconf or PyYAML."""
+    root.mkdir()
+    todo, seen = ["torch", "numpy"], set()
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        todo += [re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0] for req in dist.requires or []
+                 if "extra ==" not in req]
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top.endswith((".dist-info", ".pth")) or top in ("..", "__pycache__") or (root / top).exists():
+                continue
+            target = Path(dist.locate_file(top))
+            if target.exists():
+                (root / top).symlink_to(target)
+    assert (root / "torch").exists() and not (root / "megatron").exists() and not (root / "omegaconf").exists()
+    return root
+
+
+@pytest.mark.skipif(platform.has_gpu(), reason="the CPU smoke run is what CI exercises")
+def test_cpu_smoke_runs_end_to_end_from_the_bundle_in_an_interpreter_with_only_torch(tmp_path):
+    """--make-bundle, then --cpu-smoke in ``python -I -S`` whose path holds the standard
+    library and torch's own dependencies only: megatron-core, omegaconf and PyYAML must
+    come from the bundle, and the whole CPU code path must run."""
+    bundle = tmp_path / "bundle"
+    res = run_tool("tools/gpu_check.py", "--make-bundle", bundle, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {p["distribution"] for p in manifest["packages"]} >= {"megatron-core", "omegaconf", "PyYAML", "packaging"}
+    assert (bundle / "megatron-core" / "megatron" / "core" / "__init__.py").is_file()
+    files = [f for f in bundle.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < gpu_check.BUNDLE_LIMIT_MB * 2 ** 20
+    assert not [f for f in files if f.suffix in (".so", ".pyc") or "__pycache__" in f.parts]
+
+    site, tool, out = _torch_only_site(tmp_path / "site"), str(REPO / "tools" / "gpu_check.py"), tmp_path / "r.json"
+    code = (f"import importlib.util, runpy, sys; sys.path.append({str(site)!r}); "
+            "assert importlib.util.find_spec('omegaconf') is None and importlib.util.find_spec('yaml') is None; "
+            f"sys.argv = [{tool!r}, '--bundle', {str(bundle)!r}, '--cpu-smoke', '--out', {str(out)!r}]; "
+            f"runpy.run_path({tool!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=240,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert "| train, local layers | ok |" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["mode"] == "cpu-smoke" and r["exit_code"] == 0 and r["setup_error"] is None
+    env = r["environment"]
+    assert env["megatron_core_path"].startswith(str(bundle))
+    assert all(env["packages"][d].startswith("bundle") for d in ("megatron-core", "omegaconf", "PyYAML")), env
+
+    items = r["items"]
+    train = items["train_local"]
+    assert train["status"] == "ok" and train["dtype"] == "bfloat16" and train["layers"] == "local"
+    assert train["step_s"] > 0 and train["tokens_per_s"] > 0 and train["tflops"] > 0
+    assert len(train["losses"]) == train["steps"] == 3 and all(math.isfinite(x) for x in train["losses"])
+    assert train["timed_steps"] == 2 and train["mfu_vs_datasheet_bf16"] is None and train["mfu_vs_measured_gemm"] > 0
+    assert train["profile"]["gemm_kernels"] > 0 and train["profile"]["fp8_gemm_kernels"] == 0
+    assert train["kernels_in_use"]["optimizer"].startswith("torch.optim")
+    assert r["kernels"]["train_local"]["qkv_linear"] == "torch"
+    assert items["generate"]["status"] == "ok" and items["generate"]["generated_tokens"] == 2 * 8
+    assert items["gemm_probe"]["status"] == "ok" and items["gemm_probe"]["tflops"] > 0
+    for name in ("train_te_bf16", "train_te_fp8", "fp8_loss_agreement", "fp8_gemms"):
+        assert items[name]["status"] == "not run", name
+        assert "Transformer Engine" in items[name]["reason"], name
+    assert "none is visible" in items["train_te_fp8"]["reason"]
+
+
+def test_an_installed_megatron_of_another_line_is_shadowed(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    installed = md.version("megatron-core")
+    major, minor = map(int, installed.split(".")[:2])
+    for version, shadowed in ((f"{major}.{minor}.99", False), (f"{major}.{minor + 1}.0", True)):
+        (tmp_path / "manifest.json").write_text(json.dumps({"packages": [
+            {"distribution": "megatron-core", "version": version, "modules": ["megatron"], "path": "megatron-core"},
+            {"distribution": "PyYAML", "version": "0.1", "modules": ["yaml"], "path": "PyYAML"}]}))
+        sources = gpu_check.use_bundle(tmp_path)
+        assert sources["PyYAML"].startswith("installed")  # present here: the machine's own is used
+        assert (str(tmp_path / "megatron-core") in sys.path) == shadowed
+        assert sources["megatron-core"] == (f"bundle {version} (installed {installed} shadowed)" if shadowed
+                                            else f"installed {installed}")
+
+
+def test_hidden_module_imports_as_absent(tmp_path, monkeypatch):
+    _package(tmp_path, "broken_kernels_pkg")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("broken_kernels_pkg")
+    gpu_check._hide_module("broken_kernels_pkg")
+    try:
+        with pytest.raises(ImportError):
+            importlib.import_module("broken_kernels_pkg")
+    finally:
+        sys.modules.pop("broken_kernels_pkg", None)
+
+
+def test_fp8_meta_evidence_counts_modules_that_recorded_amax():
+    import types
+
+    import torch
+
+    class FakeTE(torch.nn.Module):
+        def __init__(self, fp8, amax):
+            super().__init__()
+            history = torch.zeros(4, 3)
+            history[1, 0] = amax
+            self.fp8 = fp8
+            self.fp8_meta = {"scaling_fwd": types.SimpleNamespace(amax_history=history)} if fp8 else {}
+
+    model = torch.nn.Sequential(FakeTE(True, 0.5), FakeTE(True, 0.0), FakeTE(False, 0.0), torch.nn.Linear(2, 2))
+    assert gpu_check.fp8_meta_evidence([model]) == {"te_modules": 3, "ran_in_fp8": 2, "nonzero_amax_history": 1}
+
+
+def test_kernels_summary_names_the_providers():
+    items = {name: {"status": "not run"} for name in gpu_check.ITEMS}
+    items["train_te_fp8"]["kernels_in_use"] = {
+        "qkv_linear": "megatron.core.extensions.transformer_engine.TELayerNormColumnParallelLinear",
+        "input_norm": "megatron.core.transformer.identity_op.IdentityOp",
+        "optimizer": "apex.optimizers.fused_adam.FusedAdam"}
+    assert gpu_check.kernels_summary(items) == {"train_te_fp8": {
+        "qkv_linear": "transformer_engine", "input_norm": "fused into the next linear", "optimizer": "apex"}}

@@ -1,0 +1,904 @@
+#!/usr/bin/env python3
+"""One-GPU check of the fast paths: bf16 and FP8 training speed (MFU), FP8 loss agreement
+with bf16, proof that FP8 matrix products ran, and rollout generation speed.
+
+    python tools/gpu_check.py --make-bundle             # where megarlhf is installed: writes tools/gpu_bundle/
+    python tools/gpu_check.py --out gpu_check.json      # on the GPU machine (repository + bundle copied)
+    python tools/gpu_check.py --cpu-smoke --out x.json  # the same code path on a tiny model, on CPU
+
+The GPU machine needs Python, torch (with numpy) and nothing else, no network: the pure-
+Python packages the check imports besides torch (megatron-core, omegaconf, PyYAML,
+packaging) travel as files in the bundle, and are put on ``sys.path`` only where the
+machine lacks them (megatron-core also where the installed one is of another major.minor
+than the bundled one, which megarlhf is tested against). A Transformer Engine that is
+installed but cannot be loaded, or an ``apex`` that is not NVIDIA apex with its CUDA
+extensions, is hidden from megatron-core so that its fallbacks to torch take over
+instead of its import failing.
+
+What each item runs is decided up front by :func:`plan` from what the machine has (GPU,
+compute capability, Transformer Engine, NVIDIA apex), through
+:func:`megarlhf.platform.select_kernels`. An item that cannot run here is reported as
+``{"status": "not run", "reason": ...}``, never guessed.
+
+Items (the defaults are sized for a few minutes on one H100; steps and batch are flags):
+
+* ``gemm_probe``: measured bf16 matrix-product ceiling (n=8192).
+* ``train_local``: a ~1B Llama (megatron DDP + optimizer, megarlhf's ``train_step``) with
+  local layers in bf16; step time, tokens/s, TFLOP/s, MFU against the datasheet peak and
+  the probe, peak memory, loss curve.
+* ``train_te_bf16``, ``train_te_fp8``: the same model, seed and data with Transformer
+  Engine layers in bf16 and in FP8 (hybrid E4M3/E5M2, delayed scaling).
+* ``fp8_loss_agreement``: FP8 losses within 1% of bf16 at every step.
+* ``fp8_gemms``: one profiled step; the CUDA kernels whose names show an FP8 type
+  (cuBLASLt ``..._e4m3...``, ``nvjet_qq...``), against the bf16 run as a control, and the
+  TE modules whose FP8 amax histories were written.
+* ``generate``: megarlhf's rollout engine on a model of the same shape (bf16, 32 prompts
+  of 128 tokens, 256 new tokens each), generated tokens/s.
+
+Exit status: 0 when every item that ran passed (items not run do not fail), 1 when one
+failed or raised, 2 when the check could not start (megatron-core not importable). The
+last line printed is the path of the JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+import traceback
+import types
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEFAULT_BUNDLE = REPO / "tools" / "gpu_bundle"
+BUNDLE_LIMIT_MB = 60
+SEED = 1234
+
+# --------------------------------------------------------------------------------------
+# The bundle: what a machine with only torch lacks, as files
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundled:
+    """One distribution carried in the bundle."""
+
+    distribution: str
+    modules: Tuple[str, ...]
+    """Top-level modules it installs (copied as they are, less caches and binaries)."""
+    probe: str
+    """Module whose presence means the machine has it already."""
+    pinned: bool = False
+    """Shadow an installed copy whose major.minor differs from the bundled one."""
+    required: bool = True
+    """``--make-bundle`` fails without it (else it is copied when installed)."""
+
+
+# Found by importing everything the check uses in an interpreter whose path holds only
+# torch and its dependencies (tests/tools/test_gpu_check.py does it again).
+BUNDLE = (
+    Bundled("megatron-core", ("megatron",), "megatron.core", pinned=True),
+    Bundled("omegaconf", ("omegaconf",), "omegaconf"),
+    # omegaconf 2.4 vendors its parser runtime; 2.3 imports this distribution.
+    Bundled("antlr4-python3-runtime", ("antlr4",), "antlr4", required=False),
+    Bundled("PyYAML", ("yaml",), "yaml"),
+    Bundled("packaging", ("packaging",), "packaging"),
+)
+# Not copied: caches, tests, and compiled extensions. The ones in these packages are
+# optional (PyYAML's libyaml loader, megatron's dataset index helpers), and would only
+# load on the Python version and platform they were built for.
+_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "tests", "*.so", "*.pyd", "*.dylib")
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
+
+
+def make_bundle(dest: Path) -> Dict[str, Any]:
+    """Copy the :data:`BUNDLE` packages from this environment into ``dest`` (one folder per
+    distribution, its metadata and licence files beside it) with a ``manifest.json``."""
+    import importlib.metadata as md
+
+    dest.mkdir(parents=True, exist_ok=True)
+    packages = []
+    for b in BUNDLE:
+        try:
+            dist = md.distribution(b.distribution)
+        except md.PackageNotFoundError:
+            if b.required:
+                raise SystemExit(f"--make-bundle: {b.distribution} is not installed here; run it in "
+                                 "the environment megarlhf is installed in")
+            continue
+        target = dest / b.distribution
+        if target.exists():
+            shutil.rmtree(target)
+        for module in b.modules:
+            spec = importlib.util.find_spec(module)
+            if spec is None:
+                raise SystemExit(f"--make-bundle: {b.distribution} is installed but {module} is not importable")
+            if spec.submodule_search_locations:  # a package (a namespace package may span folders)
+                for location in spec.submodule_search_locations:
+                    shutil.copytree(location, target / module, ignore=_SKIP, dirs_exist_ok=True)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(spec.origin, target)
+        for f in dist.files or []:  # what it is and under which licence
+            if re.match(r"(LICEN[CS]E|COPYING|NOTICE|METADATA$)", f.name, re.I) and ".dist-info" in str(f):
+                (target / "dist-info").mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f.locate(), target / "dist-info" / f.name)
+        packages.append({"distribution": b.distribution, "version": dist.version,
+                         "modules": list(b.modules), "path": b.distribution})
+    manifest = {"made_with_python": ".".join(map(str, sys.version_info[:3])), "packages": packages,
+                "size_mb": round(_size_mb(dest), 2)}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _installed_version(b: Bundled) -> Optional[str]:
+    """The version this machine has of ``b`` (``unknown`` without metadata), or None."""
+    import importlib.metadata as md
+
+    try:
+        if importlib.util.find_spec(b.probe) is None:
+            return None
+    except ImportError:  # the parent package is missing
+        return None
+    try:
+        return md.version(b.distribution)
+    except md.PackageNotFoundError:
+        return "unknown"
+
+
+def _major_minor(version: str) -> Tuple[str, ...]:
+    return tuple(version.split(".")[:2])
+
+
+def use_bundle(bundle: Path) -> Dict[str, str]:
+    """Put the bundle's packages on ``sys.path`` where this machine lacks them (and a
+    pinned one where its version differs). Returns where each package will come from."""
+    manifest_path = bundle / "manifest.json"
+    bundled = {}
+    if manifest_path.is_file():
+        bundled = {p["distribution"]: p for p in json.loads(manifest_path.read_text())["packages"]}
+    sources = {}
+    for b in BUNDLE:
+        have, entry = _installed_version(b), bundled.get(b.distribution)
+        if entry is None or (have is not None and not (
+                b.pinned and _major_minor(have) != _major_minor(entry["version"]))):
+            if have is not None or b.required:
+                sources[b.distribution] = "missing" if have is None else f"installed {have}"
+            continue
+        sys.path.insert(1, str(bundle / entry["path"]))  # after the repository, before site-packages
+        sources[b.distribution] = (f"bundle {entry['version']}" if have is None else
+                                   f"bundle {entry['version']} (installed {have} shadowed)")
+    return sources
+
+
+def _hide_module(name: str) -> None:
+    """Make ``import name`` raise ImportError (what megatron-core's fallbacks catch)."""
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+    sys.modules[name] = None  # type: ignore[assignment]
+
+
+def inspect_machine():
+    """This machine's :class:`~megarlhf.platform.Hardware`, after hiding a Transformer
+    Engine that cannot be used and an apex that is not usable NVIDIA apex. Returns
+    (hardware, notes)."""
+    from megarlhf import platform
+
+    hw = platform.detect_hardware()
+    notes = {}
+    if hw.transformer_engine != "ok" and importlib.util.find_spec("transformer_engine") is not None:
+        _hide_module("transformer_engine")
+        notes["transformer_engine"] = "installed but unusable here: hidden from megatron-core"
+    apex_ok, apex_reason = platform.nvidia_apex_status()
+    if not apex_ok and importlib.util.find_spec("apex") is not None:
+        _hide_module("apex")
+        notes["apex"] = f"{apex_reason}: hidden from megatron-core"
+    return hw, notes
+
+
+# --------------------------------------------------------------------------------------
+# Pure decisions: what runs, peaks, kernel names, verdicts (tested on CPU)
+# --------------------------------------------------------------------------------------
+
+TRAIN_RUNS = (("train_local", "local", None),
+              ("train_te_bf16", "transformer_engine", None),
+              ("train_te_fp8", "transformer_engine", "hybrid"))
+ITEMS = ("gemm_probe", "train_local", "generate", "train_te_bf16", "train_te_fp8",
+         "fp8_loss_agreement", "fp8_gemms")
+TITLES = {"gemm_probe": "GEMM probe", "train_local": "train, local layers",
+          "generate": "rollout generation", "train_te_bf16": "train, TE layers bf16",
+          "train_te_fp8": "train, TE layers FP8", "fp8_loss_agreement": "FP8 vs bf16 loss",
+          "fp8_gemms": "FP8 GEMMs ran"}
+FAILED = ("fail", "error", "unproven")
+
+
+def not_run(reason: str) -> Dict[str, Any]:
+    return {"status": "not run", "reason": reason}
+
+
+def plan(hw, smoke: bool) -> Dict[str, Dict[str, Any]]:
+    """What each item runs on ``hw`` (a :class:`megarlhf.platform.Hardware`): layers,
+    FP8 recipe, dtype and fused-kernel provider, or why it is not run."""
+    from megarlhf.platform import select_kernels
+
+    if hw.gpu is None and not smoke:
+        why = "no CUDA GPU is visible (--cpu-smoke runs the same code path on a tiny model)"
+        return {name: not_run(why) for name in ITEMS}
+    # bf16 needs Ampere (8.0) or newer on GPUs; on CPU it always runs.
+    dtype = "bfloat16" if hw.gpu is None or tuple(hw.capability) >= (8, 0) else "float32"
+    out: Dict[str, Dict[str, Any]] = {
+        "gemm_probe": {"status": "planned", "device": "cuda" if hw.gpu else "cpu", "dtype": dtype}}
+    for name, impl, fp8 in TRAIN_RUNS:
+        try:
+            k = select_kernels(impl, fp8, hw)
+        except RuntimeError as e:
+            out[name] = not_run(str(e))
+            continue
+        out[name] = {"status": "planned", "layers": k.layers, "fp8": k.fp8, "dtype": dtype, "fused": k.fused}
+    out["generate"] = dict(out["train_local"])
+    blocked = [out[n]["reason"] for n in ("train_te_fp8", "train_te_bf16") if out[n]["status"] == "not run"]
+    for name in ("fp8_loss_agreement", "fp8_gemms"):
+        out[name] = not_run(blocked[0]) if blocked else {"status": "planned"}
+    return {name: out[name] for name in ITEMS}
+
+
+# Dense (no sparsity) datasheet peaks in TFLOP/s, bf16 and FP8, by device-name pattern
+# (first match wins). H100 SXM reports itself as "H100 80GB HBM3".
+DATASHEET = (
+    (r"H100.*(PCIe|PCIE)", 756.0, 1513.0),
+    (r"H100.*NVL", 835.0, 1671.0),
+    (r"H100|H200", 989.0, 1979.0),
+    (r"A100", 312.0, None),
+    (r"L40S", 362.0, 733.0),
+)
+
+
+def datasheet_peak(device_name: Optional[str]) -> Optional[Dict[str, Optional[float]]]:
+    """{"bf16": TFLOP/s, "fp8": TFLOP/s or None} for a known GPU, else None."""
+    for pattern, bf16, fp8 in DATASHEET:
+        if device_name and re.search(pattern, device_name):
+            return {"bf16": bf16, "fp8": fp8}
+    return None
+
+
+_GEMM_NAME = re.compile(r"gemm|nvjet|xmma|matmul|^aten::(mm|addmm|bmm|baddbmm)$", re.I)
+# cuBLASLt names carry the input types (sm90_xmma_gemm_e4m3bf16_..., nvjet_qq... where q
+# is an 8-bit float); Transformer Engine's casts name __nv_fp8_e4m3 / e5m2 types.
+_FP8_NAME = re.compile(r"fp8|e4m3|e5m2|nvjet_(sm\d+_)?q", re.I)
+
+
+def classify_kernels(kernels: Iterable[Tuple[str, float]], top: int = 5) -> Dict[str, Any]:
+    """Sort profiled kernels ``(name, seconds)`` into GEMMs, FP8 GEMMs and other FP8
+    kernels (casts, transposes, amax). Returns counts, seconds and the top names."""
+    gemm, fp8_gemm, fp8_other = [], [], []
+    for name, seconds in kernels:
+        is_gemm, is_fp8 = bool(_GEMM_NAME.search(name)), bool(_FP8_NAME.search(name))
+        if is_gemm:
+            gemm.append((name, seconds))
+        if is_gemm and is_fp8:
+            fp8_gemm.append((name, seconds))
+        elif is_fp8:
+            fp8_other.append((name, seconds))
+
+    def names(rows):
+        return [n[:200] for n, _ in sorted(rows, key=lambda r: -r[1])[:top]]
+
+    return {"gemm_kernels": len(gemm), "fp8_gemm_kernels": len(fp8_gemm), "fp8_other_kernels": len(fp8_other),
+            "gemm_seconds": round(sum(s for _, s in gemm), 6),
+            "fp8_gemm_seconds": round(sum(s for _, s in fp8_gemm), 6),
+            "top_gemms": names(gemm), "top_fp8_gemms": names(fp8_gemm), "top_fp8_other": names(fp8_other)}
+
+
+def loss_agreement(reference: Sequence[float], other: Sequence[float], tolerance: float = 0.01) -> Dict[str, Any]:
+    """Pass when ``|other - reference| / |reference|`` stays within ``tolerance`` at every step."""
+    if len(reference) != len(other) or not reference:
+        return {"status": "fail", "reason": f"{len(reference)} reference and {len(other)} FP8 losses"}
+    if not all(math.isfinite(x) for x in list(reference) + list(other)):
+        return {"status": "fail", "reason": "a loss is not finite", "tolerance": tolerance}
+    diffs = [abs(o - r) / abs(r) for r, o in zip(reference, other)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    return {"status": "pass" if diffs[worst] <= tolerance else "fail",
+            "max_relative_difference": round(diffs[worst], 6), "at_step": worst + 1,
+            "tolerance": tolerance, "steps": len(diffs)}
+
+
+def fp8_gemm_verdict(fp8_run: Dict[str, Any], bf16_run: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Did the FP8 run's matrix products run in FP8? From its profiled kernels, with the
+    bf16 run as a control, and the TE modules' amax histories. Only kernel names that
+    show an FP8 GEMM count as proof."""
+    kernels = fp8_run.get("profile") or {}
+    amax = fp8_run.get("fp8_meta") or {}
+    control = (bf16_run or {}).get("profile") or {}
+    evidence = {"fp8_run": {k: kernels.get(k) for k in ("gemm_kernels", "fp8_gemm_kernels", "fp8_other_kernels",
+                                                          "gemm_seconds", "fp8_gemm_seconds", "top_fp8_gemms")},
+                "bf16_control_fp8_gemm_kernels": control.get("fp8_gemm_kernels"),
+                "te_modules": amax.get("te_modules"), "te_modules_in_fp8": amax.get("ran_in_fp8"),
+                "te_modules_with_amax": amax.get("nonzero_amax_history")}
+    if kernels.get("fp8_gemm_kernels"):
+        if control.get("fp8_gemm_kernels"):
+            return {"status": "fail", "reason": "the bf16 control run shows FP8 GEMM kernels too: "
+                    "the kernel names cannot tell the runs apart", **evidence}
+        return {"status": "pass", **evidence}
+    if kernels.get("gemm_kernels") and not amax.get("nonzero_amax_history") and not kernels.get("fp8_other_kernels"):
+        return {"status": "fail", "reason": "no FP8 kernel ran and no FP8 amax was recorded: the FP8 "
+                "run fell back to bf16", "top_gemms": kernels.get("top_gemms"), **evidence}
+    return {"status": "unproven", "reason": "no GEMM kernel name shows an FP8 type (see top_gemms); "
+            "other evidence is listed", "top_gemms": kernels.get("top_gemms"),
+            "profile_error": fp8_run.get("profile_error"), **evidence}
+
+
+def provider(qualname: str) -> str:
+    """Who supplies a module or function: ``transformer_engine``, ``apex`` or ``torch``."""
+    if qualname.startswith("transformer_engine") or ".extensions.transformer_engine." in qualname:
+        return "transformer_engine"
+    if qualname.startswith(("apex.", "amp_C")):
+        return "apex"
+    return "torch"
+
+
+# --------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The model and workload of one check."""
+
+    model: Any  # megarlhf.config.ModelConfig
+    seq: int
+    micro_batch: int
+    microbatches: int
+    steps: int
+    warmup: int
+    lr: float
+    gen_batch: int
+    prompt_len: int
+    new_tokens: int
+    gemm_n: int
+    gemm_seconds: float
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq * self.micro_batch * self.microbatches
+
+
+def synthetic_tokens(rows: int, length: int, vocab: int, seed: int):
+    """``[rows, length]`` token ids a model learns quickly, so that loss curves move: each
+    token follows its predecessor through a fixed random permutation 3 times in 4, else
+    it is drawn uniformly from the first eighth of the vocabulary."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(vocab, generator=g)
+    noise = torch.randint(0, max(vocab // 8, 2), (rows, length), generator=g)
+    follow = torch.rand(rows, length, generator=g) < 0.75
+    out = torch.empty(rows, length, dtype=torch.long)
+    out[:, 0] = noise[:, 0]
+    for t in range(1, length):
+        out[:, t] = torch.where(follow[:, t], perm[out[:, t - 1]], noise[:, t])
+    return out
+
+
+def make_batches(shape: Shape, count: int) -> List[list]:
+    """``count`` steps of microbatches (:class:`~megarlhf.data.batch.LMBatch`, on the host)."""
+    import torch
+
+    from megarlhf.data.batch import LMBatch
+
+    b, s = shape.micro_batch, shape.seq
+    ids = synthetic_tokens(count * shape.microbatches * b, s + 1, shape.model.vocab_size, SEED)
+    positions = torch.arange(s).expand(b, s)
+    steps = []
+    for i in range(count):
+        micro = []
+        for j in range(shape.microbatches):
+            rows = ids[(i * shape.microbatches + j) * b:(i * shape.microbatches + j + 1) * b]
+            micro.append(LMBatch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), torch.ones(b, s),
+                                 None, positions))
+        steps.append(micro)
+    return steps
+
+
+def _qualname(obj) -> str:
+    """``module.Name`` of a class or function, else of the object's class."""
+    target = obj if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)) else type(obj)
+    return f"{target.__module__ or ''}.{target.__qualname__}"
+
+
+def _torch_optimizer(optimizer):
+    """The optimizer doing the arithmetic under megatron's wrappers."""
+    while True:
+        if getattr(optimizer, "chained_optimizers", None):
+            optimizer = optimizer.chained_optimizers[0]
+            continue
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            return optimizer
+        optimizer = inner
+
+
+def observed_kernels(chunks, optimizer) -> Dict[str, str]:
+    """The classes actually in use (not what was planned): layers, norms, attention,
+    optimizer and megatron's multi-tensor applier."""
+    from megatron.core.optimizer import clip_grads
+
+    from megarlhf.models.llama import unwrap
+
+    model = unwrap(chunks[0])
+    layer = model.decoder.layers[0]
+    seen = {"qkv_linear": layer.self_attention.linear_qkv, "attention": layer.self_attention.core_attention,
+            "input_norm": layer.input_layernorm, "mlp_fc1": layer.mlp.linear_fc1,
+            "final_norm": model.decoder.final_layernorm}
+    out = {k: _qualname(v) for k, v in seen.items()}
+    if optimizer is not None:
+        out["optimizer"] = _qualname(_torch_optimizer(optimizer))
+        out["multi_tensor_applier"] = _qualname(clip_grads.multi_tensor_applier)
+    return out
+
+
+def fp8_meta_evidence(chunks) -> Dict[str, int]:
+    """Transformer Engine modules that ran under FP8 and wrote their amax histories
+    (delayed scaling keeps one per module: zero until an FP8 cast has measured a tensor)."""
+    import torch
+
+    modules = in_fp8 = nonzero = 0
+    for chunk in chunks:
+        for m in chunk.modules():
+            meta = getattr(m, "fp8_meta", None)
+            if not isinstance(meta, dict):
+                continue
+            modules += 1
+            in_fp8 += bool(getattr(m, "fp8", False))
+            for key in ("scaling_fwd", "scaling_bwd"):
+                history = getattr(meta.get(key), "amax_history", None)
+                if isinstance(history, torch.Tensor) and bool((history != 0).any()):
+                    nonzero += 1
+                    break
+    return {"te_modules": modules, "ran_in_fp8": in_fp8, "nonzero_amax_history": nonzero}
+
+
+def profile_kernels(step: Callable[[], None], on_gpu: bool) -> List[Tuple[str, float]]:
+    """(name, seconds) of every CUDA kernel one call of ``step`` launched (of every
+    operator on CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        step()
+        if on_gpu:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if on_gpu:
+            if str(getattr(e, "device_type", "")) != "DeviceType.CUDA":
+                continue
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        else:
+            us = e.self_cpu_time_total
+        rows.append((e.key, us / 1e6))
+    return rows
+
+
+def _rate(seconds: Sequence[float]) -> float:
+    return statistics.median(seconds) if seconds else float("nan")
+
+
+def mfu(tflops: float, peak: Optional[float]) -> Optional[float]:
+    return round(tflops / peak, 4) if peak else None
+
+
+def train_item(shape: Shape, entry: Dict[str, Any], batches, ctx: Dict[str, Any]) -> Dict[str, Any]:
+    """Build the model of ``entry`` (layers, FP8, dtype), train ``shape.steps`` steps on
+    ``batches`` and time them; then profile one more step."""
+    from megarlhf import platform
+    from megarlhf.config import ParallelConfig
+    from megarlhf.models.llama import build_model
+    from megarlhf.parallel import initialize_model_parallel
+    from megarlhf.perf.flops import train_flops_per_token
+    from megarlhf.recipes.common import lm_forward_step
+    from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
+    from megarlhf.train.step import train_step
+
+    plat = platform.current()
+    cfg = dataclasses.replace(shape.model, transformer_impl=entry["layers"], fp8=entry["fp8"],
+                              params_dtype=entry["dtype"])
+    mp = initialize_model_parallel(ParallelConfig(), seed=SEED)  # the same weights for every run
+    _reset_peak(plat)
+    chunks = build_model(cfg, mp)
+    for c in chunks:  # lm_forward_step returns token sums; megatron divides by the count
+        c.config.calculate_per_token_loss = True
+    ddp = wrap_ddp(chunks, mp)
+    optimizer = build_optimizer(ddp, OptimConfig(lr=shape.lr), mp)
+    forward_step = lm_forward_step(mp, cfg, plat.device)
+
+    def one_step(micro):
+        res = train_step(ddp, optimizer, mp, forward_step, micro, shape.seq, shape.micro_batch)
+        loss_sum = sum(float(o["lm_loss"][0]) for o in res["outputs"])
+        tokens = sum(float(o["lm_loss"][1]) for o in res["outputs"])
+        return loss_sum / tokens, float(res["grad_norm"] or 0.0)
+
+    losses, grad_norms, seconds = [], [], []
+    for i in range(shape.steps):
+        plat.synchronize()
+        t0 = time.perf_counter()
+        loss, grad_norm = one_step(batches[i])
+        plat.synchronize()
+        seconds.append(time.perf_counter() - t0)
+        losses.append(round(loss, 6))
+        grad_norms.append(round(grad_norm, 4))
+    timed = seconds[shape.warmup:]
+    step_s = _rate(timed)
+    tflops = train_flops_per_token(cfg, shape.seq) * shape.tokens_per_step / step_s / 1e12
+    peak = datasheet_peak(ctx["hw"].gpu)
+    probe = (ctx.get("gemm_probe") or {}).get("tflops")
+    out: Dict[str, Any] = {
+        "status": "ok", "steps": shape.steps, "timed_steps": len(timed),
+        "step_s": round(step_s, 5), "tokens_per_step": shape.tokens_per_step,
+        "tokens_per_s": round(shape.tokens_per_step / step_s, 1), "tflops": round(tflops, 3),
+        "mfu_vs_datasheet_bf16": mfu(tflops, peak and peak["bf16"]),
+        "mfu_vs_measured_gemm": mfu(tflops, probe),
+        "losses": losses, "grad_norms": grad_norms,
+    }
+    if entry["fp8"]:
+        out["mfu_vs_datasheet_fp8"] = mfu(tflops, peak and peak["fp8"])
+    out["peak_memory_gib"] = round(plat.max_memory_allocated() / 2 ** 30, 3)
+    out["kernels_in_use"] = observed_kernels(chunks, optimizer)
+    try:
+        out["profile"] = classify_kernels(profile_kernels(lambda: one_step(batches[shape.steps]), plat.is_gpu))
+    except Exception as e:  # the profiler is evidence, not the measurement
+        out["profile_error"] = f"{type(e).__name__}: {e}"
+    if entry["layers"] == "transformer_engine":
+        out["fp8_meta"] = fp8_meta_evidence(chunks)
+    return out
+
+
+def generate_item(shape: Shape, entry: Dict[str, Any], ctx: Dict[str, Any]) -> Dict[str, Any]:
+    """Time megarlhf's rollout engine: ``gen_batch`` random prompts of ``prompt_len``
+    tokens, ``new_tokens`` sampled tokens each (no stop token), median of 3 runs."""
+    import torch
+
+    from megarlhf import platform
+    from megarlhf.config import ParallelConfig
+    from megarlhf.models.llama import build_model
+    from megarlhf.parallel import initialize_model_parallel
+    from megarlhf.rollout.engine import MegatronEngine, SamplingParams
+
+    plat = platform.current()
+    cfg = dataclasses.replace(shape.model, transformer_impl=entry["layers"], params_dtype=entry["dtype"],
+                              max_position_embeddings=max(shape.model.max_position_embeddings,
+                                                          shape.prompt_len + shape.new_tokens))
+    mp = initialize_model_parallel(ParallelConfig(), seed=SEED)
+    _reset_peak(plat)
+    chunks = build_model(cfg, mp)
+    engine = MegatronEngine(chunks, mp, cfg.vocab_size, max_batch=shape.gen_batch)
+    g = torch.Generator().manual_seed(SEED)
+    prompts = torch.randint(0, cfg.vocab_size, (shape.gen_batch, shape.prompt_len), generator=g).tolist()
+    params = SamplingParams(max_new_tokens=shape.new_tokens, temperature=1.0, seed=1)
+    engine.generate(prompts, dataclasses.replace(params, max_new_tokens=min(8, shape.new_tokens)))  # warm-up
+    seconds, generated = [], 0
+    for _ in range(3):
+        plat.synchronize()
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, params)
+        plat.synchronize()
+        seconds.append(time.perf_counter() - t0)
+        generated = sum(len(r) for r in out.response_ids)
+    s = _rate(seconds)
+    return {"status": "ok", "batch": shape.gen_batch, "prompt_len": shape.prompt_len,
+            "new_tokens": shape.new_tokens, "generated_tokens": generated, "seconds": round(s, 4),
+            "tokens_per_s": round(generated / s, 1),
+            "peak_memory_gib": round(plat.max_memory_allocated() / 2 ** 30, 3)}
+
+
+def gemm_item(shape: Shape, entry: Dict[str, Any], ctx: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
+
+    from megarlhf.perf.flops import gemm_probe
+
+    flops = gemm_probe(n=shape.gemm_n, dtype=getattr(torch, entry["dtype"]), seconds=shape.gemm_seconds,
+                       device=entry["device"])
+    return {"status": "ok", "n": shape.gemm_n, "tflops": round(flops / 1e12, 3)}
+
+
+def _reset_peak(plat) -> None:
+    import torch
+
+    if plat.is_gpu:
+        torch.cuda.reset_peak_memory_stats(plat.device)
+
+
+def _release(plat) -> None:
+    import torch
+
+    gc.collect()
+    if plat.is_gpu:
+        torch.cuda.empty_cache()
+
+
+def run_item(items: Dict[str, Dict[str, Any]], name: str, fn: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
+    """Run one planned item in place; an exception becomes its ``error`` (the other items
+    still run)."""
+    from megarlhf import platform
+
+    entry = items[name]
+    if entry["status"] != "planned":
+        return
+    print(f"gpu_check: {TITLES[name]} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        entry.update(fn(entry))
+    except Exception as e:
+        entry.update(status="error", error=f"{type(e).__name__}: {e}",
+                     traceback=traceback.format_exc()[-4000:])
+    entry["seconds"] = round(time.perf_counter() - t0, 2)
+    _release(platform.current())
+
+
+# --------------------------------------------------------------------------------------
+# The check
+# --------------------------------------------------------------------------------------
+
+
+def environment(hw, sources: Dict[str, str], notes: Dict[str, str]) -> Dict[str, Any]:
+    import torch
+
+    env: Dict[str, Any] = {
+        "python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "device": hw.gpu or "cpu",
+        "compute_capability": ".".join(map(str, hw.capability)) if hw.gpu else None,
+        "datasheet_tflops": datasheet_peak(hw.gpu),
+        "packages": sources, "transformer_engine": hw.transformer_engine,
+        "nvidia_apex": "ok" if hw.nvidia_apex else _apex_reason(), "notes": notes,
+    }
+    if hw.transformer_engine == "ok":
+        import transformer_engine
+
+        env["transformer_engine_version"] = getattr(transformer_engine, "__version__", "unknown")
+    try:
+        import megatron.core
+        from megatron.core import package_info
+
+        env["megatron_core"] = package_info.__version__
+        env["megatron_core_path"] = os.path.dirname(megatron.core.__file__)
+    except Exception as e:
+        env["megatron_core"] = f"not importable: {type(e).__name__}: {e}"
+    return env
+
+
+def _apex_reason() -> str:
+    from megarlhf import platform
+
+    return platform.nvidia_apex_status()[1]
+
+
+def kernels_summary(items: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, str]]:
+    """Per training run: who supplied layers, attention, norms, optimizer, multi-tensor ops."""
+    out = {}
+    for name, _, _ in TRAIN_RUNS:
+        seen = items[name].get("kernels_in_use")
+        if seen:
+            out[name] = {k: ("fused into the next linear" if v.endswith(".IdentityOp") else provider(v))
+                         for k, v in seen.items()}
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gpu_check.json", help="JSON report path")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run every item that can run on CPU, on a tiny model (what CI exercises)")
+    ap.add_argument("--make-bundle", nargs="?", const=str(DEFAULT_BUNDLE), metavar="DIR",
+                    help="copy the packages the check needs besides torch into DIR (default "
+                         f"{DEFAULT_BUNDLE.relative_to(REPO)}) and exit")
+    ap.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle to use where packages are missing")
+    shape = ap.add_argument_group("shape (defaults: ~1B Llama on GPU; tiny with --cpu-smoke)")
+    for flag in ("layers", "hidden", "ffn", "heads", "kv-heads", "vocab", "seq", "micro-batch", "microbatches",
+                 "steps", "warmup", "gen-batch", "prompt-len", "new-tokens", "gemm-n", "lr"):
+        key = flag.replace("-", "_")
+        shape.add_argument(f"--{flag}", type=float if key == "lr" else int, default=None,
+                           metavar="LR" if key == "lr" else "N",
+                           help=f"default {GPU_SHAPE[key]} ({SMOKE_SHAPE[key]} with --cpu-smoke)")
+    return ap.parse_args(argv)
+
+
+GPU_SHAPE = dict(layers=16, hidden=2048, ffn=5632, heads=16, kv_heads=16, vocab=32000, seq=2048, micro_batch=2,
+                 microbatches=2, steps=20, warmup=3, lr=1e-4, gen_batch=32, prompt_len=128, new_tokens=256,
+                 gemm_n=8192, gemm_seconds=2.0)
+SMOKE_SHAPE = dict(layers=2, hidden=64, ffn=172, heads=4, kv_heads=2, vocab=512, seq=32, micro_batch=2,
+                   microbatches=2, steps=3, warmup=1, lr=1e-3, gen_batch=2, prompt_len=8, new_tokens=8,
+                   gemm_n=256, gemm_seconds=0.2)
+
+
+def shape_values(args: argparse.Namespace) -> Dict[str, Any]:
+    """The shape's numbers: the GPU or smoke defaults, with the flags given on top."""
+    v = dict(SMOKE_SHAPE if args.cpu_smoke else GPU_SHAPE)
+    v.update({k: val for k, val in vars(args).items() if k in v and val is not None})
+    if v["steps"] <= v["warmup"]:
+        raise SystemExit(f"--steps={v['steps']} must exceed --warmup={v['warmup']}")
+    return v
+
+
+def build_shape(v: Dict[str, Any]) -> Shape:
+    from megarlhf.config import ModelConfig
+
+    model = ModelConfig(num_layers=v["layers"], hidden_size=v["hidden"], ffn_hidden_size=v["ffn"],
+                        num_attention_heads=v["heads"], num_query_groups=v["kv_heads"], vocab_size=v["vocab"],
+                        max_position_embeddings=v["seq"])
+    return Shape(model=model, seq=v["seq"], micro_batch=v["micro_batch"], microbatches=v["microbatches"],
+                 steps=v["steps"], warmup=v["warmup"], lr=v["lr"], gen_batch=v["gen_batch"],
+                 prompt_len=v["prompt_len"], new_tokens=v["new_tokens"], gemm_n=v["gemm_n"],
+                 gemm_seconds=v["gemm_seconds"])
+
+
+def describe_shape(v: Dict[str, Any], params: Optional[int]) -> Dict[str, Any]:
+    size = ("" if params is None else f", {params / 1e9:.2f}B params" if params >= 1e8
+            else f", {params / 1e6:.2f}M params")
+    return {"description": f"Llama {v['layers']}L h{v['hidden']} ffn{v['ffn']} heads {v['heads']}/{v['kv_heads']}kv "
+                           f"vocab {v['vocab']}{size}, seq {v['seq']}",
+            "parameters": params, "tokens_per_step": v["seq"] * v["micro_batch"] * v["microbatches"],
+            **{k: v[k] for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "seq", "micro_batch",
+                                 "microbatches", "steps", "warmup", "lr")}, "seed": SEED}
+
+
+def import_problem() -> Optional[str]:
+    """Why the modules the check runs cannot be imported here, or None."""
+    try:
+        import megatron.core  # noqa: F401  (needs numpy)
+        import megarlhf.models.llama  # noqa: F401  (omegaconf, PyYAML)
+        import megarlhf.rollout.engine  # noqa: F401
+        import megarlhf.train.step  # noqa: F401
+    except Exception as e:  # a missing or broken package raises many kinds of errors
+        return (f"the packages the check runs cannot be imported ({type(e).__name__}: {e}); make the "
+                "bundle with `python tools/gpu_check.py --make-bundle` where megarlhf is installed and "
+                "copy it along (torch and numpy must be installed here)")
+    return None
+
+
+def run_check(shape: Shape, items: Dict[str, Dict[str, Any]], hw) -> None:
+    """Run every planned item, in place."""
+    from megarlhf.config import ParallelConfig
+    from megarlhf.parallel import DistEnv, init_distributed, initialize_model_parallel
+
+    init_distributed(DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500,
+                             source="single"))
+    initialize_model_parallel(ParallelConfig(), seed=SEED)
+    ctx: Dict[str, Any] = {"hw": hw}
+    run_item(items, "gemm_probe", lambda e: gemm_item(shape, e, ctx))
+    ctx["gemm_probe"] = items["gemm_probe"]
+    batches = make_batches(shape, shape.steps + 1)  # + the profiled step
+    for name, _, _ in TRAIN_RUNS:
+        run_item(items, name, lambda e: train_item(shape, e, batches, ctx))
+        if name == "train_local":
+            run_item(items, "generate", lambda e: generate_item(shape, e, ctx))
+    te_bf16, te_fp8 = items["train_te_bf16"], items["train_te_fp8"]
+    for name, needs in (("fp8_loss_agreement", (te_bf16, te_fp8)), ("fp8_gemms", (te_fp8,))):
+        if items[name]["status"] == "planned" and any(run["status"] != "ok" for run in needs):
+            items[name] = {"status": "error", "error": "a Transformer Engine training run failed (see it)"}
+    run_item(items, "fp8_loss_agreement", lambda e: loss_agreement(te_bf16["losses"], te_fp8["losses"]))
+    run_item(items, "fp8_gemms", lambda e: fp8_gemm_verdict(te_fp8, te_bf16))
+
+
+def _fmt(x: Optional[float], pattern: str) -> str:
+    return "n/a" if x is None else pattern.format(x)
+
+
+def result_line(name: str, e: Dict[str, Any]) -> str:
+    if e["status"] == "not run":
+        if name.startswith("fp8_") and e["reason"].startswith("model."):
+            return "not run with the Transformer Engine runs (see above)"
+        return e["reason"]
+    if e["status"] == "error":
+        return e["error"].splitlines()[0][:160]
+    if name == "gemm_probe":
+        return f"{e['tflops']:.3g} TFLOP/s ({e['n']}x{e['n']} {e['dtype']} on {e['device']})"
+    if name.startswith("train"):
+        mfus = [f"{_fmt(e['mfu_vs_datasheet_bf16'], '{:.1%}')} of the bf16 datasheet peak",
+                f"{_fmt(e['mfu_vs_measured_gemm'], '{:.1%}')} of the GEMM probe"]
+        if "mfu_vs_datasheet_fp8" in e:
+            mfus.append(f"{_fmt(e['mfu_vs_datasheet_fp8'], '{:.1%}')} of the FP8 datasheet peak")
+        return (f"{e['step_s'] * 1e3:.1f} ms/step, {e['tokens_per_s']:.0f} tok/s, {e['tflops']:.3g} TFLOP/s, "
+                f"MFU {', '.join(mfus)}; loss {e['losses'][0]:.3f} -> {e['losses'][-1]:.3f}; "
+                f"peak memory {e['peak_memory_gib']:.1f} GiB")
+    if name == "generate":
+        return (f"{e['tokens_per_s']:.0f} tok/s ({e['batch']} x {e['new_tokens']} new tokens after "
+                f"{e['prompt_len']}-token prompts, {e['seconds']:.2f} s)")
+    if name == "fp8_loss_agreement":
+        if "max_relative_difference" not in e:
+            return e.get("reason", "")
+        return (f"max relative difference {e['max_relative_difference']:.3%} at step {e['at_step']} of "
+                f"{e['steps']} (limit {e['tolerance']:.0%})")
+    if name == "fp8_gemms":
+        run = e.get("fp8_run") or {}
+        line = (f"{run.get('fp8_gemm_kernels')} FP8 GEMM kernels of {run.get('gemm_kernels')} GEMMs "
+                f"(bf16 control: {e.get('bf16_control_fp8_gemm_kernels')}); TE modules with amax "
+                f"{e.get('te_modules_with_amax')}/{e.get('te_modules')}")
+        return line + (f"; {e['reason']}" if e.get("reason") else "")
+    return ""
+
+
+def print_report(report: Dict[str, Any]) -> None:
+    env, m = report["environment"], report["model"]
+    print(f"\ngpu_check ({report['mode']}): {env['device']}"
+          + (f" (sm {env['compute_capability']})" if env["compute_capability"] else "")
+          + f", torch {env['torch']}, megatron-core {env['megatron_core']}, Transformer Engine: "
+          f"{env['transformer_engine']}, NVIDIA apex: {env['nvidia_apex']}")
+    print(f"model: {m['description']}; {m['tokens_per_step']} tokens per training step")
+    if report["setup_error"]:
+        print(f"setup error: {report['setup_error']}")
+    print("| item | status | result |\n|---|---|---|")
+    for name, e in report["items"].items():
+        print(f"| {TITLES[name]} | {e['status']} | {result_line(name, e)} |")
+    for run, seen in report["kernels"].items():
+        print(f"kernels in {run}: " + ", ".join(f"{k} {v}" for k, v in seen.items()))
+    print(f"total {report['seconds']:.0f} s")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.make_bundle:
+        manifest = make_bundle(Path(args.make_bundle))
+        for p in manifest["packages"]:
+            print(f"bundled {p['distribution']} {p['version']}")
+        print(f"{args.make_bundle}: {manifest['size_mb']:.1f} MB")
+        if manifest["size_mb"] > BUNDLE_LIMIT_MB:
+            print(f"warning: the bundle is over {BUNDLE_LIMIT_MB} MB", file=sys.stderr)
+        return 0
+
+    t_start = time.perf_counter()
+    v = shape_values(args)
+    if args.cpu_smoke:  # the CPU code path, also on a machine that has a GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    sources = use_bundle(Path(args.bundle))
+    # The report states which optional kernel packages are missing; no need to warn.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
+    hw, notes = inspect_machine()
+    items = plan(hw, smoke=args.cpu_smoke)
+    problem = import_problem()
+    shape = None if problem else build_shape(v)
+    if problem:
+        items = {name: not_run("the check could not start (see setup_error)") for name in ITEMS}
+    report: Dict[str, Any] = {"tool": "gpu_check", "mode": "cpu-smoke" if args.cpu_smoke else "gpu" if hw.gpu
+                              else "no-gpu", "setup_error": problem, "environment": environment(hw, sources, notes),
+                              "model": describe_shape(v, shape and shape.model.num_parameters()), "items": items}
+    print(f"gpu_check: {report['model']['description']}", flush=True)
+    if shape is not None and any(e["status"] == "planned" for e in items.values()):
+        try:
+            run_check(shape, items, hw)
+        except Exception as e:  # before any item ran: the process group, the data
+            for entry in items.values():
+                if entry["status"] == "planned":
+                    entry.update(status="error", error=f"{type(e).__name__}: {e}",
+                                 traceback=traceback.format_exc()[-4000:])
+    report["kernels"] = kernels_summary(items)
+    code = 2 if problem else 1 if any(e["status"] in FAILED for e in items.values()) else 0
+    report["exit_code"] = code
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print_report(report)
+    print(out)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
