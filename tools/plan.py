@@ -23,10 +23,81 @@ from megarlhf.config.model import PRESETS, preset  # noqa: E402
 from megarlhf.perf.plan import GB, GPUS, Assumptions, Models, Workload, plan_ppo  # noqa: E402
 
 
+def allreduce_gbs(nbytes: int = 32 << 20, procs: int = 2, reps: int = 5) -> float:
+    """Measured all-reduce bus bandwidth (GB/s) of ``procs`` local gloo processes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = 29000 + os.getpid() % 1000
+    workers = [ctx.Process(target=_allreduce_worker, args=(r, procs, port, nbytes, reps, queue))
+               for r in range(procs)]
+    for w in workers:
+        w.start()
+    seconds = queue.get()
+    for w in workers:
+        w.join()
+    return 2 * (procs - 1) / procs * nbytes / seconds / 1e9
+
+
+def _allreduce_worker(rank, world, port, nbytes, reps, queue):
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x = torch.ones(nbytes // 4)
+    dist.all_reduce(x)
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        queue.put(sorted(times)[len(times) // 2])
+    dist.destroy_process_group()
+
+
+def validate(path: str, link_gbs: float) -> int:
+    """Predicted against measured step times of a training sweep (tools/benchmark_scaling.py)."""
+    import dataclasses as dc
+
+    from megarlhf.config.model import ModelConfig
+    from megarlhf.perf.plan import predict_sweep
+
+    sweep = json.load(open(path))
+    fields = {f.name for f in dc.fields(ModelConfig)}
+    shape = dict(PRESETS[sweep["preset"]])
+    shape.update({k: v for k, v in (sweep.get("model_overrides") or {}).items() if k in fields})
+    shape.update({k: v for k, v in sweep["args"].items() if k in fields and v is not None})
+    cfg = ModelConfig(**{k: v for k, v in shape.items() if k in fields})
+    if not link_gbs:
+        link_gbs = allreduce_gbs()
+        print(f"measured gloo all-reduce bus bandwidth: {link_gbs:.2f} GB/s (2 processes, 32 MB)")
+    peak = sweep["probe"]["tflops"]
+    rows = predict_sweep(sweep["rows"], cfg, peak, link_gbs)
+    print(f"{sweep['phase']} step, {cfg.num_parameters() / 1e6:.1f}M parameters; device peak "
+          f"{peak:.3f} TFLOP/s ({sweep['mfu_basis']}); MFU fitted on the smallest layout: "
+          f"{rows[0]['fitted_mfu']:.3f}" if rows else "no measured rows")
+    print(f"{'layout':12s} {'devices':>7s} {'measured s':>10s} {'predicted s':>11s} {'ratio':>6s}  "
+          "compute / tp / dp (s)")
+    for r in rows:
+        print(f"{r['layout']:12s} {r['devices']:7d} {r['measured_s']:10.3f} {r['predicted_s']:11.3f} "
+              f"{r['ratio']:6.2f}  {r['compute']:.3f} / {r['tp_comm']:.3f} / {r['dp_comm']:.3f}")
+    return 0
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--policy", required=True, choices=sorted(PRESETS), help="actor and reference")
-    ap.add_argument("--reward", required=True, choices=sorted(PRESETS), help="the frozen scorer")
+    ap.add_argument("--validate", metavar="SWEEP_JSON",
+                    help="compare the planner with a measured training sweep and exit")
+    ap.add_argument("--link-gbs", type=float, default=0.0,
+                    help="with --validate: all-reduce bandwidth (GB/s); 0 measures gloo here")
+    ap.add_argument("--policy", choices=sorted(PRESETS), help="actor and reference")
+    ap.add_argument("--reward", choices=sorted(PRESETS), help="the frozen scorer")
     ap.add_argument("--critic", choices=sorted(PRESETS), help="default: the policy's shape")
     ap.add_argument("--gpu", default="h100-80g", choices=sorted(GPUS))
     ap.add_argument("--gpus-per-node", type=int, default=8)
@@ -56,6 +127,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.validate:
+        return validate(args.validate, args.link_gbs)
+    if not args.policy or not args.reward:
+        raise SystemExit("--policy and --reward are required (or --validate SWEEP_JSON)")
     models = Models(preset(args.policy), preset(args.critic or args.policy), preset(args.reward))
     work = Workload(args.rollouts, args.prompt_len, args.response_len, args.gen_batch, args.micro_batch,
                     args.minibatch, args.ppo_epochs)

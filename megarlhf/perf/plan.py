@@ -33,7 +33,7 @@ from megarlhf.config.model import ModelConfig
 from megarlhf.perf.flops import forward_flops_per_token, matmul_params
 
 __all__ = ["Gpu", "GPUS", "Layout", "Workload", "Assumptions", "RoleMemory", "role_memory",
-           "stage_parameters", "Models", "SideTimes", "ppo_step_time", "Candidate", "plan_ppo",
+           "stage_parameters", "Models", "SideTimes", "predict_sweep", "ppo_step_time", "Candidate", "plan_ppo",
            "training_step_time"]
 
 GB = 1e9
@@ -213,8 +213,8 @@ class SideTimes:
 
 
 def training_step_time(cfg: ModelConfig, lay: Layout, gpu: Gpu, a: Assumptions, sequences: int,
-                       seq_len: int, micro_batch: int, gpus_per_node: int, scalar_head: bool = False
-                       ) -> Dict[str, float]:
+                       seq_len: int, micro_batch: int, gpus_per_node: int, scalar_head: bool = False,
+                       activation_bytes: int = 2) -> Dict[str, float]:
     """One optimizer step over ``sequences`` sequences: compute (with the pipeline bubble),
     TP all-reduces, the DP gradient reduction. Seconds per part."""
     head = 1 if scalar_head else None
@@ -223,7 +223,7 @@ def training_step_time(cfg: ModelConfig, lay: Layout, gpu: Gpu, a: Assumptions, 
         flops *= 4 / 3  # the forward runs twice
     micro = max(1, sequences // (lay.dp * micro_batch))
     compute = flops / (lay.gpus * gpu.bf16_tflops * 1e12 * a.mfu) * _bubble(lay.pp, micro)
-    tp_bytes = micro_batch * seq_len * cfg.hidden_size * 2
+    tp_bytes = micro_batch * seq_len * cfg.hidden_size * activation_bytes
     layers = math.ceil(cfg.num_layers / lay.pp)
     tp = 4 * layers * micro * _allreduce_s(tp_bytes, lay.tp, gpu.intra_gbs, a) if lay.tp > 1 else 0.0
     grads = 4 * stage_parameters(cfg, lay.pp, 1 if scalar_head else None) / lay.tp
@@ -383,3 +383,34 @@ def plan_ppo(m: Models, gpu: Gpu, nodes: int, gpus_per_node: int, w: Workload, a
 
 def assumptions_dict(a: Assumptions) -> Dict[str, object]:
     return dataclasses.asdict(a)
+
+
+def predict_sweep(rows: List[Dict[str, object]], cfg: ModelConfig, peak_tflops: float, link_gbs: float,
+                  base: Optional[Dict[str, object]] = None) -> List[Dict[str, object]]:
+    """The planner's training-step time for each measured row of a scaling sweep
+    (tools/benchmark_scaling.py), on a device described by the sweep's own GEMM probe
+    (``peak_tflops``) and a measured all-reduce bandwidth (``link_gbs``), with the MFU
+    fitted on ``base`` (default: the single-device row). What is validated is everything
+    the planner adds to a one-device figure: the split of compute over devices, the
+    pipeline bubble, the TP and DP communication."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("step_s")]
+    base = base or min(ok, key=lambda r: r["devices"])
+    gpu = Gpu("measured device", 0.0, peak_tflops, 0.0, link_gbs, link_gbs)
+
+    def parts(r, mfu):
+        lay = Layout(int(r["tp"]), int(r["pp"]), int(r["dp"]))
+        a = Assumptions(mfu=mfu, comm_efficiency=1.0, recompute=None if r["recompute"] == "none" else r["recompute"])
+        return training_step_time(cfg, lay, gpu, a, int(r["global_batch"]), int(r["seq_len"]),
+                                  int(r["micro_batch"]), gpus_per_node=lay.gpus,
+                                  activation_bytes=4 if r.get("dtype") == "float32" else 2)
+
+    b = parts(base, 1.0)
+    # compute scales as 1/mfu; fit it so that the base row's prediction equals its measurement
+    mfu = b["compute"] / max(float(base["step_s"]) - b["tp_comm"] - b["dp_comm"], 1e-9)
+    out = []
+    for r in ok:
+        p = parts(r, mfu)
+        pred = sum(p.values())
+        out.append({"layout": r["layout"], "devices": r["devices"], "measured_s": r["step_s"],
+                    "predicted_s": pred, "ratio": pred / float(r["step_s"]), "fitted_mfu": mfu, **p})
+    return out

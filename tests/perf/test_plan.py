@@ -111,3 +111,29 @@ def test_cli(tmp_path):
                         "--reward", "llama2-70b", "--rollouts", "0"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "--rollouts=0" in r.stderr
+
+
+def test_predict_sweep_fits_mfu_on_the_base_row_and_adds_communication():
+    from megarlhf.perf.plan import predict_sweep
+
+    cfg = preset("tiny")
+    row = dict(status="ok", tp=1, pp=1, dp=1, devices=1, layout="tp1pp1dp1", recompute="none",
+               global_batch=16, seq_len=256, micro_batch=8, dtype="float32", step_s=3.0)
+    rows = [row, dict(row, dp=2, devices=2, layout="tp1pp1dp2", global_batch=32, step_s=3.3),
+            dict(row, pp=2, devices=2, layout="tp1pp2dp1", step_s=2.0),
+            dict(row, tp=2, devices=2, layout="tp2pp1dp1", step_s=1.8),
+            dict(row, dp=2, devices=2, layout="x", status="not run", step_s=None)]
+    got = {r["layout"]: r for r in predict_sweep(rows, cfg, peak_tflops=0.1, link_gbs=0.5)}
+    assert set(got) == {"tp1pp1dp1", "tp1pp1dp2", "tp1pp2dp1", "tp2pp1dp1"}
+    assert got["tp1pp1dp1"]["ratio"] == pytest.approx(1.0)
+    fl = 16 * 256 * flops.train_flops_per_token(cfg, 256)
+    assert got["tp1pp1dp1"]["fitted_mfu"] == pytest.approx(fl / (0.1e12 * 3.0))
+    # weak scaling: the same compute per device, plus the gradient all-reduce (fp32, 2 ranks)
+    grads = 4 * cfg.num_parameters()
+    assert got["tp1pp1dp2"]["compute"] == pytest.approx(3.0)
+    assert got["tp1pp1dp2"]["dp_comm"] == pytest.approx(grads / 0.5e9)
+    # two stages, two microbatches per replica: half the compute per device, times (2+1)/2
+    assert got["tp1pp2dp1"]["compute"] == pytest.approx(3.0 / 2 * 1.5)
+    # TP=2: half the compute plus 4 all-reduces per layer and microbatch of fp32 activations
+    tp_bytes = 8 * 256 * 256 * 4
+    assert got["tp2pp1dp1"]["tp_comm"] == pytest.approx(4 * 4 * 2 * tp_bytes / 0.5e9)
