@@ -18,16 +18,8 @@ shift 2
 # environment megarlhf is installed in, e.g. MEGARLHF_PYTHON=$PWD/.venv/bin/python.
 python=${MEGARLHF_PYTHON:-python3}
 
-# -- cluster and NCCL environment: site settings go here --------------------------------
-export PYTHONUNBUFFERED=1                   # log lines reach the job's output as they happen
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}  # CPU threads per rank
-export CUDA_DEVICE_MAX_CONNECTIONS=1        # megatron: ordered TP/SP communication kernels
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=1    # a failed collective ends the job, not hangs it
-export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-# export NCCL_SOCKET_IFNAME=ib0             # the network between nodes, when not the default
-# export NCCL_IB_HCA=mlx5                   # InfiniBand adapters, when not all of them
-# MASTER_ADDR defaults to the job's first node and MASTER_PORT to a port derived from the
-# job id (megarlhf/parallel.py); export them here to choose others.
+# -- cluster and NCCL environment (site settings: slurm/env.sh) -------------------------
+source "$(dirname "$(readlink -f "$0")")/env.sh"
 
 echo "megarlhf: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}," \
      "${SLURM_NTASKS} tasks: megarlhf ${recipe} --config ${default_config} $*"

@@ -67,6 +67,8 @@ GPUS: Dict[str, Gpu] = {
 
 @dataclass(frozen=True)
 class Layout:
+    """TP x PP x DP; one process (GPU) per model shard and replica."""
+
     tp: int = 1
     pp: int = 1
     dp: int = 1
@@ -74,6 +76,12 @@ class Layout:
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp
+
+    devices = gpus
+
+    @property
+    def name(self) -> str:
+        return f"tp{self.tp}pp{self.pp}dp{self.dp}"
 
     def __str__(self) -> str:
         return f"TP{self.tp} PP{self.pp} DP{self.dp}"
