@@ -88,7 +88,14 @@ FLAG_COMMANDS = {
               "preference pairs from a policy's own samples on verifiable prompts"),
     "rm-eval": ("megarlhf.recipes.reward_model", "eval_main",
                 "pair accuracy of a reward model, per subset (RewardBench-style files)"),
+    "eval": ("megarlhf.eval.run", "main",
+             "exact match (GSM8k, built-in task), IFEval rule checks, best-of-N with a reward "
+             "model, RM pair accuracy; JSON + markdown"),
 }
+
+# Flag commands that check their own arguments and size their job (several models, each
+# with its own TP x PP) before any process starts: name -> function(argv) -> processes.
+FLAG_PROCESSES = {"eval": "processes"}
 
 
 def _flag_command(name: str, argv: List[str]) -> int:
@@ -101,10 +108,14 @@ def _flag_command(name: str, argv: List[str]) -> int:
     module, func, _ = FLAG_COMMANDS[name]
     try:
         if not _in_distributed_env() and "-h" not in argv and "--help" not in argv:
-            tp, pp = _flag_value(argv, "--tp"), _flag_value(argv, "--pp")
-            _check_checkpoint_layout(argv, tp, pp)  # before any process starts
-            if tp * pp > 1:
-                return _relaunch(tp * pp, [name, *argv])
+            if name in FLAG_PROCESSES:
+                world = getattr(importlib.import_module(module), FLAG_PROCESSES[name])(argv)
+            else:
+                tp, pp = _flag_value(argv, "--tp"), _flag_value(argv, "--pp")
+                _check_checkpoint_layout(argv, tp, pp)  # before any process starts
+                world = tp * pp
+            if world > 1:
+                return _relaunch(world, [name, *argv])
         return getattr(importlib.import_module(module), func)(argv)
     except (ConfigError, DataError, CheckpointError, ValueError) as e:
         print(f"megarlhf {name}: {e}", file=sys.stderr)
