@@ -91,6 +91,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--repeats", type=int, default=1,
                    help="runs of each configuration, interleaved in rounds (medians reported)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    g.add_argument("--attention-backend", default="unfused", choices=("unfused", "sdpa"),
+                   help="core attention of the local layers (model.attention_backend)")
     g.add_argument("--distributed-optimizer", action="store_true",
                    help="shard optimizer states over DP (megatron's distributed optimizer)")
     g.add_argument("--seed", type=int, default=1234)
@@ -134,6 +136,7 @@ def model_overrides(args: argparse.Namespace) -> Dict[str, Any]:
                   128 + args.new_tokens if args.phase == "ppo" else 0)
     over["max_position_embeddings"] = max(PRESETS[args.preset].get("max_position_embeddings", 512), longest)
     over["params_dtype"] = args.dtype
+    over["attention_backend"] = args.attention_backend
     return over
 
 

@@ -67,6 +67,9 @@ class ModelConfig:
     fp8: Optional[str] = None
     """FP8 recipe for Transformer Engine layers: ``hybrid`` (E4M3 forward, E5M2 backward),
     ``e4m3``, or none."""
+    attention_backend: str = "unfused"
+    """Core attention of the local layers: ``unfused`` (megatron's: scores, mask, softmax
+    as separate steps) or ``sdpa`` (torch's fused ``scaled_dot_product_attention``)."""
     fp8_amax_history_len: int = 1024
     """Delayed-scaling amax history length."""
     fp8_amax_compute_algo: str = "max"

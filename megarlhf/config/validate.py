@@ -45,6 +45,8 @@ def model_problems(m: ModelConfig, prefix: str = "model") -> List[str]:
         p.append(f"{prefix}.params_dtype={m.params_dtype!r}: expected one of {_DTYPES}")
     if m.transformer_impl not in _IMPLS:
         p.append(f"{prefix}.transformer_impl={m.transformer_impl!r}: expected one of {_IMPLS}")
+    if m.attention_backend not in ("unfused", "sdpa"):
+        p.append(f"{prefix}.attention_backend={m.attention_backend!r}: expected 'unfused' or 'sdpa'")
     if m.fp8 not in _FP8:
         p.append(f"{prefix}.fp8={m.fp8!r}: expected one of {_FP8}")
     if m.fp8 is not None and m.transformer_impl != "transformer_engine":

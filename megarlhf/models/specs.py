@@ -36,12 +36,18 @@ class LocalRMSNorm:
         return norm
 
 
-def _local_layer_spec() -> ModuleSpec:
+def _local_layer_spec(attention_backend: str = "unfused") -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     sub = dataclasses.replace(spec.submodules, input_layernorm=LocalRMSNorm,
                               pre_mlp_layernorm=LocalRMSNorm)
+    if attention_backend == "sdpa":
+        from megarlhf.models.sdpa import SDPAttention
+
+        attn = sub.self_attention
+        attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+        sub = dataclasses.replace(sub, self_attention=dataclasses.replace(attn, submodules=attn_sub))
     return dataclasses.replace(spec, submodules=sub)
 
 
@@ -59,7 +65,7 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     if cfg.transformer_impl != "local":
         raise ValueError(f"model.transformer_impl={cfg.transformer_impl!r}: expected "
                          "'local' or 'transformer_engine'")
-    return _local_layer_spec()
+    return _local_layer_spec(cfg.attention_backend)
 
 
 def block_spec(cfg: ModelConfig, num_layers_here: int) -> TransformerBlockSubmodules:

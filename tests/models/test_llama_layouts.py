@@ -87,3 +87,32 @@ def test_training_on_a_subset_of_ranks_matches(mg_causal, tokens, tmp_path, tp1_
     ref = tp1_trajectory
     assert (got["losses"] - ref["losses"]).abs().max() < 1e-5
     assert ((got["grad_norms"] - ref["grad_norms"]).abs() / ref["grad_norms"]).max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def mg_causal_sdpa(mg_causal, tmp_path_factory):
+    """The same checkpoint, run with torch's fused attention (model.attention_backend=sdpa)."""
+    import dataclasses
+    import shutil
+
+    from megarlhf.models.checkpoint import read_meta, write_meta
+
+    ckpt = tmp_path_factory.mktemp("sdpa") / "ckpt"
+    shutil.copytree(mg_causal, ckpt)
+    meta = read_meta(str(ckpt))
+    write_meta(str(ckpt), dataclasses.replace(meta, model=dataclasses.replace(meta.model, attention_backend="sdpa")))
+    return ckpt
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)], ids=["tp1", "tp2"])
+def test_sdpa_attention_matches_transformers(hf_causal, mg_causal_sdpa, tokens, tmp_path, tp, pp):
+    ref = hf_reference(hf_causal, torch.load(tokens))
+    got = forward(mg_causal_sdpa, tokens, tmp_path, tp, pp)
+    assert (got["logits"][..., :VOCAB] - ref["logits"]).abs().max() < 1e-5
+    assert (got["logprobs"] - ref["logprobs"]).abs().max() < 1e-5
+
+
+def test_sdpa_attention_trains_like_the_unfused_one(mg_causal_sdpa, tokens, tmp_path, tp1_trajectory):
+    got = train(mg_causal_sdpa, tokens, tmp_path, 1, 1)
+    assert (got["losses"] - tp1_trajectory["losses"]).abs().max() < 1e-5
+    assert ((got["grad_norms"] - tp1_trajectory["grad_norms"]).abs() / tp1_trajectory["grad_norms"]).max() < 1e-5
