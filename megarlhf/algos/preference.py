@@ -15,6 +15,8 @@ per-token negative log-likelihood (:func:`chosen_nll`) to each pair's DPO loss.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -33,18 +35,21 @@ def response_positions(label_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def pool_rewards(values: torch.Tensor, response_mask: torch.Tensor, last_index: torch.Tensor,
+def pool_rewards(values: torch.Tensor, response_mask: Optional[torch.Tensor], last_index: torch.Tensor,
                  pooling: str = "last") -> torch.Tensor:
     """One reward per row from per-token scalar values ``[n, s]``.
 
     ``last``: the value at ``last_index`` (the last real token; the paper's reward model).
     ``min``/``mean``: the minimum/mean over the positions whose input token belongs to the
-    response (``response_mask [n, s]``, see :func:`response_positions`), so every step of
+    response (``response_mask [n, s]``, see :func:`response_positions`; unused, may be
+    None, for ``last``), so every step of
     the answer takes part in the reward, not only the summary in the last token's state.
     """
     rows = torch.arange(values.shape[0], device=values.device)
     if pooling == "last":
         return values[rows, last_index]
+    if response_mask is None:
+        raise ValueError(f"pooling={pooling!r} needs the response mask")
     mask = response_mask.bool()
     if not bool(mask.any(-1).all()):
         raise ValueError("a row has no response token to pool over")

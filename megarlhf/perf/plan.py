@@ -24,7 +24,6 @@ field of :class:`Assumptions` and is printed with the result.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -387,10 +386,6 @@ def plan_ppo(m: Models, gpu: Gpu, nodes: int, gpus_per_node: int, w: Workload, a
                                  peak / GB, rpeak / GB, peak <= cap and rpeak <= cap, times, detail))
     out.sort(key=lambda c: (not c.fits, c.step_s))
     return out
-
-
-def assumptions_dict(a: Assumptions) -> Dict[str, object]:
-    return dataclasses.asdict(a)
 
 
 def predict_sweep(rows: List[Dict[str, object]], cfg: ModelConfig, peak_tflops: float, link_gbs: float,

@@ -580,7 +580,8 @@ def run(cfg: PPOConfig) -> dict:
         # 2. score: the reward model on its own replicas (maybe its own ranks)
         with phase("score", times):
             values = forward_rows("reward", _value_step(dev), ro, lambda mp: [shard_rows(n_seq, mp)])
-            scores = pool_rewards(values, response_positions(ro.mask), ro.last_index, rm_pooling)
+            pooled = None if rm_pooling == "last" else response_positions(ro.mask)
+            scores = pool_rewards(values, pooled, ro.last_index, rm_pooling)
 
         # 3. reference log-probs, old log-probs (training forward, first-epoch microbatches), values
         with phase("logprobs", times):

@@ -87,7 +87,8 @@ def reward_forward_step(mp, device, pooling: str = "last"):
         values = model(b.tokens, b.position_ids, attention_mask=None)
 
         def loss_fn(output, non_loss_data=False):
-            r = pool_rewards(output[..., 0].float(), response_positions(b.loss_mask), b.last_index,
+            resp = None if pooling == "last" else response_positions(b.loss_mask)
+            r = pool_rewards(output[..., 0].float(), resp, b.last_index,
                              pooling)
             rc, rr = r[0::2], r[1::2]
             w = b.weights().float()
