@@ -43,7 +43,7 @@ setup(
         # transformers: conversion checks against Hugging Face models; protobuf lets it
         # read SentencePiece tokenizers.
         "hf": ["transformers>=4.45", "protobuf>=3.20"],
-        "dev": ["pytest>=8", "transformers>=4.45", "protobuf>=3.20"],
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "protobuf>=3.20"],
     },
     entry_points={"console_scripts": ["megarlhf=megarlhf.cli:main"]},
     classifiers=[

@@ -116,8 +116,28 @@ class DistEnv:
                    master_port=int(env.get("MASTER_PORT", "29500")), source="single")
 
 
-def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 1800) -> DistEnv:
-    """Create the default process group (NCCL on GPUs, gloo on CPU). Idempotent."""
+TIMEOUT_ENV = "MEGARLHF_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long any collective waits for a silent peer before failing the job (every
+    process group megarlhf creates): ``$MEGARLHF_COLLECTIVE_TIMEOUT_S`` seconds, 1800 by
+    default. A peer that dies outright is noticed at once (its connections close); the
+    timeout covers one that hangs."""
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
+def init_distributed(env: Optional[DistEnv] = None, timeout_s: Optional[float] = None) -> DistEnv:
+    """Create the default process group (NCCL on GPUs, gloo on CPU). Idempotent.
+    ``timeout_s`` defaults to :func:`collective_timeout`."""
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else collective_timeout()
     env = env or DistEnv.from_environ()
     plat = platform.current(env.local_rank)
     if dist.is_initialized():
@@ -131,14 +151,14 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 1800) -> Di
         os.close(fd)
         os.unlink(path)
         dist.init_process_group(backend=plat.backend, init_method=f"file://{path}", rank=0,
-                                world_size=1, timeout=datetime.timedelta(seconds=timeout_s))
+                                world_size=1, timeout=timeout)
         return env
     dist.init_process_group(
         backend=plat.backend,
         init_method=f"tcp://{_bracket_ipv6(env.master_addr)}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     return env
 
@@ -213,6 +233,7 @@ def initialize_model_parallel(par: ParallelConfig, seed: int = 1234) -> ModelPar
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=collective_timeout().total_seconds() / 60,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -258,7 +279,7 @@ def build_layout(par: ParallelConfig, first_rank: int = 0, num_ranks: Optional[i
     def groups(enumeration: List[List[int]]):
         mine, mine_ranks = None, None
         for ranks in enumeration:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=collective_timeout())
             if me in ranks:
                 mine, mine_ranks = g, ranks
         return mine, mine_ranks

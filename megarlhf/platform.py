@@ -75,6 +75,7 @@ __all__ = [
     "detect_hardware",
     "nvidia_apex_status",
     "select_kernels",
+    "checkpoint_writer_dies_with_parent",
 ]
 
 
@@ -314,6 +315,43 @@ def select_kernels(transformer_impl: str, fp8: Optional[str], hw: Hardware,
 # --------------------------------------------------------------------------------------
 
 _INSTALLED: Dict[str, bool] = {}
+
+
+def _die_with_parent() -> None:
+    """In a helper process: ask Linux to SIGKILL it when its parent dies."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_writer_manager = None
+
+
+def checkpoint_writer_dies_with_parent() -> None:
+    """megatron's checkpoint writer collects results through a ``multiprocessing`` manager:
+    a spawned server process that outlives a SIGKILLed rank (OOM killer, node failure
+    drills) and keeps the job's output pipes open. Start that manager ourselves, with a
+    server that Linux kills when the rank dies. Idempotent; other systems keep megatron's."""
+    global _writer_manager
+    import sys
+
+    if _writer_manager is not None or not sys.platform.startswith("linux"):
+        return
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return  # already created by megatron, or a version without it
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    _writer_manager = manager
 
 
 def _is_cuda_device(value) -> bool:

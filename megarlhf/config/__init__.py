@@ -3,10 +3,11 @@
 from megarlhf.config.load import ConfigLoadError, load_config, to_dict, to_yaml
 from megarlhf.config.model import PRESETS, ModelConfig, RopeScaling, RuntimeConfig, padded_vocab_size, preset
 from megarlhf.config.parallel import ParallelConfig
-from megarlhf.config.validate import ConfigError, check_layout, check_model, runtime_problems
+from megarlhf.config.validate import (ConfigError, check_layout, check_model, loop_problems,
+                                      parallel_problems, range_problems, runtime_problems)
 
 __all__ = [
     "ConfigError", "ConfigLoadError", "ModelConfig", "ParallelConfig", "PRESETS", "RopeScaling", "RuntimeConfig",
-    "check_layout", "check_model", "load_config", "padded_vocab_size", "preset", "runtime_problems",
-    "to_dict", "to_yaml",
+    "check_layout", "check_model", "load_config", "loop_problems", "padded_vocab_size",
+    "parallel_problems", "preset", "range_problems", "runtime_problems", "to_dict", "to_yaml",
 ]

@@ -3,12 +3,14 @@ fields and values that conflict."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+import math
+from typing import Any, List, Optional, Sequence
 
 from megarlhf.config.model import ModelConfig
 from megarlhf.config.parallel import ParallelConfig
 
-__all__ = ["ConfigError", "check_model", "check_layout", "runtime_problems"]
+__all__ = ["ConfigError", "check_model", "check_layout", "runtime_problems", "range_problems",
+           "parallel_problems", "loop_problems"]
 
 _DTYPES = ("float32", "bfloat16", "auto")
 _IMPLS = ("local", "transformer_engine")
@@ -28,6 +30,72 @@ def _raise(problems: List[str]) -> None:
         raise ConfigError(problems)
 
 
+def range_problems(obj: Any, prefix: str, *, positive: Sequence[str] = (),
+                   non_negative: Sequence[str] = (), fraction: Sequence[str] = (),
+                   finite: Sequence[str] = ()) -> List[str]:
+    """Numeric fields of ``obj`` out of range, each named ``prefix.field=value``: ``positive``
+    (> 0), ``non_negative`` (>= 0), ``fraction`` (in [0, 1]) or just ``finite``. A field left
+    unset (None) passes; NaN and infinities fail every check."""
+    p: List[str] = []
+    checks = ((positive, lambda x: x > 0, "must be > 0"), (non_negative, lambda x: x >= 0, "must be >= 0"),
+              (fraction, lambda x: 0 <= x <= 1, "must be in [0, 1]"), (finite, lambda x: True, ""))
+    for names, ok, rule in checks:
+        for name in names:
+            value = getattr(obj, name)
+            if value is None:
+                continue
+            key = f"{prefix}.{name}" if prefix else name
+            if isinstance(value, float) and not math.isfinite(value):
+                p.append(f"{key}={value} must be a finite number")
+            elif not ok(value):
+                p.append(f"{key}={value} {rule}")
+    return p
+
+
+def parallel_problems(par: ParallelConfig, prefix: str = "parallel") -> List[str]:
+    """Sizes of a layout that no world size can satisfy."""
+    p: List[str] = []
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if tp < 1:
+        p.append(f"{prefix}.tensor_model_parallel_size={tp} must be >= 1")
+    if pp < 1:
+        p.append(f"{prefix}.pipeline_model_parallel_size={pp} must be >= 1")
+    vpp = par.virtual_pipeline_model_parallel_size
+    if vpp is not None and vpp < 1:
+        p.append(f"{prefix}.virtual_pipeline_model_parallel_size={vpp} must be >= 1")
+    return p
+
+
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def loop_problems(t: Any, prefix: str = "train") -> List[str]:
+    """Values of a training-loop config (``TrainConfig``, ``LoopConfig``, ``PPOTrainConfig``)
+    that cannot work; fields a loop does not have are not checked."""
+    def have(*names: str) -> List[str]:
+        return [n for n in names if hasattr(t, n)]
+
+    p = range_problems(t, prefix, positive=have("global_batch_size", "micro_batch_size", "seq_length",
+                                                "lr", "actor_lr", "critic_lr"),
+                       non_negative=have("epochs", "max_steps", "min_lr", "weight_decay", "clip_grad",
+                                         "save_interval", "keep_checkpoints", "eval_interval",
+                                         "max_bad_steps"))
+    if t.epochs == 0 and t.max_steps == 0:
+        p.append(f"{prefix}.epochs=0 and {prefix}.max_steps=0: nothing to train")
+    if hasattr(t, "min_lr") and hasattr(t, "lr") and t.min_lr > t.lr:
+        p.append(f"{prefix}.min_lr={t.min_lr} is above {prefix}.lr={t.lr}")
+    if not 0 <= t.adam_beta2 < 1:
+        p.append(f"{prefix}.adam_beta2={t.adam_beta2} must be in [0, 1)")
+    if not 0 <= t.seed < 2**32:
+        p.append(f"{prefix}.seed={t.seed} must be in [0, 2**32)")
+    s = t.schedule
+    if s.style not in _SCHEDULES:
+        p.append(f"{prefix}.schedule.style={s.style!r}: expected one of {', '.join(_SCHEDULES)}")
+    p += range_problems(s, f"{prefix}.schedule", fraction=("warmup_ratio",), non_negative=("warmup_steps",))
+    p += range_problems(t.preemption, f"{prefix}.preemption", non_negative=("max_requeues",))
+    return p
+
+
 def model_problems(m: ModelConfig, prefix: str = "model") -> List[str]:
     p: List[str] = []
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -35,6 +103,11 @@ def model_problems(m: ModelConfig, prefix: str = "model") -> List[str]:
                  "make_vocab_size_divisible_by"):
         if getattr(m, name) <= 0:
             p.append(f"{prefix}.{name}={getattr(m, name)} must be positive")
+    p += range_problems(m, prefix, positive=("rope_theta", "norm_eps", "init_method_std",
+                                             "fp8_amax_history_len"))
+    if m.rope_scaling is not None:
+        p += range_problems(m.rope_scaling, f"{prefix}.rope_scaling", positive=(
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
     if m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
         p.append(f"{prefix}.hidden_size={m.hidden_size} is not divisible by "
                  f"{prefix}.num_attention_heads={m.num_attention_heads}")
@@ -79,12 +152,8 @@ def runtime_problems(r, prefix: str = "model") -> List[str]:
 
 def layout_problems(m: ModelConfig, par: ParallelConfig, world_size: Optional[int],
                     prefix: str = "parallel", model_prefix: str = "model") -> List[str]:
-    p: List[str] = []
+    p = parallel_problems(par, prefix)
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    if tp < 1:
-        p.append(f"{prefix}.tensor_model_parallel_size={tp} must be >= 1")
-    if pp < 1:
-        p.append(f"{prefix}.pipeline_model_parallel_size={pp} must be >= 1")
     if p:
         return p
     if world_size is not None and world_size % (tp * pp):
@@ -100,12 +169,9 @@ def layout_problems(m: ModelConfig, par: ParallelConfig, world_size: Optional[in
         p.append(f"{model_prefix}.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
                  f"{prefix}.tensor_model_parallel_size={tp}")
     vpp = par.virtual_pipeline_model_parallel_size
-    if vpp is not None:
-        if vpp < 1:
-            p.append(f"{prefix}.virtual_pipeline_model_parallel_size={vpp} must be >= 1")
-        elif pp == 1 and vpp > 1:
-            p.append(f"{prefix}.virtual_pipeline_model_parallel_size={vpp} needs "
-                     f"{prefix}.pipeline_model_parallel_size > 1")
+    if vpp is not None and pp == 1 and vpp > 1:
+        p.append(f"{prefix}.virtual_pipeline_model_parallel_size={vpp} needs "
+                 f"{prefix}.pipeline_model_parallel_size > 1")
     stages = pp * (vpp or 1)
     if m.num_layers % stages:
         what = f"{prefix}.pipeline_model_parallel_size={pp}"

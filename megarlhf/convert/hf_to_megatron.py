@@ -134,6 +134,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
 
     from megarlhf.config.parallel import ParallelConfig
     from megarlhf.models.checkpoint import CheckpointMeta, write_meta
+    from megarlhf.models.integrity import write_manifest
     from megarlhf.models.llama import build_model
     from megarlhf.parallel import init_single_process, initialize_model_parallel
 
@@ -215,6 +216,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
     )
     write_meta(out_dir, meta)
     _copy_tokenizer_files(hf_dir, out_dir)
+    write_manifest(out_dir)
     n_bytes = sum(os.path.getsize(os.path.join(out_dir, x)) for x in os.listdir(out_dir)
                   if os.path.isfile(os.path.join(out_dir, x)))
     summary = dict(tensors=len(used), layers=L, kind=kind, out_bytes=n_bytes,

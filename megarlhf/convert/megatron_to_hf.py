@@ -99,7 +99,8 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = N
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megarlhf.models.checkpoint import read_meta
+    from megarlhf.models.checkpoint import CheckpointError, read_meta
+    from megarlhf.models.integrity import check_metadata, verify_checkpoint
     from megarlhf.parallel import init_single_process
 
     t0 = time.perf_counter()
@@ -111,6 +112,11 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = N
         raise ConversionError(f"output folder {out_dir} exists and is not empty")
     os.makedirs(out_dir, exist_ok=True)
     init_single_process()
+    try:
+        verify_checkpoint(ckpt_dir, hashes=True)
+        check_metadata(ckpt_dir)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     try:
         stored = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     except Exception as e:

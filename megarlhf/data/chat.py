@@ -72,7 +72,8 @@ def validate_messages(messages, where: str = "messages") -> List[Message]:
             raise ValueError(f"{where}[{i}]: expected an object with role and content")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ValueError(f"{where}[{i}].role: {role!r} is not one of {ROLES}")
+            shown = repr(role) if len(repr(role)) <= 60 else repr(role)[:60] + "..."
+            raise ValueError(f"{where}[{i}].role: {shown} is not one of {ROLES}")
         if not isinstance(content, str):
             raise ValueError(f"{where}[{i}].content: expected a string, got {type(content).__name__}")
         if not content.strip():

@@ -15,9 +15,9 @@ from typing import Any, Dict, List, Optional
 
 from megarlhf.data.chat import ChatTemplate
 from megarlhf.data.load import DataError, LoadReport, SourceConfig, load_examples
-from megarlhf.data.schemas import PairRule
+from megarlhf.data.schemas import PREFERENCE_SCHEMAS, PairRule
 
-__all__ = ["DataConfig", "TokenizedData", "build_dataset", "tokenize_example"]
+__all__ = ["DataConfig", "TokenizedData", "build_dataset", "tokenize_example", "data_problems"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,33 @@ class DataConfig:
     """Seed of shuffling, capping and random pair choices."""
     pair_rule: PairRule = field(default_factory=PairRule)
     """How rated completions become pairs (UltraFeedback, Nectar, HelpSteer)."""
+
+
+def data_problems(cfg: DataConfig, prefix: str = "data") -> List[str]:
+    """Values of ``cfg`` that cannot work, each naming its key (checked before any data is
+    read; NaN fails every range check)."""
+    p: List[str] = []
+    for name in ("max_length", "max_prompt_length"):
+        if not getattr(cfg, name) > 0:
+            p.append(f"{prefix}.{name}={getattr(cfg, name)} must be > 0")
+    if not cfg.eval_size >= 0:
+        p.append(f"{prefix}.eval_size={cfg.eval_size} must be >= 0")
+    if not 0 <= cfg.seed < 2**32:
+        p.append(f"{prefix}.seed={cfg.seed} must be in [0, 2**32)")
+    rule = cfg.pair_rule
+    if rule.rejected not in ("random", "lowest"):
+        p.append(f"{prefix}.pair_rule.rejected={rule.rejected!r}: expected 'random' or 'lowest'")
+    if not 0 <= rule.min_margin < float("inf"):
+        p.append(f"{prefix}.pair_rule.min_margin={rule.min_margin} must be a finite number >= 0")
+    for i, src in enumerate(cfg.sources):
+        where = f"{prefix}.sources[{i}]"
+        if not src.path:
+            p.append(f"{where}.path is empty")
+        if src.schema not in ("auto",) + PREFERENCE_SCHEMAS:
+            p.append(f"{where}.schema={src.schema!r}: expected one of {('auto',) + PREFERENCE_SCHEMAS}")
+        if src.max_samples is not None and not src.max_samples > 0:
+            p.append(f"{where}.max_samples={src.max_samples} must be > 0 (or null: no cap)")
+    return p
 
 
 @dataclass
@@ -72,6 +99,9 @@ def tokenize_example(ex: Dict[str, Any], kind: str, template: ChatTemplate) -> D
 
 
 def build_dataset(cfg: DataConfig, kind: str, template: ChatTemplate) -> TokenizedData:
+    problems = data_problems(cfg)
+    if problems:
+        raise DataError("invalid data config: " + "; ".join(problems))
     import datasets
 
     datasets.disable_progress_bars()

@@ -41,7 +41,8 @@ class RowError(ValueError):
 
     def __init__(self, field: str, message: str, reason: str = "invalid"):
         self.field, self.reason = field, reason
-        super().__init__(f"field {field!r}: {message}")
+        shown = field if len(field) <= 120 else field[:120] + "..."  # keys are data too
+        super().__init__(f"field {shown!r}: {message}")
 
 
 @dataclass(frozen=True)
@@ -56,22 +57,41 @@ class PairRule:
     (ties are always skipped)."""
 
 
-def _text(row: Dict[str, Any], field: str) -> str:
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: errors quote data, never all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _text(row: Dict[str, Any], field: str, name: Optional[str] = None) -> str:
+    """``row[field]`` as non-empty text; errors name the field as ``name`` (its full path
+    in the row, e.g. ``completions[2].response``) when given."""
+    name = name or field
     if field not in row or row[field] is None:
-        raise RowError(field, "missing", "missing_field")
+        raise RowError(name, "missing", "missing_field")
     v = row[field]
     if not isinstance(v, str):
-        raise RowError(field, f"expected a string, got {type(v).__name__}", "wrong_type")
+        raise RowError(name, f"expected a string, got {type(v).__name__}", "wrong_type")
     if not v.strip():
-        raise RowError(field, "empty text", "empty_text")
+        raise RowError(name, "empty text", "empty_text")
     return v
 
 
 def _messages(value: Any, field: str) -> List[Message]:
     try:
         return validate_messages(value, field)
-    except ValueError as e:
-        raise RowError(field, str(e).split(": ", 1)[-1], "bad_messages") from None
+    except ValueError as e:  # "prompt[1].role: ..." -> field "prompt[1].role"
+        where, _, msg = str(e).partition(": ")
+        raise RowError(where if where.startswith(field) else field, msg or str(e),
+                       "bad_messages") from None
+
+
+def _mean(ratings: List[float], field: str) -> float:
+    mean = sum(ratings) / len(ratings)
+    if not math.isfinite(mean):
+        raise RowError(field, f"the mean of ratings {_short(ratings)} is not a finite number",
+                       "bad_rating")
+    return mean
 
 
 def _prompt(row: Dict[str, Any], field: str = "prompt") -> List[Message]:
@@ -122,18 +142,21 @@ def parse_pairs_row(row: Dict[str, Any]) -> Dict[str, Any]:
 
 def _number(value: Any, field: str) -> float:
     if isinstance(value, bool):
-        raise RowError(field, f"rating {value!r} is not a number", "bad_rating")
+        raise RowError(field, f"rating {_short(value)} is not a number", "bad_rating")
     if isinstance(value, (int, float)):
-        x = float(value)
+        try:
+            x = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise RowError(field, f"rating {_short(value)} is not a finite number", "bad_rating") from None
     elif isinstance(value, str):
         try:
             x = float(value.strip())
         except ValueError:
-            raise RowError(field, f"rating {value!r} is not a number", "bad_rating") from None
+            raise RowError(field, f"rating {_short(value)} is not a number", "bad_rating") from None
     else:
-        raise RowError(field, f"rating {value!r} is not a number", "bad_rating")
+        raise RowError(field, f"rating {_short(value)} is not a number", "bad_rating")
     if math.isnan(x) or math.isinf(x):
-        raise RowError(field, f"rating {value!r} is not a finite number", "bad_rating")
+        raise RowError(field, f"rating {_short(value)} is not a finite number", "bad_rating")
     return x
 
 
@@ -177,9 +200,7 @@ def parse_ultrafeedback_row(row: Dict[str, Any], rule: PairRule, rng: random.Ran
         where = f"completions[{i}]"
         if not isinstance(c, dict):
             raise RowError(where, "expected an object", "wrong_type")
-        response = _text(c, "response") if "response" in c else None
-        if response is None:
-            raise RowError(f"{where}.response", "missing", "missing_field")
+        response = _text(c, "response", f"{where}.response")
         ann = c.get("annotations")
         if not isinstance(ann, dict) or not ann:
             raise RowError(f"{where}.annotations", "missing per-aspect ratings", "missing_field")
@@ -195,7 +216,7 @@ def parse_ultrafeedback_row(row: Dict[str, Any], rule: PairRule, rng: random.Ran
             ratings.append(_number(v, f"{where}.annotations.{a}.Rating"))
         if not ratings:
             raise RowError(f"{where}.annotations", "no numeric rating", "bad_rating")
-        scored.append((sum(ratings) / len(ratings), response))
+        scored.append((_mean(ratings, f"{where}.annotations"), response))
     chosen, rejected = _pick_pair(scored, rule, rng, "completions")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
@@ -244,7 +265,7 @@ def parse_nectar_row(row: Dict[str, Any], rule: PairRule, rng: random.Random) ->
     for i, a in enumerate(answers):
         if not isinstance(a, dict):
             raise RowError(f"answers[{i}]", "expected an object", "wrong_type")
-        text = _text(a, "answer")
+        text = _text(a, "answer", f"answers[{i}].answer")
         rank = _number(a.get("rank"), f"answers[{i}].rank")
         scored.append((-rank, text))  # rank 1 is best
     chosen, rejected = _pick_pair(scored, rule, rng, "answers")
@@ -261,7 +282,7 @@ def group_helpsteer(rows: Iterable[Tuple[int, Dict[str, Any]]], rule: PairRule, 
         try:
             prompt = _text(row, "prompt")
             response = _text(row, "response")
-            score = sum(_number(row.get(a), a) for a in aspects) / len(aspects)
+            score = _mean([_number(row.get(a), a) for a in aspects], ", ".join(aspects))
         except RowError as e:
             yield idx, e
             continue
@@ -294,6 +315,8 @@ def parse_prompt_row(row: Dict[str, Any], reference_field: str = "reference") ->
     ref = row.get(reference_field)
     if ref is not None:
         if isinstance(ref, (int, float)) and not isinstance(ref, bool):
+            if isinstance(ref, float) and not math.isfinite(ref):
+                raise RowError(reference_field, f"{ref!r} is not a finite number", "wrong_type")
             ref = str(ref)
         if not isinstance(ref, str):
             raise RowError(reference_field, f"expected a string, got {type(ref).__name__}", "wrong_type")
@@ -327,4 +350,5 @@ def detect_schema(row: Dict[str, Any]) -> str:
         return "pairs"
     if "response" in row and any(k in row for k in ("helpfulness", "correctness")):
         return "helpsteer"
-    raise RowError("chosen", "cannot tell the schema from the keys " + str(sorted(row)), "unknown_schema")
+    raise RowError("chosen", f"cannot tell the schema from the keys {_short(sorted(row), 200)}",
+                   "unknown_schema")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 __all__ = ["TaskConfig", "Problem", "generate_problem", "extract_answer", "is_correct",
-           "write_task_files", "wrong_solution", "task_texts"]
+           "write_task_files", "wrong_solution", "task_texts", "task_problems"]
 
 _NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena",
           "Max", "Nia", "Omar", "Pia", "Ravi", "Sam", "Tess", "Uma"]
@@ -57,6 +57,23 @@ class TaskConfig:
     """PPO prompts with reference answers."""
     num_eval: int = 500
     """Held-out evaluation problems (never in the other files)."""
+
+
+def task_problems(cfg: TaskConfig, prefix: str = "task") -> List[str]:
+    """Values of ``cfg`` that cannot generate a task, each naming its key."""
+    p: List[str] = []
+    if cfg.seed < 0:
+        p.append(f"{prefix}.seed={cfg.seed} must be >= 0")
+    if cfg.min_steps < 1:
+        p.append(f"{prefix}.min_steps={cfg.min_steps} must be >= 1")
+    if cfg.max_steps < cfg.min_steps:
+        p.append(f"{prefix}.max_steps={cfg.max_steps} is below {prefix}.min_steps={cfg.min_steps}")
+    if cfg.max_value < 2:
+        p.append(f"{prefix}.max_value={cfg.max_value} must be >= 2")
+    for name in ("num_sft", "num_preference", "num_prompts", "num_eval"):
+        if getattr(cfg, name) < 1:
+            p.append(f"{prefix}.{name}={getattr(cfg, name)} must be >= 1")
+    return p
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 import megarlhf
+from megarlhf import platform
 from megarlhf.config.model import ModelConfig, RopeScaling
+from megarlhf.models.integrity import check_metadata, verify_checkpoint, write_manifest
 
 __all__ = [
     "META_FILE",
@@ -139,11 +141,13 @@ def save_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str, meta: Checkpoin
     os.makedirs(ckpt_dir, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
+    platform.checkpoint_writer_dies_with_parent()
     dist_checkpointing.save(model_sharded_state_dict(chunks), ckpt_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_meta(ckpt_dir, meta)
     if dist.is_initialized():
         dist.barrier()
+    write_manifest(ckpt_dir)  # collective
 
 
 def load_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str,
@@ -158,6 +162,8 @@ def load_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str,
     if not is_checkpoint(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir} is not a megarlhf checkpoint (needs {META_FILE} and "
                               "megatron's metadata.json)")
+    verify_checkpoint(ckpt_dir)  # sizes against the manifest (contents: on resume)
+    check_metadata(ckpt_dir)
     skip = tuple(skip_prefixes)
     sharded = model_sharded_state_dict(chunks, skip)
     try:

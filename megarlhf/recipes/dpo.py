@@ -87,7 +87,16 @@ class DPOConfig:
         return self.world
 
     def validate(self) -> None:
-        problems = runtime_problems(self.model)
+        from megarlhf.config import loop_problems, parallel_problems, range_problems
+        from megarlhf.data.dataset import data_problems
+
+        problems = runtime_problems(self.model) + parallel_problems(self.parallel)
+        problems += loop_problems(self.train) + data_problems(self.data)
+        problems += range_problems(self, "", positive=("world",))
+        problems += range_problems(self.eval, "eval", positive=("num_prompts", "max_new_tokens", "batch_size"))
+        problems += range_problems(self.log, "log", positive=("interval",))
+        if problems:  # the checks below divide by these sizes
+            raise ConfigError(problems)
         t, d = self.train, self.dpo
         if self.world % self.parallel.model_parallel_size:
             problems.append(f"world={self.world} is not divisible by TP x PP = "
@@ -105,10 +114,7 @@ class DPOConfig:
             problems.append("dpo.label_smoothing applies to dpo.loss_type='sigmoid' only")
         if not 0.0 <= d.label_smoothing < 0.5:
             problems.append(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
-        if d.nll_weight < 0:
-            problems.append(f"dpo.nll_weight={d.nll_weight} must be >= 0")
-        if d.beta <= 0:
-            problems.append(f"dpo.beta={d.beta} must be > 0")
+        problems += range_problems(d, "dpo", positive=("beta",), non_negative=("nll_weight",))
         if d.reference not in ("precomputed", "online"):
             problems.append(f"dpo.reference={d.reference!r}: expected 'precomputed' or 'online'")
         if d.reference == "online" and self.parallel.pp > 1:
@@ -228,6 +234,7 @@ def run(cfg: DPOConfig) -> dict:
     from megarlhf.train.preemption import Preemption
     from megarlhf.train.schedule import build_scheduler
     from megarlhf.train.step import train_step
+    from megarlhf.train.guard import BadSteps
 
     t, d = cfg.train, cfg.dpo
     preempt = Preemption(t.preemption)  # signal handlers first: a signal only sets a flag
@@ -293,19 +300,23 @@ def run(cfg: DPOConfig) -> dict:
     forward_step = dpo_forward_step(mp, model_cfg, d, plat.device, ref_chunks)
     with_ref = ref_chunks is None
     batches = sampler.batches(consumed)
+    guard = BadSteps(t.max_bad_steps)
     log.start_progress(total_steps, step)
     while step < total_steps:
         micro, seq = pair_microbatches(train_ds, next(batches), t.micro_batch_size, t.seq_length,
                                        tokenizer.pad_id, with_ref=with_ref)
         t0 = time.time()
         res = train_step(ddp, optimizer, mp, forward_step, micro, seq, 2 * t.micro_batch_size)
-        scheduler.step(1)
+        if res["applied"]:
+            scheduler.step(1)
+        guard.record(res["skipped"], step + 1, preempt)
         step += 1
         consumed += t.global_batch_size
         stats = _summary(reduce_stats(res["outputs"], mp, plat.device))
         tokens = sum(int((m.tokens != tokenizer.pad_id).sum()) for m in micro) * mp.dp_size
         dt = time.time() - t0
         log.log(step, {**stats, "lr": optimizer.param_groups[0]["lr"],
+                       **({"skipped_steps": guard.total} if guard.total else {}),
                        "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(tokens / dt),
                        "step_s": round(dt, 3)})
         preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(

@@ -52,6 +52,9 @@ class LoopConfig:
     """Checkpoints (``checkpoints/``), the final model (``final/``), ``metrics.jsonl``."""
     init_from: str = "runs/sft/checkpoint"
     """The starting checkpoint (an SFT model)."""
+    max_bad_steps: int = 5
+    """Stop (after saving) when this many updates in a row were skipped for a NaN/Inf loss
+    or gradient (a skipped update changes nothing; 0: never stop)."""
     seed: int = 1234
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""

@@ -142,6 +142,9 @@ class PPOTrainConfig:
     eval_interval: int = 0
     """Steps between exact-match evaluations (0: at the start and the end only)."""
     out_dir: str = "runs/ppo"
+    max_bad_steps: int = 5
+    """Stop (after saving) when this many updates in a row were skipped for a NaN/Inf loss
+    or gradient (a skipped update changes nothing; 0: never stop)."""
     seed: int = 1234
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
@@ -174,7 +177,30 @@ class PPOConfig:
         return placement_spans(self.placement, self.world, self.reward_ranks, ROLES, ("reward",))
 
     def validate(self) -> None:
+        from megarlhf.config import loop_problems, parallel_problems, range_problems
+        from megarlhf.data.dataset import data_problems
+
         p, r, t, ro = [], self.ppo, self.train, self.rollout
+        for role in ROLES:
+            p += parallel_problems(getattr(self, role).parallel, f"{role}.parallel")
+        p += loop_problems(t) + data_problems(self.data)
+        p += range_problems(self, "", positive=("world",), non_negative=("reward_ranks",))
+        p += range_problems(ro, "rollout", positive=("prompts_per_step", "samples_per_prompt",
+                                                     "max_new_tokens", "max_batch", "temperature"),
+                            non_negative=("top_k",))
+        if not 0 < ro.top_p <= 1:
+            p.append(f"rollout.top_p={ro.top_p} must be in (0, 1]")
+        p += range_problems(r, "ppo", positive=("clip", "minibatch_size", "ppo_epochs", "kl_horizon",
+                                                "kl_target", "value_clip"),
+                            non_negative=("kl_coef", "value_loss_coef", "critic_warmup_steps"),
+                            fraction=("gamma", "lam"),
+                            finite=("kl_clamp_min", "kl_clamp_max", "missing_eos_penalty"))
+        if r.kl_clamp_min is not None and r.kl_clamp_max is not None and r.kl_clamp_min > r.kl_clamp_max:
+            p.append(f"ppo.kl_clamp_min={r.kl_clamp_min} is above ppo.kl_clamp_max={r.kl_clamp_max}")
+        p += range_problems(self.eval, "eval", positive=("num_prompts", "max_new_tokens", "batch_size"))
+        p += range_problems(self.log, "log", positive=("interval",))
+        if p:  # the checks below divide by these sizes
+            raise ConfigError(p)
         if self.placement not in ("colocated", "partitioned"):
             p.append(f"placement={self.placement!r}: expected 'colocated' or 'partitioned'")
         elif self.placement == "partitioned" and not 0 < self.reward_ranks < self.world:
@@ -389,6 +415,13 @@ def minibatch_rows(n: int, minibatch: int, mp):
         yield range(start + mine.start, start + mine.stop)
 
 
+def minibatch_has_tokens(mask: torch.Tensor, index: int, size: int) -> bool:
+    """Whether minibatch ``index`` (rows ``[index * size, (index + 1) * size)`` over all DP
+    ranks) has any response token: a minibatch of empty responses is skipped, since its
+    per-token loss would divide by zero tokens."""
+    return bool(mask[index * size:(index + 1) * size].sum() > 0)
+
+
 # -- the recipe -------------------------------------------------------------------------------
 def run(cfg: PPOConfig) -> dict:
     from megarlhf import platform
@@ -410,6 +443,7 @@ def run(cfg: PPOConfig) -> dict:
     from megarlhf.train.preemption import Preemption
     from megarlhf.train.roles import is_writer, share_rows, shard_rows
     from megarlhf.train.schedule import build_scheduler
+    from megarlhf.train.guard import BadSteps
     from megarlhf.train.step import forward_only, train_step
 
     t, P, R = cfg.train, cfg.ppo, cfg.rollout
@@ -553,6 +587,7 @@ def run(cfg: PPOConfig) -> dict:
             result["initial_exact_match"] = acc0
             log.log(0, {"exact_match": acc0}, echo=False)
     batches = sampler.batches(consumed)
+    guards = {role: BadSteps(t.max_bad_steps, name=role) for role in trainable}
     log.start_progress(total_steps, step)
     while step < total_steps:
         times: Dict[str, float] = {}
@@ -613,6 +648,7 @@ def run(cfg: PPOConfig) -> dict:
         with phase("update", times):
             train_actor = step >= P.critic_warmup_steps
             actor_stats, critic_stats, first_dev = None, None, None
+            empty_minibatches = 0
             for epoch in range(P.ppo_epochs):
                 order = None
                 if epoch:
@@ -624,6 +660,9 @@ def run(cfg: PPOConfig) -> dict:
                                                        ("tokens", "labels", "mask", "last_index")})
                     ep_extra = {k: v[order] for k, v in extra.items()}
                 for mb in range(n_seq // P.minibatch_size):
+                    if not minibatch_has_tokens(ep_ro.mask, mb, P.minibatch_size):
+                        empty_minibatches += 1  # every response empty: nothing to learn from
+                        continue
                     for role, step_fn, enabled in (
                             ("actor", _actor_step(actor_mp, vstart.get("actor", 0), P.clip, dev), train_actor),
                             ("critic", _critic_step(P.value_clip, P.value_loss_coef, dev), True)):
@@ -634,6 +673,7 @@ def run(cfg: PPOConfig) -> dict:
                         micro = microbatches(ep_ro, rows, t.micro_batch_size, ep_extra)
                         ddp, opt, _ = trainable[role]
                         res = train_step(ddp, opt, mp, step_fn, micro, ro.seq, t.micro_batch_size)
+                        guards[role].record(res["skipped"], step + 1, preempt)
                         st = reduce_stats(res["outputs"], mp, dev).cpu()
                         if role == "actor":
                             actor_stats = st if actor_stats is None else actor_stats + st
@@ -671,6 +711,11 @@ def run(cfg: PPOConfig) -> dict:
         if critic_stats is not None:
             vl, n, vclip = critic_stats.tolist()
             m.update(value_loss=vl / n, value_clip_fraction=vclip / n)
+        if empty_minibatches:
+            m["empty_minibatches"] = empty_minibatches
+        for role, g in guards.items():
+            if g.total:
+                m[f"skipped_updates/{role}"] = g.total
         if "actor" in trainable:
             m["actor_lr"] = trainable["actor"][1].param_groups[0]["lr"]
         for name, secs in times.items():

@@ -56,7 +56,15 @@ class RMConfig:
         return self.world
 
     def validate(self) -> None:
-        problems = runtime_problems(self.model)
+        from megarlhf.config import loop_problems, parallel_problems, range_problems
+        from megarlhf.data.dataset import data_problems
+
+        problems = runtime_problems(self.model) + parallel_problems(self.parallel)
+        problems += loop_problems(self.train) + data_problems(self.data)
+        problems += range_problems(self, "", positive=("world",), finite=("margin",))
+        problems += range_problems(self.log, "log", positive=("interval",))
+        if problems:  # the checks below divide by these sizes
+            raise ConfigError(problems)
         t = self.train
         if self.world % self.parallel.model_parallel_size:
             problems.append(f"world={self.world} is not divisible by TP x PP = "
@@ -163,6 +171,7 @@ def run(cfg: RMConfig) -> dict:
     from megarlhf.train.preemption import Preemption
     from megarlhf.train.schedule import build_scheduler
     from megarlhf.train.step import train_step
+    from megarlhf.train.guard import BadSteps
 
     t = cfg.train
     preempt = Preemption(t.preemption)  # signal handlers first: a signal only sets a flag
@@ -213,6 +222,7 @@ def run(cfg: RMConfig) -> dict:
     # -- loop --------------------------------------------------------------------------------
     forward_step = reward_forward_step(mp, plat.device, cfg.pooling)
     batches = sampler.batches(consumed)
+    guard = BadSteps(t.max_bad_steps)
     log.start_progress(total_steps, step)
     while step < total_steps:
         indices = next(batches)
@@ -220,13 +230,16 @@ def run(cfg: RMConfig) -> dict:
                                        tokenizer.pad_id, margin=cfg.margin)
         t0 = time.time()
         res = train_step(ddp, optimizer, mp, forward_step, micro, seq, 2 * t.micro_batch_size)
-        scheduler.step(1)
+        if res["applied"]:
+            scheduler.step(1)
+        guard.record(res["skipped"], step + 1, preempt)
         step += 1
         consumed += t.global_batch_size
         stats = _summary(reduce_stats(res["outputs"], mp, plat.device))
         tokens = sum(int((m.tokens != tokenizer.pad_id).sum()) for m in micro) * mp.dp_size
         dt = time.time() - t0
         log.log(step, {**stats, "lr": optimizer.param_groups[0]["lr"],
+                       **({"skipped_steps": guard.total} if guard.total else {}),
                        "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(tokens / dt),
                        "step_s": round(dt, 3)})
         if data.eval is not None and t.eval_interval and step % t.eval_interval == 0:

@@ -77,6 +77,9 @@ class TrainConfig:
     resume: str = "auto"
     """``auto``: continue from the newest complete training checkpoint in ``out_dir`` if
     any; ``never``; or a checkpoint folder."""
+    max_bad_steps: int = 5
+    """Stop (after saving) when this many updates in a row were skipped for a NaN/Inf loss
+    or gradient (a skipped update changes nothing; 0: never stop)."""
     seed: int = 1234
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
@@ -114,7 +117,17 @@ class SFTConfig:
         return self.world
 
     def validate(self) -> None:
-        problems = []
+        from megarlhf.config import loop_problems, parallel_problems, range_problems
+        from megarlhf.data.dataset import data_problems
+        from megarlhf.data.task import task_problems
+
+        problems = parallel_problems(self.parallel) + loop_problems(self.train)
+        problems += data_problems(self.data) + task_problems(self.task)
+        problems += range_problems(self, "", positive=("world",))
+        problems += range_problems(self.eval, "eval", positive=("num_prompts", "max_new_tokens", "batch_size"))
+        problems += range_problems(self.log, "log", positive=("interval",))
+        if problems:  # the checks below divide by these sizes
+            raise ConfigError(problems)
         if self.world % self.parallel.model_parallel_size:
             problems.append(f"world={self.world} is not divisible by TP x PP = "
                             f"{self.parallel.model_parallel_size}")
@@ -167,6 +180,7 @@ def run(cfg: SFTConfig) -> dict:
     from megarlhf.train.preemption import Preemption
     from megarlhf.train.schedule import build_scheduler
     from megarlhf.train.step import train_step
+    from megarlhf.train.guard import BadSteps
 
     t_start = time.time()
     preempt = Preemption(cfg.train.preemption)  # signal handlers first: a signal only sets a flag
@@ -231,6 +245,7 @@ def run(cfg: SFTConfig) -> dict:
     ids_col, mask_col = data.train["input_ids"], data.train["loss_mask"]
     forward_step = lm_forward_step(mp, model_cfg, plat.device)
     batches = sampler.batches(consumed)
+    guard = BadSteps(t.max_bad_steps)
     log.start_progress(total_steps, step)
     t_loop = time.time()
     while step < total_steps:
@@ -245,11 +260,14 @@ def run(cfg: SFTConfig) -> dict:
         micro = _split(batch, t.micro_batch_size)
         t0 = time.time()
         res = train_step(ddp, optimizer, mp, forward_step, micro, t.seq_length, t.micro_batch_size)
-        scheduler.step(1)
+        if res["applied"]:
+            scheduler.step(1)
+        guard.record(res["skipped"], step, preempt)
         consumed += t.global_batch_size
         loss_sum, n_tok = _global_loss(res["outputs"], mp)
         dt = time.time() - t0
         log.log(step, {"loss": loss_sum / max(n_tok, 1), "lr": optimizer.param_groups[0]["lr"],
+                       **({"skipped_steps": guard.total} if guard.total else {}),
                        "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(n_tok / dt),
                        "step_s": round(dt, 3), "epoch": round(consumed / sampler.samples_per_epoch, 2)},
                 echo=step % cfg.log.interval == 0 or step in (1, total_steps))

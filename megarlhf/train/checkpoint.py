@@ -33,6 +33,8 @@ import torch.distributed as dist
 from megarlhf import platform
 from megarlhf.models.checkpoint import (CheckpointError, CheckpointMeta, is_checkpoint,
                                         model_sharded_state_dict, write_meta)
+from megarlhf.models.integrity import check_metadata, verify_checkpoint, write_manifest
+from megarlhf.train import faults
 
 __all__ = ["save_train_state", "load_train_state", "save_roles_state", "load_roles_state",
            "find_checkpoint", "checkpoint_root", "LATEST", "TrainState"]
@@ -156,10 +158,15 @@ def save_roles_state(out_dir: str, step: int, roles: Dict[str, Role], train: Dic
     world = dist.get_world_size() if dist.is_initialized() else 1
     state["train"] = {"step": step, "world_size": world, "layout": _layout_key(roles), **train,
                       **_schedulers(roles)}
+    platform.checkpoint_writer_dies_with_parent()
     dist_checkpointing.save(state, tmp)
     _barrier()
     if _rank() == 0:
         write_meta(tmp, meta)
+    _barrier()
+    write_manifest(tmp)  # collective: every file's size and SHA-256, before the rename
+    faults.at("save")
+    if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = os.path.join(root, LATEST)
@@ -218,6 +225,11 @@ def load_roles_state(ckpt_dir: str, roles: Dict[str, Role]) -> Dict[str, Any]:
 
     from megarlhf.models.checkpoint import _bare
 
+    try:  # collective: every file against the manifest, each rank hashing its share
+        verify_checkpoint(ckpt_dir, hashes=True, collective=True)
+        check_metadata(ckpt_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. {_previous_hint(ckpt_dir)}") from None
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     if "train" not in common:
         raise CheckpointError(f"{ckpt_dir} holds model weights only (no training state); "
@@ -251,6 +263,17 @@ def load_roles_state(ckpt_dir: str, roles: Dict[str, Role]) -> Dict[str, Any]:
             scheduler.load_state_dict(common["train"]["scheduler" if not name else f"{name}_scheduler"])
     _set_rng_state(loaded["rng"])
     return common["train"]
+
+
+def _previous_hint(ckpt_dir: str) -> str:
+    """Where to resume from instead of a damaged checkpoint."""
+    root, name = os.path.split(os.path.normpath(ckpt_dir))
+    older = [n for n in _complete(root) if n < name]
+    if not older:
+        return "No earlier complete checkpoint is kept beside it: start again with train.resume=never"
+    return (f"The previous checkpoint {os.path.join(root, older[-1])} can be used: "
+            f"train.resume={os.path.join(root, older[-1])} (or delete the damaged folder "
+            "and resume=auto picks it)")
 
 
 def _layout_key(roles: Dict[str, Role]) -> str:

@@ -44,8 +44,9 @@ STOPPED_EXIT = 75
 resumable; SLURM sites may list it in ``RequeueExit``)."""
 
 # Agreed stop reasons, reduced with MAX over the ranks: SIGTERM wins over a requeue
-# request, so a job being cancelled is never put back in the queue.
-_NONE, _REQUEUE, _TERM = 0, 1, 2
+# request, so a job being cancelled is never put back in the queue; a halt (the run's own
+# decision that it cannot go on, e.g. non-finite steps) wins over both.
+_NONE, _REQUEUE, _TERM, _HALT = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ class Preemption:
         self.received: Optional[str] = None
         """Name of the first signal this process received (for the log)."""
         self.reason: Optional[str] = None
-        """The agreed reason once :meth:`should_stop` returned True: ``requeue`` or ``sigterm``."""
+        """The agreed reason once :meth:`should_stop` returned True: ``requeue``, ``sigterm``
+        or ``halt``."""
+        self.halt_message: Optional[str] = None
         self._flag = _NONE
         self._previous = {}
         sig = _parse_signal(cfg.signal, f"{key}.signal")
@@ -130,6 +133,12 @@ class Preemption:
             signal.signal(sig, previous)
         self._previous = {}
 
+    def halt(self, message: str) -> None:
+        """This rank asks the run to stop with an error after saving its state at the end
+        of this step (every rank agrees in :meth:`should_stop`)."""
+        self._flag = _HALT
+        self.halt_message = self.halt_message or message
+
     def should_stop(self) -> bool:
         """Whether any rank of the job received a stop signal. Collective over the default
         process group (one small all-reduce): call it on every rank, once per step."""
@@ -142,7 +151,7 @@ class Preemption:
             flag = int(t.item())
         if flag == _NONE:
             return False
-        self.reason = "sigterm" if flag == _TERM else "requeue"
+        self.reason = {_TERM: "sigterm", _HALT: "halt"}.get(flag, "requeue")
         return True
 
     def end_of_step(self, step: int, total_steps: int, save_interval: int,
@@ -151,6 +160,17 @@ class Preemption:
         folder) every ``save_interval`` steps before the last, or at once when a signal
         arrived, and after a signal :meth:`exit`."""
         stop = self.should_stop()
+        if stop and self.reason == "halt":
+            from megarlhf.train.guard import TrainingHalted
+
+            saved = save()
+            why = self.halt_message or "another rank halted the run"
+            if log is not None:
+                log.say(f"halted after step {step}: {why}; saved {saved}")
+                log.close()
+            raise TrainingHalted(f"halted after step {step}: {why}. Saved that state to {saved}; "
+                                 "resume from it with train.resume=auto once the cause is fixed "
+                                 "(lower the learning rate, check the data)")
         if (stop or save_interval and step % save_interval == 0) and step < total_steps:
             saved = save()
             if stop:

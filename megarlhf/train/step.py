@@ -12,8 +12,9 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 
 from megarlhf.parallel import ModelParallel
+from megarlhf.train import faults
 
-__all__ = ["train_step", "forward_only"]
+__all__ = ["train_step", "forward_only", "all_finite"]
 
 
 def _iterators(microbatches: Sequence[Any], n_chunks: int):
@@ -58,8 +59,56 @@ def train_step(ddp_chunks: List[torch.nn.Module], optimizer, mp: ModelParallel,
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    _inject(faults.at("train_step"), ddp_chunks, outputs)
+    if not all_finite(ddp_chunks, outputs, mp):
+        # A NaN/Inf loss or gradient on any rank of the model: every rank skips the update
+        # (weights, Adam moments and step count stay as they were). The caller counts it.
+        for chunk in ddp_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        return {"outputs": outputs, "grad_norm": float("nan"), "applied": False, "skipped": True}
     applied, grad_norm, _ = optimizer.step()
-    return {"outputs": outputs, "grad_norm": grad_norm, "applied": applied}
+    return {"outputs": outputs, "grad_norm": grad_norm, "applied": applied, "skipped": False}
+
+
+def _grad_buffers(ddp_chunks):
+    for chunk in ddp_chunks:
+        for buf in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
+            yield buf.grad_data
+
+
+def _output_tensors(outputs):
+    for out in outputs or []:
+        values = out.values() if isinstance(out, dict) else [out]
+        for v in values:
+            if torch.is_tensor(v) and v.is_floating_point():
+                yield v
+
+
+def all_finite(ddp_chunks: List[torch.nn.Module], outputs: Sequence[Any], mp: ModelParallel) -> bool:
+    """Whether this step's losses (the last stage's loss outputs) and gradients are finite on
+    every rank of the model: one flag, MAX-reduced over its TP, PP and DP groups, so all
+    ranks take the same decision."""
+    bad = any(not bool(torch.isfinite(g).all()) for g in _grad_buffers(ddp_chunks))
+    bad = bad or any(not bool(torch.isfinite(v).all()) for v in _output_tensors(outputs))
+    device = next(iter(_grad_buffers(ddp_chunks)), torch.zeros(())).device
+    flag = torch.tensor([1.0 if bad else 0.0], device=device)
+    for group in (mp.tp_group, mp.pp_group, mp.dp_group):
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    return float(flag.item()) == 0.0
+
+
+def _inject(actions: List[str], ddp_chunks, outputs) -> None:
+    """Carry out injected numerical faults (megarlhf.train.faults)."""
+    for action in actions:
+        value = float("nan") if action in ("nan_grad", "nan_loss") else float("inf")
+        if action in ("nan_grad", "inf_grad"):
+            for g in _grad_buffers(ddp_chunks):
+                g.view(-1)[0] = value
+        elif action == "nan_loss":
+            for v in _output_tensors(outputs):
+                v.fill_(value)
 
 
 @torch.no_grad()

@@ -196,3 +196,39 @@ def test_kl_controller():
     restored = KLController(0.5, target=6.0)
     restored.load_state_dict(ada.state_dict())
     assert restored.coef == ada.coef
+
+
+@pytest.mark.parametrize("case", ["all_empty", "one_token", "constant"])
+def test_degenerate_batches_stay_finite(case):
+    """Empty responses (no response token at all), a single token, and advantages with zero
+    variance: every quantity PPO derives stays finite, and empty rows stay exactly 0."""
+    b, s = 3, 5
+    mask = torch.zeros(b, s, dtype=torch.float64)
+    if case == "one_token":
+        mask[1, 2] = 1
+    elif case == "constant":
+        mask[:, 1:4] = 1
+    kl = torch.full((b, s), 0.3, dtype=torch.float64) * mask
+    rewards = token_rewards(kl, rows(1.0, 1.0, 1.0), mask, 0.1)
+    values = torch.full((b, s), 0.25, dtype=torch.float64) * mask
+    adv, ret = gae(rewards, values, mask, 1.0, 0.95)
+    if case == "constant":
+        adv = torch.full_like(adv, 0.7) * mask  # zero variance over the masked tokens
+    outs = [rewards, adv, ret, masked_whiten(adv, mask), masked_whiten(rewards, mask, shift_mean=False),
+            masked_mean(adv, mask), explained_variance(values, ret, mask),
+            policy_loss(values, values, adv, mask, 0.2)[0], value_loss(values, values, ret, mask, 0.2)[0]]
+    for x in outs:
+        assert torch.isfinite(x).all()
+    assert (masked_whiten(adv, mask)[mask == 0] == 0).all()
+    if case == "all_empty":
+        assert rewards.abs().sum() == 0 and adv.abs().sum() == 0
+    if case == "constant":
+        assert masked_whiten(adv, mask).abs().max() < 1e-3
+
+
+def test_empty_minibatches_are_recognised():
+    from megarlhf.recipes.ppo import minibatch_has_tokens
+
+    mask = torch.zeros(6, 4)
+    mask[4, 1] = 1
+    assert [minibatch_has_tokens(mask, i, 2) for i in range(3)] == [False, False, True]

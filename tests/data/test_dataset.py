@@ -4,18 +4,8 @@ import json
 
 import pytest
 
-from megarlhf.data.chat import ChatTemplate, ChatTemplateConfig
 from megarlhf.data.dataset import DataConfig, build_dataset
 from megarlhf.data.load import DataError, SourceConfig
-from megarlhf.data.tokenizer import train_sentencepiece
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    texts = [f"question {i} answer {i * 7} and some more words" for i in range(400)]
-    tok = train_sentencepiece(texts, 300, str(tmp_path_factory.mktemp("t") / "t.model"),
-                              user_symbols=["<|user|>", "<|assistant|>", "<|system|>"])
-    return ChatTemplate(ChatTemplateConfig(), tok)
 
 
 def write(path, rows):

@@ -111,6 +111,14 @@ def final_weights(out_dir):
     return load_file(os.path.join(hf, "model.safetensors"))
 
 
+def assert_same_final_weights(run_a, run_b):
+    """The two runs' final models, exported to safetensors, are equal bit for bit."""
+    a, b = final_weights(run_a), final_weights(run_b)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_sigkill_and_resume_is_bit_identical(sft_like, tmp_path):
     ckpt, files = sft_like
     steps = ["train.max_steps=12", "train.save_interval=3", "train.resume=auto"]
@@ -132,10 +140,7 @@ def test_sigkill_and_resume_is_bit_identical(sft_like, tmp_path):
     first = latest.read_text().strip()
     out = cli(*common("rm", ckpt, files, killed), *steps)
     assert f"resumed from {killed / 'checkpoints' / first}" in out
-    a, b = final_weights(full), final_weights(killed)
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_final_weights(full, killed)
 
 
 def test_rm_eval_reports_subsets(sft_like, tmp_path):
