@@ -22,6 +22,12 @@ def _demo() -> Tuple[type, Callable]:
     return PipelineConfig, run
 
 
+def _compare() -> Tuple[type, Callable]:
+    from megarlhf.compare import CompareConfig, run
+
+    return CompareConfig, run
+
+
 def _smoke() -> Tuple[type, Callable]:
     from megarlhf.demo import DemoConfig, run
 
@@ -55,6 +61,8 @@ def _sft() -> Tuple[type, Callable]:
 # name -> (loader of (schema, entry), one-line help)
 COMMANDS: Dict[str, Tuple[Callable[[], Tuple[type, Callable]], str]] = {
     "demo": (_demo, "the whole tiny pipeline on the built-in task: SFT -> RM -> DPO and PPO"),
+    "compare": (_compare, "the paper's comparison on the built-in task: SFT vs DPO vs PPO with a "
+                          "small and a larger reward model, over seeds; table and plot"),
     "smoke": (_smoke, "train the tiny Llama a few steps at any TP x PP and check its checkpoint"),
     "sft": (_sft, "supervised fine-tuning on chat data (default: the built-in task)"),
     "rm": (_rm, "train a Bradley-Terry reward model from an SFT checkpoint"),

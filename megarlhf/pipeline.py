@@ -30,7 +30,7 @@ from megarlhf.recipes.sft import SFTConfig
 from megarlhf.train.metrics import LogConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["PipelineConfig", "PairsConfig", "run"]
+__all__ = ["PipelineConfig", "PairsConfig", "run", "sample_pairs"]
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,25 @@ class PipelineConfig:
             raise ConfigError(problems)
 
 
+def sample_pairs(cfg: PairsConfig, st: Dict[str, object]) -> None:
+    """``megarlhf pairs`` on the first ``cfg.num_prompts`` task prompts, from the SFT
+    checkpoint, into ``st["pairs"]``."""
+    from megarlhf.rollout.commands import pairs_main
+
+    os.makedirs(os.path.dirname(st["pairs"]), exist_ok=True)
+    prompts = os.path.join(os.path.dirname(st["pairs"]), "prompts.jsonl")
+    with open(os.path.join(st["task"], "prompts.jsonl")) as src, open(prompts, "w") as dst:
+        for i, line in enumerate(src):
+            if i >= cfg.num_prompts:
+                break
+            dst.write(line)
+    pairs_main(["--ckpt", st["sft_checkpoint"], "--prompts", prompts, "--out", st["pairs"],
+                "--samples-per-prompt", str(cfg.samples_per_prompt),
+                "--temperature", str(cfg.temperature), "--max-new-tokens", str(cfg.max_new_tokens)])
+
+
 def run(cfg: PipelineConfig) -> Dict[str, object]:
     from megarlhf.recipes import dpo, ppo, reward_model, sft
-    from megarlhf.rollout.commands import pairs_main
 
     st = cfg.stages()
     times: Dict[str, float] = {}
@@ -130,17 +146,8 @@ def run(cfg: PipelineConfig) -> Dict[str, object]:
     times["sft"] = time.time() - t0
 
     t = time.time()
-    os.makedirs(os.path.dirname(st["pairs"]), exist_ok=True)
-    prompts = os.path.join(os.path.dirname(st["pairs"]), "prompts.jsonl")
-    with open(os.path.join(st["task"], "prompts.jsonl")) as src, open(prompts, "w") as dst:
-        for i, line in enumerate(src):
-            if i >= cfg.pairs.num_prompts:
-                break
-            dst.write(line)
     print(f"== 2/5 preference pairs from the SFT policy's samples -> {st['pairs']}", flush=True)
-    pairs_main(["--ckpt", st["sft_checkpoint"], "--prompts", prompts, "--out", st["pairs"],
-                "--samples-per-prompt", str(cfg.pairs.samples_per_prompt),
-                "--temperature", str(cfg.pairs.temperature), "--max-new-tokens", str(cfg.pairs.max_new_tokens)])
+    sample_pairs(cfg.pairs, st)
     times["pairs"] = time.time() - t
 
     t = time.time()

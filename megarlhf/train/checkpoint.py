@@ -88,9 +88,11 @@ def _role_state(chunks, optimizer, is_loading: bool, prefix: str) -> Dict[str, A
     model = model_sharded_state_dict(chunks, prefix=prefix)
     md = _DIST_OPT if _uses_dist_opt(optimizer) else None
     with torch.no_grad():
-        if is_loading and md is not None:
+        if md is not None or not is_loading:
             # The distributed optimizer builds its load state dict from existing Adam
-            # states (and asserts one common step): create them first.
+            # states (and asserts one common step); and a checkpoint saved before any update
+            # was applied (all skipped as non-finite) must hold them too, or it cannot be
+            # loaded. Zero moments at step 0 are what Adam starts from anyway.
             for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
                 inner.init_state_fn(inner.optimizer, inner.config)
                 for group in inner.optimizer.param_groups:
@@ -257,6 +259,8 @@ def load_roles_state(ckpt_dir: str, roles: Dict[str, Role]) -> Dict[str, Any]:
                 missing = [k for k in missing if not k.endswith("_extra_state")]
                 if missing:
                     raise CheckpointError(f"{ckpt_dir}: {name or 'model'} weights missing: {missing[:5]}")
+            if not _uses_dist_opt(optimizer):
+                _zero_step_if_missing(part["optimizer"])
             optimizer.load_state_dict(part["optimizer"])
         _restore_adam_step(optimizer, part["optimizer"])
         if scheduler is not None:
@@ -284,6 +288,24 @@ def _layout_key(roles: Dict[str, Role]) -> str:
         layout = getattr(_bare(chunks[0]), "megarlhf_layout", "?")
         parts.append(f"{name + ':' if name else ''}{layout}-vpp{len(chunks)}")
     return ",".join(parts)
+
+
+def _zero_step_if_missing(saved: Any) -> None:
+    """megatron stores Adam's step once per optimizer (``common_step``), but only when it is
+    non-zero: a checkpoint saved before any update was applied loads back without one, and
+    torch's Adam refuses moments without a step. Put the zero back."""
+    if isinstance(saved, list):
+        for x in saved:
+            _zero_step_if_missing(x)
+        return
+    if not isinstance(saved, dict):
+        return
+    state = saved.get("state")
+    if isinstance(state, dict) and state and "common_step" not in state and all(
+            isinstance(v, dict) and "step" not in v for v in state.values()):
+        state["common_step"] = torch.tensor(0.0)
+    for key in ("optimizer", "optimizer_state_dict"):
+        _zero_step_if_missing(saved.get(key))
 
 
 def _restore_adam_step(optimizer, saved) -> None:

@@ -128,3 +128,20 @@ def test_a_corrupted_checkpoint_is_refused_by_name_and_the_previous_one_loads(sf
     assert "Traceback" not in log
     log = ok(*rm_args(sft_like, out, *more, f"train.resume={ckpts / 'step_0000002'}"))
     assert f"resumed from {ckpts / 'step_0000002'}" in log
+
+
+def test_ppo_partitioned_halts_on_every_rank_and_resumes(sft_like, mg_reward, tmp_path):
+    """NaN gradients on one policy rank: both TP ranks of each trainable role skip, the reward
+    model's own rank joins the agreed halt and the checkpoint, and the run resumes."""
+    from tests.recipes.test_ppo import POLICY_TP2, ppo_args
+
+    args = ppo_args(sft_like, mg_reward, tmp_path, "world=3", "placement=partitioned", "reward_ranks=1",
+                    *POLICY_TP2, "train.max_steps=2", "train.max_bad_steps=3")
+    rc, log, _ = run(*args, faults="nan_grad@train_step=1-100:rank=0")
+    assert rc == 1, log[-3000:]
+    assert "halted after step 1: 3 actor updates in a row had a non-finite loss or gradient" in log
+    step1 = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"score_mean"' in l][-1]
+    assert step1["skipped_updates/actor"] == 4 and step1["skipped_updates/critic"] == 4
+    assert latest(tmp_path) == "step_0000001"
+    log = ok(*args)
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_0000001'}" in log
