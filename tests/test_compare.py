@@ -1,6 +1,6 @@
 """`megarlhf compare`: the summary and the ordering checks by hand, and the whole command at
-toy sizes (every stage runs, the table, JSON and plot come out; numbers are not checked:
-docs/comparison.md reports a real run)."""
+toy sizes (every stage runs, the table, JSON and plot come out; numbers are not checked
+at these sizes)."""
 
 import json
 
