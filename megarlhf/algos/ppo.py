@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["KL_ESTIMATORS", "kl_estimate", "token_rewards", "gae", "masked_mean", "masked_var",
            "masked_whiten", "policy_loss", "value_loss", "explained_variance", "KLController",
-           "last_token_index"]
+           "last_token_index", "leave_one_out"]
 
 KL_ESTIMATORS = ("k1", "k3", "abs")
 
@@ -64,6 +64,15 @@ def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
     has = mask.sum(-1) > 0
     r[rows[has], last[has]] += scores[has].to(r.dtype)
     return r
+
+
+def leave_one_out(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each score minus the mean of the other ``k - 1`` scores of its group; ``scores`` holds
+    consecutive groups of ``k`` (the samples of one prompt)."""
+    if k < 2 or scores.numel() % k:
+        raise ValueError(f"leave_one_out: {scores.numel()} scores do not form groups of k={k} >= 2")
+    g = scores.reshape(-1, k)
+    return (g - (g.sum(-1, keepdim=True) - g) / (k - 1)).reshape(scores.shape)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,

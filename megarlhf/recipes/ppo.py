@@ -100,6 +100,11 @@ class PPOLossConfig:
     """Steps at the start that train only the critic."""
     old_logprobs: str = "recompute"
     """``recompute`` (training forward pass; default) or ``rollout`` (the engine's own)."""
+    score_baseline: str = "none"
+    """``none`` (the paper's); ``loo``: with several samples per prompt, each sample's score
+    minus the mean score of the prompt's other samples (RLOO's leave-one-out baseline),
+    which removes the reward model's per-prompt offset: a Bradley-Terry model only ranks
+    answers to the same prompt."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,10 @@ class PPOConfig:
                      f"samples_per_prompt = {n}")
         if r.kl_estimator not in KL_ESTIMATORS:
             p.append(f"ppo.kl_estimator={r.kl_estimator!r}: expected one of {KL_ESTIMATORS}")
+        if r.score_baseline not in ("none", "loo"):
+            p.append(f"ppo.score_baseline={r.score_baseline!r}: expected 'none' or 'loo'")
+        elif r.score_baseline == "loo" and ro.samples_per_prompt < 2:
+            p.append("ppo.score_baseline=loo needs rollout.samples_per_prompt >= 2")
         if r.old_logprobs not in ("recompute", "rollout"):
             p.append(f"ppo.old_logprobs={r.old_logprobs!r}: expected 'recompute' or 'rollout'")
         if r.kl_target is not None and r.kl_target <= 0:
@@ -635,6 +644,8 @@ def run(cfg: PPOConfig) -> dict:
             used = scores.clone()
             if P.missing_eos_penalty is not None:
                 used = torch.where(no_eos, torch.full_like(used, P.missing_eos_penalty), used)
+            if P.score_baseline == "loo":
+                used = A.leave_one_out(used, R.samples_per_prompt)
             kl = A.kl_estimate(old_lp, ref_lp, P.kl_estimator, P.kl_clamp_min, P.kl_clamp_max) * ro.mask
             rewards = A.token_rewards(kl, used, ro.mask, kl_ctl.coef)
             if P.whiten_rewards:

@@ -232,3 +232,16 @@ def test_empty_minibatches_are_recognised():
     mask = torch.zeros(6, 4)
     mask[4, 1] = 1
     assert [minibatch_has_tokens(mask, i, 2) for i in range(3)] == [False, False, True]
+
+
+def test_leave_one_out_baseline_by_hand():
+    from megarlhf.algos.ppo import leave_one_out
+
+    s = torch.tensor([1.0, 2.0, 6.0, 10.0, 10.0, 13.0])
+    out = leave_one_out(s, 3)
+    # group 1: 1 - (2+6)/2 = -3, 2 - 3.5 = -1.5, 6 - 1.5 = 4.5; group 2: 10 - 11.5, 10 - 11.5, 13 - 10
+    assert out.tolist() == [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]
+    # a per-prompt offset disappears
+    assert torch.equal(leave_one_out(s + torch.tensor([5.0] * 3 + [-7.0] * 3), 3), out)
+    with pytest.raises(ValueError, match="groups of k=4"):
+        leave_one_out(s, 4)

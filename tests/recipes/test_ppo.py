@@ -111,6 +111,8 @@ def test_export_to_transformers_generates(colocated, tmp_path):
       "ppo.minibatch_size=5"], "data-parallel replicas"),
     (["ppo.kl_estimator=k2"], "ppo.kl_estimator"),
     (["ppo.old_logprobs=cached"], "ppo.old_logprobs"),
+    (["ppo.score_baseline=mean"], "ppo.score_baseline"),
+    (["ppo.score_baseline=loo"], "samples_per_prompt >= 2"),
     (["rollout.prompts_per_step=12", "ppo.minibatch_size=8"], "must divide"),
     (["critic.model.recompute_granularity=always"], "critic.model.recompute_granularity"),
     (["reward.model.fp8=hybrid", "reward.model.transformer_impl=local"], "reward.model.fp8"),
