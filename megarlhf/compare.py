@@ -153,7 +153,8 @@ def run(cfg: CompareConfig) -> Dict[str, object]:
         st["rm"].train, init_from=os.path.join(o, "sft_large", "checkpoint"), out_dir=os.path.join(o, "rm_large")))
     r_rm_large = stage("rm_large", "large reward model (same pairs)", reward_model.run, rm_large_cfg)
 
-    small, large = st["rm"].train.out_dir + "/final", rm_large_cfg.train.out_dir + "/final"
+    small = os.path.join(st["rm"].train.out_dir, "final")
+    large = os.path.join(rm_large_cfg.train.out_dir, "final")
     per_seed: Dict[str, List[Optional[float]]] = {m: [] for m in METHODS}
     per_seed["sft"] = [r_sft.get("exact_match")]
     curves: Dict[str, List[List[float]]] = {"ppo_small_rm": [], "ppo_large_rm": []}

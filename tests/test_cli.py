@@ -58,22 +58,26 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert (tmp_path / "checkpoint" / "megarlhf.json").exists()
 
 
+# Every stage of the demo pipeline at toy sizes (also used by `megarlhf compare`'s test).
+TOY_PIPELINE = [
+    "sft.task.num_sft=96", "sft.task.num_preference=16", "sft.task.num_prompts=24", "sft.task.num_eval=16",
+    "sft.train.global_batch_size=32", "sft.eval.num_prompts=16", "sft.eval.max_new_tokens=16",
+    "pairs.num_prompts=24", "pairs.samples_per_prompt=2", "pairs.max_new_tokens=16",
+    "rm.data.eval_size=4", "rm.train.max_steps=2", "rm.train.global_batch_size=8", "rm.train.micro_batch_size=4",
+    "dpo.train.max_steps=2", "dpo.train.global_batch_size=8", "dpo.train.micro_batch_size=4",
+    "dpo.eval.num_prompts=16", "dpo.eval.max_new_tokens=16",
+    "ppo.rollout.prompts_per_step=8", "ppo.rollout.max_new_tokens=16", "ppo.ppo.minibatch_size=4",
+    "ppo.train.micro_batch_size=4", "ppo.train.max_steps=2", "ppo.eval.num_prompts=16",
+    "ppo.eval.max_new_tokens=16", "sft.log.progress_bar=false", "rm.log.progress_bar=false",
+    "dpo.log.progress_bar=false", "ppo.log.progress_bar=false",
+]
+
+
 def test_demo_pipeline_wires_every_stage(tmp_path):
     """The whole pipeline at toy sizes (numbers are not checked here; the README reports a
     real run): every stage runs, the table and results.json come out, the curve is drawn."""
     out = tmp_path / "demo"
-    res = cli("demo", f"out_dir={out}", "sft.task.num_sft=96", "sft.task.num_preference=16",
-              "sft.task.num_prompts=24", "sft.task.num_eval=16", "sft.train.global_batch_size=32",
-              "sft.eval.num_prompts=16", "sft.eval.max_new_tokens=16",
-              "pairs.num_prompts=24", "pairs.samples_per_prompt=2", "pairs.max_new_tokens=16",
-              "rm.data.eval_size=4", "rm.train.max_steps=2", "rm.train.global_batch_size=8",
-              "rm.train.micro_batch_size=4",
-              "dpo.train.max_steps=2", "dpo.train.global_batch_size=8", "dpo.train.micro_batch_size=4",
-              "dpo.eval.num_prompts=16", "dpo.eval.max_new_tokens=16",
-              "ppo.rollout.prompts_per_step=8", "ppo.rollout.max_new_tokens=16", "ppo.ppo.minibatch_size=4",
-              "ppo.train.micro_batch_size=4", "ppo.train.max_steps=2", "ppo.eval.num_prompts=16",
-              "ppo.eval.max_new_tokens=16", "sft.log.progress_bar=false", "rm.log.progress_bar=false",
-              "dpo.log.progress_bar=false", "ppo.log.progress_bar=false", timeout=900)
+    res = cli("demo", f"out_dir={out}", *TOY_PIPELINE, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
     res = res.stdout
     last = res.strip().splitlines()[-1]

@@ -88,11 +88,17 @@ def _output_tensors(outputs):
 def all_finite(ddp_chunks: List[torch.nn.Module], outputs: Sequence[Any], mp: ModelParallel) -> bool:
     """Whether this step's losses (the last stage's loss outputs) and gradients are finite on
     every rank of the model: one flag, MAX-reduced over its TP, PP and DP groups, so all
-    ranks take the same decision."""
-    bad = any(not bool(torch.isfinite(g).all()) for g in _grad_buffers(ddp_chunks))
-    bad = bad or any(not bool(torch.isfinite(v).all()) for v in _output_tensors(outputs))
-    device = next(iter(_grad_buffers(ddp_chunks)), torch.zeros(())).device
-    flag = torch.tensor([1.0 if bad else 0.0], device=device)
+    ranks take the same decision.
+
+    One sum per gradient buffer, no copy of it and one host sync in all: a sum is NaN or Inf
+    exactly when an element is (or when finite gradients overflow fp32, which only absurd
+    ones do, and such a step is worth skipping too)."""
+    sums = [g.float().sum() for g in _grad_buffers(ddp_chunks)]
+    sums += [v.float().sum() for v in _output_tensors(outputs)]
+    if sums:
+        flag = (~torch.isfinite(torch.stack(sums))).any().float().reshape(1)
+    else:
+        flag = torch.zeros(1)
     for group in (mp.tp_group, mp.pp_group, mp.dp_group):
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
