@@ -165,6 +165,11 @@ class PPOConfig:
     """``colocated`` (every role on every rank) or ``partitioned`` (the reward model on
     the last ``reward_ranks`` ranks, the other roles on the rest)."""
     reward_ranks: int = 0
+    score: str = "model"
+    """What scores a response: ``model`` (the reward model, the paper's way) or
+    ``exact_match`` (a verifiable reward: 1 when the number after the response's last
+    ``####`` equals the prompt row's ``reference``, else 0; no reward model is built and
+    every prompt row needs a ``reference``)."""
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=1024, max_prompt_length=1024))
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
@@ -176,10 +181,14 @@ class PPOConfig:
     def world_size(self) -> int:
         return self.world
 
+    def roles(self) -> tuple:
+        """The models this job builds (no reward model when a rule scores)."""
+        return ROLES if self.score == "model" else tuple(r for r in ROLES if r != "reward")
+
     def spans(self) -> Dict[str, tuple]:
         from megarlhf.train.roles import placement_spans
 
-        return placement_spans(self.placement, self.world, self.reward_ranks, ROLES, ("reward",))
+        return placement_spans(self.placement, self.world, self.reward_ranks, self.roles(), ("reward",))
 
     def validate(self) -> None:
         from megarlhf.config import loop_problems, parallel_problems, range_problems
@@ -206,6 +215,11 @@ class PPOConfig:
         p += range_problems(self.log, "log", positive=("interval",))
         if p:  # the checks below divide by these sizes
             raise ConfigError(p)
+        if self.score not in SCORES:
+            p.append(f"score={self.score!r}: expected one of {', '.join(SCORES)}")
+        elif self.score != "model" and self.placement == "partitioned":
+            p.append(f"placement=partitioned puts the reward model on its own ranks; score={self.score} "
+                     "has none: use placement=colocated")
         if self.placement not in ("colocated", "partitioned"):
             p.append(f"placement={self.placement!r}: expected 'colocated' or 'partitioned'")
         elif self.placement == "partitioned" and not 0 < self.reward_ranks < self.world:
@@ -252,7 +266,7 @@ class PPOConfig:
             p.append(f"rollout.temperature={ro.temperature} must be > 0")
         if not self.actor.init_from:
             p.append("actor.init_from is empty: give the SFT checkpoint")
-        for role in ("critic", "reward"):
+        for role in ("critic", "reward") if self.score == "model" else ("critic",):
             if not getattr(self, role).init_from:
                 p.append(f"{role}.init_from is empty: give a reward-model checkpoint")
         if not self.data.sources:
@@ -262,6 +276,7 @@ class PPOConfig:
 
 
 ROLES = ("actor", "reference", "critic", "reward")
+SCORES = ("model", "exact_match")
 
 
 # -- forward steps (megatron forward_step_func) ------------------------------------------------
@@ -439,6 +454,7 @@ def run(cfg: PPOConfig) -> dict:
     from megarlhf.algos.preference import pool_rewards, response_positions
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
+    from megarlhf.data.task import is_correct
     from megarlhf.models.checkpoint import CheckpointMeta, load_model, read_meta, save_model
     from megarlhf.models.llama import build_model, describe, padded_vocab
     from megarlhf.parallel import (DistEnv, build_layout, destroy, init_distributed,
@@ -470,25 +486,27 @@ def run(cfg: PPOConfig) -> dict:
 
     # -- roles: layouts (collective, same order everywhere), models, weights -----------------
     spans = cfg.spans()
-    layouts = {role: build_layout(getattr(cfg, role).parallel, *spans[role], seed=t.seed) for role in ROLES}
+    roles = cfg.roles()
+    layouts = {role: build_layout(getattr(cfg, role).parallel, *spans[role], seed=t.seed) for role in roles}
     inits = {"actor": cfg.actor.init_from, "reference": cfg.reference.init_from or cfg.actor.init_from,
              "critic": cfg.critic.init_from, "reward": cfg.reward.init_from}
+    inits = {role: inits[role] for role in roles}
     metas = {role: read_meta(path) for role, path in inits.items()}
-    shapes = {role: getattr(cfg, role).model.apply(metas[role].model) for role in ROLES}
-    rm_pooling = metas["reward"].extra.get("reward_pooling", "last")  # how the RM was trained
-    for role in ROLES:
+    shapes = {role: getattr(cfg, role).model.apply(metas[role].model) for role in roles}
+    for role in roles:
         check_model(shapes[role], prefix=f"{role}.model")
     tokenizer, template = tokenizer_of(metas["actor"], inits["actor"])
-    for role in ("critic", "reward"):
+    for role in roles[2:]:  # critic, reward
         if metas[role].model.vocab_size != metas["actor"].model.vocab_size:
             raise ConfigError([f"{role}.init_from={inits[role]}: vocabulary {metas[role].model.vocab_size} "
                                f"differs from the actor's {metas['actor'].model.vocab_size}: the roles "
                                "must share the tokenizer"])
-    if metas["reward"].kind != "reward":
+    rm_pooling = metas["reward"].extra.get("reward_pooling", "last") if "reward" in roles else None
+    if "reward" in roles and metas["reward"].kind != "reward":
         raise ConfigError([f"reward.init_from={inits['reward']} is a {metas['reward'].kind} model; "
                            "the scorer must be a reward model"])
     models: Dict[str, Optional[List[torch.nn.Module]]] = {}
-    for role in ROLES:
+    for role in roles:
         mp, meta = layouts[role], metas[role]
         kind = "causal" if role in ("actor", "reference") else "reward"
         chunks = build_model(shapes[role], mp, kind=kind) if mp is not None else []
@@ -510,6 +528,14 @@ def run(cfg: PPOConfig) -> dict:
     for line in data.summary():
         log.say(f"data: {line}")
     prompts_ds = data.train
+    if cfg.score == "exact_match":
+        missing = sum(r is None for r in prompts_ds["reference"])
+        if missing:
+            from megarlhf.data.load import DataError
+
+            raise DataError(f"score=exact_match: {missing} of {len(prompts_ds)} prompt rows of data.sources "
+                            f"({', '.join(src.path for src in cfg.data.sources)}) have no 'reference' "
+                            "answer to check responses against")
     sampler = ShardedSampler(len(prompts_ds), R.prompts_per_step, 0, 1, seed=t.seed)
     total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
     trainable = {}
@@ -621,11 +647,17 @@ def run(cfg: PPOConfig) -> dict:
             resp_lp = share_rows(n_seq, (R.max_new_tokens,), torch.float32, mine, vals and vals[3], w, dev)
             ro = build_rollout(prompts, resp, resp_len, finish, resp_lp, tokenizer.pad_id)
 
-        # 2. score: the reward model on its own replicas (maybe its own ranks)
+        # 2. score: the reward model on its own replicas (maybe its own ranks), or the rule
         with phase("score", times):
-            values = forward_rows("reward", _value_step(dev), ro, lambda mp: [shard_rows(n_seq, mp)])
-            pooled = None if rm_pooling == "last" else response_positions(ro.mask)
-            scores = pool_rewards(values, pooled, ro.last_index, rm_pooling)
+            texts = [tokenizer.decode(resp[i, :int(resp_len[i])].tolist()) for i in range(ro.n)]
+            right = (torch.tensor([is_correct(x, r) for x, r in zip(texts, refs)])
+                     if refs[0] is not None else None)
+            if cfg.score == "model":
+                values = forward_rows("reward", _value_step(dev), ro, lambda mp: [shard_rows(n_seq, mp)])
+                pooled = None if rm_pooling == "last" else response_positions(ro.mask)
+                scores = pool_rewards(values, pooled, ro.last_index, rm_pooling)
+            else:
+                scores = right.float()
 
         # 3. reference log-probs, old log-probs (training forward, first-epoch microbatches), values
         with phase("logprobs", times):
@@ -710,11 +742,11 @@ def run(cfg: PPOConfig) -> dict:
             "advantage_mean": float(A.masked_mean(adv, ro.mask)),
             "explained_variance": float(A.explained_variance(old_values, returns, ro.mask)),
         }
-        if refs[0] is not None:
-            from megarlhf.data.task import is_correct
-
-            texts = [tokenizer.decode(resp[i, :int(resp_len[i])].tolist()) for i in range(ro.n)]
-            m["train_accuracy"] = sum(is_correct(x, r) for x, r in zip(texts, refs)) / ro.n
+        if right is not None:
+            m["train_accuracy"] = float(right.float().mean())
+            if right.any() and not right.all():  # does the scorer still rank this step's samples?
+                m["score_correct"] = float(scores[right].mean())
+                m["score_wrong"] = float(scores[~right].mean())
         if actor_stats is not None:
             loss, n, clipped, akl, ratio, devsum, ent = actor_stats.tolist()
             m.update(policy_loss=loss / n, clip_fraction=clipped / n, approx_kl=akl / n,

@@ -4,6 +4,8 @@ result exports to Hugging Face and generates."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,6 +86,32 @@ def test_resume_continues_identically(sft_like, mg_reward, tmp_path):
             assert torch.equal(wa[k], wb[k]), k
 
 
+def test_exact_match_score_needs_no_reward_model(sft_like, mg_reward, tmp_path):
+    """score=exact_match: the task's checker scores (1 right, 0 wrong), no reward model is
+    built, and the score is the step's sampled accuracy."""
+    args = [a for a in ppo_args(sft_like, mg_reward, tmp_path, "score=exact_match", "train.max_steps=2")
+            if not a.startswith("reward.init_from=")]
+    out = cli(*args)
+    assert "reward:" not in out  # the role's "reward: <model> on ranks ..." line
+    rows = step_metrics(tmp_path)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["score_mean"] == pytest.approx(r["train_accuracy"], abs=1e-6)
+
+
+def test_exact_match_score_refuses_prompts_without_references(sft_like, mg_reward, tmp_path):
+    rows = tmp_path / "no_refs.jsonl"
+    rows.write_text("".join(f'{{"prompt": "Ava has {n} pens. How many pens does Ava have now?"}}\n'
+                            for n in range(8)))
+    args = [a if not a.startswith("data.sources=") else f"data.sources=[{{path: {rows}}}]"
+            for a in ppo_args(sft_like, mg_reward, tmp_path / "out", "score=exact_match")]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "megarlhf.cli", *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1
+    assert "8 of 8 prompt rows" in res.stderr and "no_refs.jsonl" in res.stderr and "reference" in res.stderr
+
+
 def final_weights(ckpt_dir, tmp_file):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -113,6 +141,8 @@ def test_export_to_transformers_generates(colocated, tmp_path):
     (["ppo.old_logprobs=cached"], "ppo.old_logprobs"),
     (["ppo.score_baseline=mean"], "ppo.score_baseline"),
     (["ppo.score_baseline=loo"], "samples_per_prompt >= 2"),
+    (["score=judge"], "score='judge'"),
+    (["score=exact_match", "placement=partitioned", "world=3", "reward_ranks=1"], "placement=colocated"),
     (["rollout.prompts_per_step=12", "ppo.minibatch_size=8"], "must divide"),
     (["critic.model.recompute_granularity=always"], "critic.model.recompute_granularity"),
     (["reward.model.fp8=hybrid", "reward.model.transformer_impl=local"], "reward.model.fp8"),
