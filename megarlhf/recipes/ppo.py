@@ -17,7 +17,8 @@ One step, in timed phases:
               cut at max_new_tokens (no EOS) gets ``missing_eos_penalty`` instead
   logprobs    reference log-probs, old actor log-probs (recomputed with the training
               forward pass, in the same microbatches as the first update: the first
-              minibatch's probability ratio is exactly 1), old critic values
+              minibatch's probability ratio is exactly 1), old critic values; every
+              log-prob, here and in the update, is taken at the sampling temperature
   advantages  per-token reward -kl_coef * KL + score at the last token; GAE; advantages
               whitened over the whole batch (every DP rank's tokens)
   update      minibatches x PPO epochs: clipped policy loss (actor), clipped value loss
@@ -255,6 +256,10 @@ class PPOConfig:
             p.append("ppo.score_baseline=loo needs rollout.samples_per_prompt >= 2")
         if r.old_logprobs not in ("recompute", "rollout"):
             p.append(f"ppo.old_logprobs={r.old_logprobs!r}: expected 'recompute' or 'rollout'")
+        elif r.old_logprobs == "rollout" and (ro.top_p < 1 or ro.top_k):
+            p.append("ppo.old_logprobs=rollout with rollout.top_p < 1 or rollout.top_k: the engine's "
+                     "log-probs are of the truncated distribution, which the training pass does not "
+                     "apply (use ppo.old_logprobs=recompute)")
         if r.kl_target is not None and r.kl_target <= 0:
             p.append(f"ppo.kl_target={r.kl_target} must be > 0")
         for name in ("clip", "minibatch_size", "ppo_epochs"):
@@ -305,8 +310,19 @@ class PPOMicrobatch:
         return PPOMicrobatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
-def _logprob_step(mp, vocab_start: int, device):
-    """Forward-only: per-token log-probs ``[b, s]`` of the labels (0 off the mask)."""
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits of the distribution the rollout sampled from (temperature applied), so that
+    log-probs, ratios and KL are those of the sampling policy, as open-instruct, TRL and
+    verl compute them."""
+    if temperature == 1.0:
+        return logits
+    # the padded vocabulary's logits are the most negative float: keep them finite
+    return (logits.float() / temperature).clamp(min=torch.finfo(torch.float32).min)
+
+
+def _logprob_step(mp, vocab_start: int, device, temperature: float = 1.0):
+    """Forward-only: per-token log-probs ``[b, s]`` of the labels (0 off the mask) at the
+    sampling temperature."""
     from megarlhf.algos.logprobs import token_logprobs
 
     def step(it, model):
@@ -314,8 +330,8 @@ def _logprob_step(mp, vocab_start: int, device):
         out = model(b.tokens, b.position_ids, attention_mask=None)
 
         def collect(output, non_loss_data=True):
-            lp = token_logprobs(output, b.labels, mp.tp_group, vocab_start).float() * b.mask
-            return {"values": lp}
+            lp = token_logprobs(_scaled(output, temperature), b.labels, mp.tp_group, vocab_start).float()
+            return {"values": lp * b.mask}
         return out, collect
     return step
 
@@ -329,10 +345,10 @@ def _value_step(device):
     return step
 
 
-def _actor_step(mp, vocab_start: int, clip: float, device):
+def _actor_step(mp, vocab_start: int, clip: float, device, temperature: float = 1.0):
     """Training: clipped policy loss summed over tokens (megatron divides by the
-    minibatch's token count). ``stats`` = [loss sum, tokens, clipped, approx KL sum,
-    ratio sum, |ratio - 1| sum, entropy sum]."""
+    minibatch's token count), log-probs at the sampling temperature. ``stats`` = [loss
+    sum, tokens, clipped, approx KL sum, ratio sum, |ratio - 1| sum, entropy sum]."""
     from megarlhf.algos.logprobs import token_entropy, token_logprobs
     from megarlhf.algos.ppo import policy_loss
 
@@ -341,10 +357,11 @@ def _actor_step(mp, vocab_start: int, clip: float, device):
         out = model(b.tokens, b.position_ids, attention_mask=None)
 
         def loss_fn(output):
-            lp = token_logprobs(output, b.labels, mp.tp_group, vocab_start).float()
+            logits = _scaled(output, temperature)
+            lp = token_logprobs(logits, b.labels, mp.tp_group, vocab_start).float()
             loss, st = policy_loss(lp, b.old_logprobs, b.advantages, b.mask, clip)
             with torch.no_grad():
-                ent = (token_entropy(output.detach(), mp.tp_group).float() * b.mask).sum()
+                ent = (token_entropy(logits.detach(), mp.tp_group).float() * b.mask).sum()
                 dev = ((torch.exp(lp.detach() - b.old_logprobs) - 1).abs() * b.mask).sum()
             n = b.mask.sum()
             stats = torch.stack([loss.detach(), n, st["clipped"], st["approx_kl"], st["ratio"],
@@ -661,10 +678,11 @@ def run(cfg: PPOConfig) -> dict:
 
         # 3. reference log-probs, old log-probs (training forward, first-epoch microbatches), values
         with phase("logprobs", times):
-            ref_lp = forward_rows("reference", _logprob_step(layouts["reference"], vstart.get("reference", 0), dev),
+            ref_lp = forward_rows("reference", _logprob_step(layouts["reference"], vstart.get("reference", 0), dev,
+                                                             R.temperature),
                                   ro, lambda mp: [shard_rows(n_seq, mp)])
             if P.old_logprobs == "recompute":
-                old_lp = forward_rows("actor", _logprob_step(actor_mp, vstart.get("actor", 0), dev), ro,
+                old_lp = forward_rows("actor", _logprob_step(actor_mp, vstart.get("actor", 0), dev, R.temperature), ro,
                                       first_epoch_rows)
             else:
                 old_lp = ro.rollout_logprobs * ro.mask
@@ -707,7 +725,8 @@ def run(cfg: PPOConfig) -> dict:
                         empty_minibatches += 1  # every response empty: nothing to learn from
                         continue
                     for role, step_fn, enabled in (
-                            ("actor", _actor_step(actor_mp, vstart.get("actor", 0), P.clip, dev), train_actor),
+                            ("actor", _actor_step(actor_mp, vstart.get("actor", 0), P.clip, dev, R.temperature),
+                             train_actor),
                             ("critic", _critic_step(P.value_clip, P.value_loss_coef, dev), True)):
                         mp = layouts[role]
                         if mp is None or not enabled:
@@ -803,7 +822,7 @@ def _pad_responses(out, max_new: int):
     n = len(out.response_ids)
     ids = torch.zeros(n, max_new, dtype=torch.long)
     lps = torch.zeros(n, max_new)
-    for i, (r, lp) in enumerate(zip(out.response_ids, out.policy_logprobs)):
+    for i, (r, lp) in enumerate(zip(out.response_ids, out.sample_logprobs)):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         lps[i, :len(lp)] = torch.tensor(lp)
     lens = torch.tensor([len(r) for r in out.response_ids], dtype=torch.long)
