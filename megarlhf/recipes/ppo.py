@@ -316,8 +316,9 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     verl compute them."""
     if temperature == 1.0:
         return logits
-    # the padded vocabulary's logits are the most negative float: keep them finite
-    return (logits.float() / temperature).clamp(min=torch.finfo(torch.float32).min)
+    # the padded vocabulary's logits are the most negative float: keep them finite (in
+    # place: the quotient is a fresh tensor, and the division's backward does not need it)
+    return (logits.float() / temperature).clamp_(min=torch.finfo(torch.float32).min)
 
 
 def _logprob_step(mp, vocab_start: int, device, temperature: float = 1.0):
@@ -513,7 +514,7 @@ def run(cfg: PPOConfig) -> dict:
     for role in roles:
         check_model(shapes[role], prefix=f"{role}.model")
     tokenizer, template = tokenizer_of(metas["actor"], inits["actor"])
-    for role in roles[2:]:  # critic, reward
+    for role in (r for r in ("critic", "reward") if r in roles):
         if metas[role].model.vocab_size != metas["actor"].model.vocab_size:
             raise ConfigError([f"{role}.init_from={inits[role]}: vocabulary {metas[role].model.vocab_size} "
                                f"differs from the actor's {metas['actor'].model.vocab_size}: the roles "

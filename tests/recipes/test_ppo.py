@@ -4,14 +4,13 @@ result exports to Hugging Face and generates."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, run_tool
+from tests.conftest import run_tool
 from tests.recipes.test_pairwise import cli
+from tests.test_cli import cli as cli_result
 
 
 def ppo_args(sft_like, mg_reward, out, *extra):
@@ -105,9 +104,7 @@ def test_exact_match_score_refuses_prompts_without_references(sft_like, mg_rewar
                             for n in range(8)))
     args = [a if not a.startswith("data.sources=") else f"data.sources=[{{path: {rows}}}]"
             for a in ppo_args(sft_like, mg_reward, tmp_path / "out", "score=exact_match")]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "megarlhf.cli", *args], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    res = cli_result(*args, timeout=600)
     assert res.returncode == 1
     assert "8 of 8 prompt rows" in res.stderr and "no_refs.jsonl" in res.stderr and "reference" in res.stderr
 
