@@ -19,9 +19,10 @@ from typing import Dict, List, Sequence, Tuple
 
 
 def read_curve(path: str, key: str) -> Tuple[List[int], List[float]]:
-    """(steps, values) of ``key`` in a metrics.jsonl, in file order; non-finite values
-    (a skipped update's losses) are left out."""
-    steps, values = [], []
+    """(steps, values) of ``key`` in a metrics.jsonl, by step; non-finite values (a skipped
+    update's losses) are left out. A step logged again (a resumed run appends to the file
+    and repeats the steps after its checkpoint) keeps its last value."""
+    by_step: Dict[int, float] = {}
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -32,9 +33,9 @@ def read_curve(path: str, key: str) -> Tuple[List[int], List[float]]:
                 raise SystemExit(f"{path}:{lineno}: not JSON ({e.msg})")
             v = row.get(key)
             if isinstance(v, (int, float)) and math.isfinite(v) and "step" in row:
-                steps.append(int(row["step"]))
-                values.append(float(v))
-    return steps, values
+                by_step[int(row["step"])] = float(v)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def trailing_mean(values: Sequence[float], window: int) -> List[float]:

@@ -26,6 +26,12 @@ def test_read_curve_skips_rows_without_the_key_and_non_finite_values(tmp_path):
     assert plot_metrics.read_curve(str(p), "score_mean") == ([1, 3], [0.5, -1.0])
 
 
+def test_read_curve_keeps_the_last_value_of_a_step_logged_again_after_a_resume(tmp_path):
+    p = _write(tmp_path / "metrics.jsonl", [{"step": s, "kl": float(s)} for s in (1, 2, 3)]
+               + [{"step": s, "kl": 10.0 * s} for s in (3, 4)])
+    assert plot_metrics.read_curve(str(p), "kl") == ([1, 2, 3, 4], [1.0, 2.0, 30.0, 40.0])
+
+
 def test_trailing_mean_matches_a_direct_computation():
     xs = [3.0, -1.0, 4.0, 1.0, -5.0, 9.0, 2.0]
     for w in (1, 2, 3, 10):
