@@ -155,3 +155,56 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     assert platform.resolve_dtype("auto") == "bfloat16"
     monkeypatch.setattr(platform, "cpu_has_amx", lambda: False)
     assert platform.resolve_dtype("auto") == "float32"
+
+
+@pytest.mark.parametrize("env, wanted, why", [
+    ({}, True, ""),
+    ({"MEGARLHF_CPU_ALLOCATOR": "tuned"}, True, ""),
+    ({"MEGARLHF_CPU_ALLOCATOR": "default"}, False, "MEGARLHF_CPU_ALLOCATOR=default"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, False, "GLIBC_TUNABLES"),
+    ({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}, True, ""),
+    ({"MALLOC_ARENA_MAX": "2"}, False, "MALLOC_ARENA_MAX"),
+    ({"MALLOC_TRIM_THRESHOLD_": "0"}, False, "MALLOC_TRIM_THRESHOLD_"),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, False, "preloaded"),
+])
+def test_allocator_tuning_yields_to_the_users_choice(env, wanted, why):
+    got, reason = platform.allocator_tuning_wanted(env)
+    assert got is wanted and why in reason
+
+
+def test_allocator_setting_is_checked():
+    with pytest.raises(ValueError, match="MEGARLHF_CPU_ALLOCATOR='fast'"):
+        platform.allocator_tuning_wanted({"MEGARLHF_CPU_ALLOCATOR": "fast"})
+
+
+_FAULTS = """
+import resource, sys, torch
+from megarlhf import platform
+platform.current()
+def rounds(n):  # a step's pattern: many large blocks held together, then all freed
+    for _ in range(n):
+        held = [torch.ones(2 * 2 ** 20) for _ in range(20)]
+        del held
+rounds(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds(5)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, platform.tune_cpu_allocator())
+"""
+
+
+def test_tuned_allocator_reuses_freed_blocks_instead_of_faulting_them_in_again():
+    import os
+    import subprocess
+    import sys
+
+    faults = {}
+    for choice in ("default", "tuned"):
+        env = dict(os.environ, MEGARLHF_CPU_ALLOCATOR=choice)
+        env.pop("GLIBC_TUNABLES", None)
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split(maxsplit=1)
+        faults[choice] = int(out[0])
+        assert ("tuned" in out[1]) is (choice == "tuned"), out[1]
+    # 5 rounds x 160 MiB: glibc hands the blocks back and faults ~41k pages in per round
+    assert faults["default"] > 100_000
+    assert faults["tuned"] < faults["default"] / 20, faults

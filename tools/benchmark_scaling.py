@@ -34,6 +34,16 @@ a peak: a square GEMM probe measured in the same command, in the run's dtype, wi
 threads each rank uses on CPU (``--probe-n``; the best of a probe before and one after the
 sweep), or ``--peak-tflops``. Every row states it in ``mfu_basis``.
 
+On one CPU machine (torchrun) the probe is also run on as many processes at once as the
+sweep's largest run uses (``probe_shared`` in the JSON, with its ratio to the probe run
+alone): cores share caches, memory bandwidth and a power budget, and on a shared host
+other tenants. A ratio near 1 says the cores multiply as fast together as alone, so a
+weak-scaling loss of compute-bound steps lies elsewhere: in communication, or in ranks
+waiting for each other (``extra.grad_sync_s`` / ``grad_sync_s_max`` of a training row:
+the seconds per step a rank spends in the end-of-step gradient reduction, mean and
+maximum over ranks, which includes waiting there for the slowest rank); well below 1, the
+machine itself caps the efficiency.
+
 On CPU each row also gives ``cpu_busy``: the share of the timed wall time the ranks spent
 running (process CPU time / threads / wall time, the mean over ranks). Near 1 the ranks
 had their cores to themselves; well below 1 they waited, for each other (communication,
@@ -118,6 +128,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     r.add_argument("--out", default="runs/scaling", help="output folder")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-shared", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         ap.error("--steps and --repeats must be >= 1, --warmup >= 0")
@@ -263,6 +274,35 @@ def run_probe(args: argparse.Namespace, launcher: str, work: str, tag: str) -> D
         return json.load(f)
 
 
+def shares_cores(launcher: str, devices: int) -> bool:
+    """Whether the sweep's ranks share one CPU machine's cores (torchrun, no GPU), so that
+    the shared probe means something. GPUs and srun steps over nodes do not share compute
+    units this way."""
+    import torch
+
+    return launcher == "torchrun" and not torch.cuda.is_available() and devices > 1
+
+
+def run_probe_shared(args: argparse.Namespace, launcher: str, work: str, devices: int,
+                     solo: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The GEMM probe on ``devices`` processes of this machine at once. Returns the
+    per-device FLOP/s and their mean over ``solo`` (the probe run alone)."""
+    spec = {"n": args.probe_n, "dtype": args.probe_dtype or args.dtype, "seconds": args.probe_seconds,
+            "threads": args.threads, "result": os.path.join(work, "probe_shared.json")}
+    path = os.path.join(work, "probe_shared.spec.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    log = os.path.join(work, "probe_shared.log")
+    rc = launch(args, launcher, devices, "--probe-shared", path, 0, log)
+    if rc != 0 or not os.path.isfile(spec["result"]):
+        raise RuntimeError(f"the shared GEMM probe failed ({rc}):\n{_tail(log)}")
+    with open(spec["result"]) as f:
+        res = json.load(f)
+    per = res["flops_per_s_per_device"]
+    res["ratio_to_solo"] = sum(per) / len(per) / solo["flops_per_s"]
+    return res
+
+
 def run_one(args: argparse.Namespace, launcher: str, spec: Dict[str, Any], work: str, index: int,
             rnd: int) -> Dict[str, Any]:
     """Launch one configuration; returns the rank-0 result merged with every rank's memory."""
@@ -323,10 +363,24 @@ def summarise(spec: Dict[str, Any], results: List[Dict[str, Any]], peak: Optiona
         peak_memory_mb=max((r["peak_memory_mb"] for r in ok if r.get("peak_memory_mb")), default=None),
         cpu_busy=None if first.get("cpu_busy") is None else round(S.median(r["cpu_busy"] for r in ok), 3),
         memory_kind=first.get("memory_kind"), flops_note=first.get("flops_note"),
-        extra=first.get("extra"), wall_s=sum(r.get("wall_s", 0) for r in ok))
+        extra=_median_extra(ok), wall_s=sum(r.get("wall_s", 0) for r in ok))
     m = S.mfu(flops_per_s_dev, peak)
     row["mfu"] = None if m is None else round(m, 5)
     return row
+
+
+def _median_extra(ok: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The first run's ``extra``, with each number that every run reports replaced by the
+    median over the runs."""
+    extra = ok[0].get("extra")
+    if not extra:
+        return extra
+    out = dict(extra)
+    for k, v in extra.items():
+        vals = [r.get("extra", {}).get(k) for r in ok]
+        if isinstance(v, (int, float)) and all(isinstance(x, (int, float)) for x in vals):
+            out[k] = S.median(vals)
+    return out
 
 
 CSV_FIELDS = ["phase", "scaling", "layout", "tp", "pp", "dp", "devices", "micro_batch", "recompute",
@@ -472,6 +526,11 @@ def driver(args: argparse.Namespace) -> int:
     probes: List[Dict[str, Any]] = []
     if args.peak_tflops is None and todo:
         probes.append(run_probe(args, launcher, work, "before"))
+    shared = None
+    devices = max((s["devices"] for s in todo), default=1)
+    if shares_cores(launcher, devices):
+        solo = probes[0] if probes else run_probe(args, launcher, work, "solo")
+        shared = run_probe_shared(args, launcher, work, devices, solo)
     results: Dict[int, List[Dict[str, Any]]] = {i: [] for i in range(len(specs))}
     for rnd in range(args.repeats):  # rounds interleave the configurations (noisy machines)
         for i, spec in enumerate(specs):
@@ -499,12 +558,18 @@ def driver(args: argparse.Namespace) -> int:
     report = {"benchmark": "scaling", "phase": args.phase, "preset": args.preset,
               "model_overrides": model_overrides(args),
               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "probe")},
-              "probe": probe, "mfu_basis": basis, "environment": env, "rows": rows}
+              "probe": probe, "probe_shared": shared, "mfu_basis": basis, "environment": env,
+              "rows": rows}
     with open(os.path.join(out, "scaling.json"), "w") as f:
         json.dump(report, f, indent=1)
     write_csv(rows, os.path.join(out, "scaling.csv"))
     plots = write_plots(rows, out, title, basis)
     print_table(rows, basis, env)
+    if shared:
+        per = shared["flops_per_s_per_device"]
+        print(f"the same probe on {len(per)} processes at once: "
+              f"{sum(per) / len(per) / 1e12:.4f} TFLOP/s per device, {shared['ratio_to_solo']:.1%} of "
+              "one alone (how well these cores multiply side by side)")
     for p in [os.path.join(out, "scaling.json"), os.path.join(out, "scaling.csv"), *plots]:
         print(p)
     return 0 if all(r["status"] != "failed" for r in rows) else 1
@@ -567,6 +632,30 @@ def _probe(spec: Dict[str, Any]) -> Dict[str, Any]:
 def probe_main(spec_path: str) -> int:
     with open(spec_path) as f:
         print(json.dumps(_probe(json.load(f))))
+    return 0
+
+
+def probe_shared_main(spec_path: str) -> int:
+    """Every rank runs the probe at the same moment; rank 0 writes the per-rank FLOP/s."""
+    import torch
+    import torch.distributed as dist
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    dist.init_process_group("gloo")
+    try:
+        dist.barrier()
+        res = _probe(dict(spec, result=f"{spec['result']}.rank{dist.get_rank()}"))
+        flops = torch.tensor([res["flops_per_s"]], dtype=torch.float64)
+        every = [torch.zeros_like(flops) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, flops)
+        if dist.get_rank() == 0:
+            out = {k: res[k] for k in ("n", "dtype", "seconds", "device", "threads")}
+            out.update(processes=dist.get_world_size(), flops_per_s_per_device=[float(x) for x in every])
+            with open(spec["result"], "w") as f:
+                json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
@@ -707,7 +796,7 @@ def _forward_step(phase: str, mp, cfg, device):
 
 def _bench_train(spec: Dict[str, Any], plat) -> Dict[str, Any]:
     """SFT, reward-model or DPO training steps (forward, backward, optimizer) at the layout."""
-    from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
+    from megarlhf.train.optim import OptimConfig, build_optimizer, model_config_of, wrap_ddp
     from megarlhf.train.step import train_step
 
     phase, mbs, seq = spec["phase"], spec["micro_batch"], spec["seq_len"]
@@ -727,12 +816,44 @@ def _bench_train(spec: Dict[str, Any], plat) -> Dict[str, Any]:
 
     batches = [[microbatch(i, j) for j in range(spec["num_microbatches"])]
                for i in range(spec["warmup"] + spec["steps"])]
+    sync = _time_grad_sync(model_config_of(ddp[0]))
     times, busy = _timed(plat, lambda i: train_step(ddp, opt, mp, fwd, batches[i], seq, mbs),
                          spec["steps"], spec["warmup"])
     tokens = spec["global_batch"] * seq
-    return _result(params, tokens, times, busy, "all tokens (full rows, no padding)",
-                   S.train_flops_per_row_token(cfg, phase, seq) * tokens,
-                   "forward + backward model FLOPs (megarlhf.perf.flops), recomputation not counted")
+    res = _result(params, tokens, times, busy, "all tokens (full rows, no padding)",
+                  S.train_flops_per_row_token(cfg, phase, seq) * tokens,
+                  "forward + backward model FLOPs (megarlhf.perf.flops), recomputation not counted")
+    res["extra"].update(_grad_sync_summary(sync[spec["warmup"]:], plat))
+    return res
+
+
+def _time_grad_sync(config) -> List[float]:
+    """Wrap the model config's ``finalize_model_grads_func`` (the DP gradient reduction the
+    schedule runs at the end of each step) to record its seconds per call."""
+    inner, seconds = config.finalize_model_grads_func, []
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    config.finalize_model_grads_func = timed
+    return seconds
+
+
+def _grad_sync_summary(seconds: List[float], plat) -> Dict[str, float]:
+    """Median seconds per step in the gradient reduction, as the mean and the maximum over
+    ranks. A collective ends together on every rank, so a rank that reaches it first waits
+    there for the slowest: the spread between ranks is that waiting."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor([S.median(seconds) if seconds else 0.0], dtype=torch.float64, device=plat.device)
+    total, top = mine.clone(), mine.clone()
+    dist.all_reduce(total)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return {"grad_sync_s": round(float(total) / dist.get_world_size(), 5), "grad_sync_s_max": round(float(top), 5)}
 
 
 def _bench_generate(spec: Dict[str, Any], plat) -> Dict[str, Any]:
@@ -836,6 +957,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return worker_main(args.worker)
     if args.probe:
         return probe_main(args.probe)
+    if args.probe_shared:
+        return probe_shared_main(args.probe_shared)
     return driver(args)
 
 

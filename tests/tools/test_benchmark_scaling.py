@@ -192,10 +192,17 @@ def test_sweep_writes_json_csv_and_plots(tmp_path):
         assert r["peak_memory_mb"] > 10 and r["params"] > 0 and 0 < r["cpu_busy"] < 2
         assert "float32" in r["mfu_basis"] and "256x256" in r["mfu_basis"]
     assert one["efficiency"] == 1.0 and two["efficiency_base"] == "tp1pp1dp1"
+    for r in (one, two):  # seconds per step in the gradient reduction, mean and max over ranks
+        assert 0 <= r["extra"]["grad_sync_s"] <= r["extra"]["grad_sync_s_max"] < r["step_s"]
     assert two["efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]), rel=1e-3)
     probe = report["probe"]
     assert probe["n"] == 256 and probe["dtype"] == "float32" and probe["threads"] == 1
     assert len(probe["samples_tflops"]) == 2  # before and after the sweep
+    shared = report["probe_shared"]  # the probe on both ranks' cores at once
+    assert shared["processes"] == 2 and shared["n"] == 256 and shared["threads"] == 1
+    assert len(shared["flops_per_s_per_device"]) == 2 and min(shared["flops_per_s_per_device"]) > 0
+    assert 0 < shared["ratio_to_solo"] < 2
+    assert "processes at once" in res.stdout
     assert report["environment"]["launcher"] == "torchrun"
     with open(out / "scaling.csv") as f:
         table = list(csv.DictReader(f))
