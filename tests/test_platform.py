@@ -192,6 +192,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, platform.tune
 """
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
 def test_tuned_allocator_reuses_freed_blocks_instead_of_faulting_them_in_again():
     import os
     import subprocess
@@ -205,6 +206,7 @@ def test_tuned_allocator_reuses_freed_blocks_instead_of_faulting_them_in_again()
                              timeout=120, check=True).stdout.split(maxsplit=1)
         faults[choice] = int(out[0])
         assert ("tuned" in out[1]) is (choice == "tuned"), out[1]
-    # 5 rounds x 160 MiB: glibc hands the blocks back and faults ~41k pages in per round
-    assert faults["default"] > 100_000
-    assert faults["tuned"] < faults["default"] / 20, faults
+    # 5 rounds x 160 MiB (41k pages): glibc as it is faults the blocks in again in every
+    # round or (its dynamic thresholds permitting) in one of them; tuned, in none
+    assert faults["default"] > 30_000, faults
+    assert faults["tuned"] < faults["default"] / 10, faults

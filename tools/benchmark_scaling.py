@@ -284,7 +284,7 @@ def shares_cores(launcher: str, devices: int) -> bool:
 
 
 def run_probe_shared(args: argparse.Namespace, launcher: str, work: str, devices: int,
-                     solo: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+                     solo: Dict[str, Any]) -> Dict[str, Any]:
     """The GEMM probe on ``devices`` processes of this machine at once. Returns the
     per-device FLOP/s and their mean over ``solo`` (the probe run alone)."""
     spec = {"n": args.probe_n, "dtype": args.probe_dtype or args.dtype, "seconds": args.probe_seconds,
@@ -557,7 +557,7 @@ def driver(args: argparse.Namespace) -> int:
              + (f"seq {args.seq_len}" if args.phase in S.TRAIN_PHASES else f"{args.new_tokens} new tokens"))
     report = {"benchmark": "scaling", "phase": args.phase, "preset": args.preset,
               "model_overrides": model_overrides(args),
-              "args": {k: v for k, v in vars(args).items() if k not in ("worker", "probe")},
+              "args": {k: v for k, v in vars(args).items() if k not in ("worker", "probe", "probe_shared")},
               "probe": probe, "probe_shared": shared, "mfu_basis": basis, "environment": env,
               "rows": rows}
     with open(os.path.join(out, "scaling.json"), "w") as f:
