@@ -254,24 +254,36 @@ def _tail(path: str, lines: int = 12) -> str:
         return ""
 
 
+def _probe_spec(args: argparse.Namespace, work: str, tag: str) -> Dict[str, Any]:
+    return {"n": args.probe_n, "dtype": args.probe_dtype or args.dtype, "seconds": args.probe_seconds,
+            "threads": args.threads, "result": os.path.join(work, f"probe_{tag}.json")}
+
+
+def _launch_probe(args: argparse.Namespace, launcher: str, work: str, tag: str, world: int,
+                  mode: str) -> Dict[str, Any]:
+    """Run a probe in ``world`` processes of their own (``mode``: ``--probe`` or
+    ``--probe-shared``) and return what it wrote."""
+    spec = _probe_spec(args, work, tag)
+    path = os.path.join(work, f"probe_{tag}.spec.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    log = os.path.join(work, f"probe_{tag}.log")
+    rc = launch(args, launcher, world, mode, path, 0, log)
+    if rc != 0 or not os.path.isfile(spec["result"]):
+        raise RuntimeError(f"the GEMM probe ({tag}) failed ({rc}):\n{_tail(log)}")
+    with open(spec["result"]) as f:
+        return json.load(f)
+
+
 def run_probe(args: argparse.Namespace, launcher: str, work: str, tag: str) -> Dict[str, Any]:
     """The GEMM probe with the ranks' thread count, on the ranks' kind of device: in this
     process on a CPU machine under torchrun, else in a process of its own (a one-task srun
     step under srun), so that the driver never holds GPU memory."""
     import torch
 
-    spec = {"n": args.probe_n, "dtype": args.probe_dtype or args.dtype, "seconds": args.probe_seconds,
-            "threads": args.threads, "result": os.path.join(work, f"probe_{tag}.json")}
     if launcher == "torchrun" and not torch.cuda.is_available():
-        return _probe(spec)
-    path = os.path.join(work, f"probe_{tag}.spec.json")
-    with open(path, "w") as f:
-        json.dump(spec, f)
-    rc = launch(args, launcher, 1, "--probe", path, 0, os.path.join(work, f"probe_{tag}.log"))
-    if rc != 0 or not os.path.isfile(spec["result"]):
-        raise RuntimeError(f"the GEMM probe failed ({rc}):\n{_tail(os.path.join(work, f'probe_{tag}.log'))}")
-    with open(spec["result"]) as f:
-        return json.load(f)
+        return _probe(_probe_spec(args, work, tag))
+    return _launch_probe(args, launcher, work, tag, 1, "--probe")
 
 
 def shares_cores(launcher: str, devices: int) -> bool:
@@ -287,17 +299,7 @@ def run_probe_shared(args: argparse.Namespace, launcher: str, work: str, devices
                      solo: Dict[str, Any]) -> Dict[str, Any]:
     """The GEMM probe on ``devices`` processes of this machine at once. Returns the
     per-device FLOP/s and their mean over ``solo`` (the probe run alone)."""
-    spec = {"n": args.probe_n, "dtype": args.probe_dtype or args.dtype, "seconds": args.probe_seconds,
-            "threads": args.threads, "result": os.path.join(work, "probe_shared.json")}
-    path = os.path.join(work, "probe_shared.spec.json")
-    with open(path, "w") as f:
-        json.dump(spec, f)
-    log = os.path.join(work, "probe_shared.log")
-    rc = launch(args, launcher, devices, "--probe-shared", path, 0, log)
-    if rc != 0 or not os.path.isfile(spec["result"]):
-        raise RuntimeError(f"the shared GEMM probe failed ({rc}):\n{_tail(log)}")
-    with open(spec["result"]) as f:
-        res = json.load(f)
+    res = _launch_probe(args, launcher, work, "shared", devices, "--probe-shared")
     per = res["flops_per_s_per_device"]
     res["ratio_to_solo"] = sum(per) / len(per) / solo["flops_per_s"]
     return res
