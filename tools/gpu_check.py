@@ -107,14 +107,15 @@ def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
 
 
-def make_bundle(dest: Path) -> Dict[str, Any]:
-    """Copy the :data:`BUNDLE` packages from this environment into ``dest`` (one folder per
-    distribution, its metadata and licence files beside it) with a ``manifest.json``."""
+def make_bundle(dest: Path, packages: Sequence[Bundled] = BUNDLE) -> Dict[str, Any]:
+    """Copy ``packages`` (default :data:`BUNDLE`) from this environment into ``dest`` (one
+    folder per distribution, its metadata and licence files beside it) with a
+    ``manifest.json``."""
     import importlib.metadata as md
 
     dest.mkdir(parents=True, exist_ok=True)
-    packages = []
-    for b in BUNDLE:
+    copied = []
+    for b in packages:
         try:
             dist = md.distribution(b.distribution)
         except md.PackageNotFoundError:
@@ -139,9 +140,9 @@ def make_bundle(dest: Path) -> Dict[str, Any]:
             if re.match(r"(LICEN[CS]E|COPYING|NOTICE|METADATA$)", f.name, re.I) and ".dist-info" in str(f):
                 (target / "dist-info").mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f.locate(), target / "dist-info" / f.name)
-        packages.append({"distribution": b.distribution, "version": dist.version,
-                         "modules": list(b.modules), "path": b.distribution})
-    manifest = {"made_with_python": ".".join(map(str, sys.version_info[:3])), "packages": packages,
+        copied.append({"distribution": b.distribution, "version": dist.version,
+                       "modules": list(b.modules), "path": b.distribution})
+    manifest = {"made_with_python": ".".join(map(str, sys.version_info[:3])), "packages": copied,
                 "size_mb": round(_size_mb(dest), 2)}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -166,15 +167,16 @@ def _major_minor(version: str) -> Tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
-def use_bundle(bundle: Path) -> Dict[str, str]:
-    """Put the bundle's packages on ``sys.path`` where this machine lacks them (and a
-    pinned one where its version differs). Returns where each package will come from."""
+def use_bundle(bundle: Path, packages: Sequence[Bundled] = BUNDLE) -> Dict[str, str]:
+    """Put the bundle's ``packages`` (default :data:`BUNDLE`) on ``sys.path`` where this
+    machine lacks them (and a pinned one where its version differs). Returns where each
+    package will come from."""
     manifest_path = bundle / "manifest.json"
     bundled = {}
     if manifest_path.is_file():
         bundled = {p["distribution"]: p for p in json.loads(manifest_path.read_text())["packages"]}
     sources = {}
-    for b in BUNDLE:
+    for b in packages:
         have, entry = _installed_version(b), bundled.get(b.distribution)
         if entry is None or (have is not None and not (
                 b.pinned and _major_minor(have) != _major_minor(entry["version"]))):
