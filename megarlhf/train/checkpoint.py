@@ -84,19 +84,35 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _inner_optimizers(optimizer) -> List[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _keeps_step_per_parameter(optimizer) -> bool:
+    """Whether the optimizer doing the arithmetic under megatron's wrapper is torch's
+    Adam/AdamW, which keeps Adam's ``step`` in every parameter's state. Transformer
+    Engine's and NVIDIA apex's ``FusedAdam`` (what megatron-core builds whenever either
+    imports) keep it in the param group, and their ``state_dict`` refuses any other
+    per-parameter key."""
+    return isinstance(optimizer.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _role_state(chunks, optimizer, is_loading: bool, prefix: str) -> Dict[str, Any]:
     model = model_sharded_state_dict(chunks, prefix=prefix)
     md = _DIST_OPT if _uses_dist_opt(optimizer) else None
     with torch.no_grad():
         if md is not None or not is_loading:
             # The distributed optimizer builds its load state dict from existing Adam
-            # states (and asserts one common step); and a checkpoint saved before any update
-            # was applied (all skipped as non-finite) must hold them too, or it cannot be
-            # loaded. Zero moments at step 0 are what Adam starts from anyway.
-            for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            # states (and, with torch's Adam, asserts one common per-parameter step); and a
+            # checkpoint saved before any update was applied (all skipped as non-finite)
+            # must hold them too, or it cannot be loaded. Zero moments at step 0 are what
+            # Adam starts from anyway.
+            for inner in _inner_optimizers(optimizer):
                 inner.init_state_fn(inner.optimizer, inner.config)
+                if not _keeps_step_per_parameter(inner):
+                    continue  # FusedAdam: the step is the param group's, set by its first update
                 for group in inner.optimizer.param_groups:
-                    for p in group["params"]:  # torch Adam keeps a per-parameter step
+                    for p in group["params"]:
                         inner.optimizer.state[p].setdefault("step", torch.tensor(0.0))
         opt = optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=md)
     return {**model, "optimizer": opt}
@@ -259,7 +275,8 @@ def load_roles_state(ckpt_dir: str, roles: Dict[str, Role]) -> Dict[str, Any]:
                 missing = [k for k in missing if not k.endswith("_extra_state")]
                 if missing:
                     raise CheckpointError(f"{ckpt_dir}: {name or 'model'} weights missing: {missing[:5]}")
-            if not _uses_dist_opt(optimizer):
+            if not _uses_dist_opt(optimizer) and all(map(_keeps_step_per_parameter,
+                                                            _inner_optimizers(optimizer))):
                 _zero_step_if_missing(part["optimizer"])
             optimizer.load_state_dict(part["optimizer"])
         _restore_adam_step(optimizer, part["optimizer"])
@@ -293,7 +310,8 @@ def _layout_key(roles: Dict[str, Role]) -> str:
 def _zero_step_if_missing(saved: Any) -> None:
     """megatron stores Adam's step once per optimizer (``common_step``), but only when it is
     non-zero: a checkpoint saved before any update was applied loads back without one, and
-    torch's Adam refuses moments without a step. Put the zero back."""
+    torch's Adam refuses moments without a step. Put the zero back (torch's Adam only:
+    FusedAdam's ``load_state_dict`` refuses a per-parameter ``step``)."""
     if isinstance(saved, list):
         for x in saved:
             _zero_step_if_missing(x)
@@ -313,7 +331,7 @@ def _restore_adam_step(optimizer, saved) -> None:
     ``step`` at its initial value; restore it from the saved param groups."""
     if not _uses_dist_opt(optimizer):
         return
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = _inner_optimizers(optimizer)
     saved_list = saved if isinstance(saved, list) else [saved]
     for opt, sd in zip(inner, saved_list):
         groups = sd.get("optimizer", {}).get("param_groups") if isinstance(sd, dict) else None

@@ -28,7 +28,13 @@ def main():
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--dist-opt", action="store_true")
+    ap.add_argument("--fused-adam", action="store_true",
+                    help="megatron builds a mirror of Transformer Engine's FusedAdam")
     args = ap.parse_args()
+    if args.fused_adam:
+        from tests.train import fused_adam_mirror
+
+        fused_adam_mirror.install()
     torch.set_num_threads(1)
     init_distributed()
     mp = initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=args.tp), seed=5)

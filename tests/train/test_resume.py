@@ -1,5 +1,7 @@
 """A run resumed from a checkpoint ends with the same weights, bit for bit, as one that
-never stopped (plain and distributed optimizer, fp32 and bf16)."""
+never stopped (plain and distributed optimizer, fp32 and bf16; torch's Adam, and the
+optimizer megatron-core builds where Transformer Engine is installed, its FusedAdam, whose
+checkpoint format keeps Adam's step per param group: tests/train/fused_adam_mirror.py)."""
 
 import pytest
 import torch
@@ -8,8 +10,11 @@ from tests.conftest import torchrun
 
 
 @pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["--tp", "2", "--dtype", "bfloat16"]),
-                                         (2, ["--dist-opt"])],
-                         ids=["plain", "tp2_bf16", "dp2_distributed_optimizer"])
+                                         (2, ["--dist-opt"]),
+                                         (1, ["--fused-adam", "--dtype", "bfloat16"]),
+                                         (2, ["--fused-adam", "--dist-opt"])],
+                         ids=["plain", "tp2_bf16", "dp2_distributed_optimizer", "te_fused_adam",
+                              "te_fused_adam_distributed_optimizer"])
 def test_resume_is_bit_exact(tmp_path, nproc, extra):
     out = str(tmp_path)
     torchrun("tests/train/resume_worker.py", nproc, "--out", out, *extra)
