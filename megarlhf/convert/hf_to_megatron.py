@@ -12,6 +12,7 @@ at a time into a scratch file, so private memory stays near one layer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ from megarlhf.convert.tensor_io import HFTensorReader, Scratch
 __all__ = ["convert_hf_to_megatron", "main", "fuse_qkv", "split_qkv"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_IMPLS = ("local", "transformer_engine")
 # Buffers some old checkpoints carry that are recomputed by every implementation.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -104,9 +106,17 @@ def check_source(reader: HFTensorReader, expected: Dict[str, List[int]], tied: b
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] = None,
                            dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-                           log: Callable[[str], None] = print) -> Dict[str, object]:
-    """Convert one HF folder; returns a summary (tensors, bytes, seconds, peak memory)."""
+                           log: Callable[[str], None] = print,
+                           transformer_impl: str = "local") -> Dict[str, object]:
+    """Convert one HF folder; returns a summary (tensors, bytes, seconds, peak memory).
+
+    ``transformer_impl`` is recorded in the checkpoint's metadata as the layers recipes
+    build it with unless a config says otherwise; the weights are the same either way
+    (megatron names the local layers' tensors as Transformer Engine's, and TE's FP8
+    metadata starts fresh: see :func:`megarlhf.models.checkpoint.load_sharded`)."""
     t0 = time.perf_counter()
+    if transformer_impl not in _IMPLS:
+        raise ConversionError(f"transformer_impl={transformer_impl!r}: expected one of {_IMPLS}")
     hf_cfg = read_hf_config(hf_dir)
     model, facts = model_config_from_hf(hf_cfg, where=os.path.join(hf_dir, "config.json"),
                                         params_dtype=dtype)
@@ -210,7 +220,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
     finally:
         scratch.cleanup()
     meta = CheckpointMeta(
-        model=model, kind=kind, tokenizer=tokenizer or _find_tokenizer(hf_dir),
+        model=dataclasses.replace(model, transformer_impl=transformer_impl), kind=kind, tokenizer=tokenizer or _find_tokenizer(hf_dir),
         extra={"converted_from": os.path.abspath(hf_dir), "source_dtype": facts["source_dtype"],
                "source_architecture": facts["architecture"], "tied_embeddings": facts["tied"]},
     )
@@ -256,9 +266,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="stored dtype; default: float32 for fp32 sources, else bfloat16")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer reference to record (default: the one in --hf-dir)")
+    ap.add_argument("--transformer-impl", choices=_IMPLS, default="local",
+                    help="layer implementation recorded for the recipes to build: local (torch "
+                         "layers, any machine) or transformer_engine (TE's fused layers and FP8, "
+                         "GPUs); the weights are the same, and a role's model.transformer_impl "
+                         "overrides it")
     args = ap.parse_args(argv)
     try:
-        convert_hf_to_megatron(args.hf_dir, args.out, args.model_type, args.dtype, args.tokenizer)
+        convert_hf_to_megatron(args.hf_dir, args.out, args.model_type, args.dtype, args.tokenizer,
+                               transformer_impl=args.transformer_impl)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ __all__ = [
     "model_sharded_state_dict",
     "save_model",
     "load_model",
+    "load_sharded",
     "is_checkpoint",
 ]
 
@@ -150,31 +151,58 @@ def save_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str, meta: Checkpoin
     write_manifest(ckpt_dir)  # collective
 
 
+EXTRA_STATE = "_extra_state"
+
+
+def load_sharded(sharded: Dict[str, Any], ckpt_dir: str) -> Dict[str, Any]:
+    """megatron's ``dist_checkpointing.load`` of ``sharded`` from ``ckpt_dir``, accepting a
+    checkpoint written by the other layer implementation.
+
+    Transformer Engine modules carry an ``_extra_state`` entry (their FP8 scaling
+    metadata) in places the local layers have none (TE's core attention and norms); a
+    checkpoint of local layers (every converted one) lacks those, and megatron refuses a
+    requested key the checkpoint does not hold. Here only ``_extra_state`` entries may be
+    absent (the module keeps its initial FP8 metadata, as after a fresh start); any other
+    absent key is an error naming it. Entries the checkpoint holds but the model does not
+    ask for (TE's, loaded into local layers) are not read.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    try:
+        loaded, _, absent = dist_checkpointing.load(sharded, ckpt_dir,
+                                                    strict=StrictHandling.RETURN_UNEXPECTED)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt_dir}: cannot load: {e}") from e
+    absent = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
+    if absent:
+        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+        raise CheckpointError(f"{ckpt_dir} does not hold {', '.join(absent[:5])}{more} (a checkpoint of "
+                              "another model shape or kind?)")
+    return loaded
+
+
 def load_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str,
                skip_prefixes: Iterable[str] = ()) -> List[str]:
     """Load weights into this rank's chunks from a checkpoint saved at any TP x PP.
 
     Returns the names of parameters that were not loaded (those under ``skip_prefixes``);
-    anything else missing from the checkpoint is an error.
+    anything else missing from the checkpoint is an error, except Transformer Engine's
+    ``_extra_state`` (see :func:`load_sharded`): a checkpoint of either layer
+    implementation loads into a model of either.
     """
-    from megatron.core import dist_checkpointing
-
     if not is_checkpoint(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir} is not a megarlhf checkpoint (needs {META_FILE} and "
                               "megatron's metadata.json)")
     verify_checkpoint(ckpt_dir)  # sizes against the manifest (contents: on resume)
     check_metadata(ckpt_dir)
     skip = tuple(skip_prefixes)
-    sharded = model_sharded_state_dict(chunks, skip)
-    try:
-        loaded = dist_checkpointing.load(sharded, ckpt_dir)
-    except Exception as e:
-        raise CheckpointError(f"{ckpt_dir}: cannot load model weights: {e}") from e
+    loaded = load_sharded(model_sharded_state_dict(chunks, skip), ckpt_dir)
     not_loaded: List[str] = []
     for i, chunk in enumerate(chunks):
         state = loaded["model" if len(chunks) == 1 else f"model{i}"]
         result = _bare(chunk).load_state_dict(state, strict=False)
-        bad = [k for k in result.missing_keys if not k.startswith(skip) and not k.endswith("_extra_state")]
+        bad = [k for k in result.missing_keys if not k.startswith(skip) and not k.endswith(EXTRA_STATE)]
         if bad or result.unexpected_keys:
             raise CheckpointError(f"{ckpt_dir}: missing {bad}, unexpected {result.unexpected_keys}")
         not_loaded += [k for k in result.missing_keys if k.startswith(skip)]

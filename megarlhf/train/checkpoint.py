@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from megarlhf import platform
-from megarlhf.models.checkpoint import (CheckpointError, CheckpointMeta, is_checkpoint,
-                                        model_sharded_state_dict, write_meta)
+from megarlhf.models.checkpoint import (EXTRA_STATE, CheckpointError, CheckpointMeta, is_checkpoint,
+                                        load_sharded, model_sharded_state_dict, write_meta)
 from megarlhf.models.integrity import check_metadata, verify_checkpoint, write_manifest
 from megarlhf.train import faults
 
@@ -263,7 +263,7 @@ def load_roles_state(ckpt_dir: str, roles: Dict[str, Role]) -> Dict[str, Any]:
             "init_from pointing at this checkpoint to keep the weights.")
     state = _state(roles, None, is_loading=True)
     with torch.no_grad():
-        loaded = dist_checkpointing.load(state, ckpt_dir)
+        loaded = load_sharded(state, ckpt_dir)
     for name, (chunks, optimizer, scheduler) in roles.items():
         part = loaded[name] if name else loaded
         prefix = f"{name}." if name else ""
@@ -272,7 +272,7 @@ def load_roles_state(ckpt_dir: str, roles: Dict[str, Role]) -> Dict[str, Any]:
                 key = "model" if len(chunks) == 1 else f"model{i}"
                 weights = {k[len(prefix):]: v for k, v in part[key].items()}
                 missing, _ = _bare(chunk).load_state_dict(weights, strict=False)
-                missing = [k for k in missing if not k.endswith("_extra_state")]
+                missing = [k for k in missing if not k.endswith(EXTRA_STATE)]
                 if missing:
                     raise CheckpointError(f"{ckpt_dir}: {name or 'model'} weights missing: {missing[:5]}")
             if not _uses_dist_opt(optimizer) and all(map(_keeps_step_per_parameter,
