@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """One-GPU check of the fast paths: bf16 and FP8 training speed (MFU), FP8 loss agreement
-with bf16, proof that FP8 matrix products ran, and rollout generation speed.
+with bf16, the share of the linear layers' matrix products that ran in FP8, and rollout
+generation speed.
 
     python tools/gpu_check.py --make-bundle             # where megarlhf is installed: writes tools/gpu_bundle/
     python tools/gpu_check.py --out gpu_check.json      # on the GPU machine (repository + bundle copied)
@@ -29,9 +30,19 @@ Items (the defaults are sized for a few minutes on one H100; steps and batch are
 * ``train_te_bf16``, ``train_te_fp8``: the same model, seed and data with Transformer
   Engine layers in bf16 and in FP8 (hybrid E4M3/E5M2, delayed scaling).
 * ``fp8_loss_agreement``: FP8 losses within 1% of bf16 at every step.
-* ``fp8_gemms``: one profiled step; the CUDA kernels whose names show an FP8 type
-  (cuBLASLt ``..._e4m3...``, ``nvjet_qq...``), against the bf16 run as a control, and the
-  TE modules whose FP8 amax histories were written.
+* ``fp8_gemms``: does FP8 do the work? One profiled step of each TE run; every CUDA kernel
+  is attributed to the module that launched it: forward kernels by a profiler range
+  opened around each forward of the decoder's linear layers (QKV, attention projection,
+  FC1, FC2) and of the output layer; backward kernels by the autograd node that launched
+  them, linked to the forward op that made it (else by the node's name: Transformer
+  Engine's ``_LinearBackward``, ``_LayerNormLinearBackward``...). Pass when kernels whose
+  names show an FP8 type (cuBLASLt ``..._e4m3...``, ``nvjet_qq...``) carry at least 90%
+  (:data:`FP8_SHARE_LIMIT`) of the linear layers' GEMM time, forward and backward, and
+  the bf16 run, the control, shows no FP8 GEMM kernel. The output (vocabulary)
+  projection, a bf16 megatron layer, and attention's own kernels do not count; the report
+  states the share, the output layer's GEMM time, the control's share and the TE modules
+  whose FP8 amax histories were written. "unproven" (or "fail" when nothing ran in FP8)
+  when no GEMM could be attributed to the linear layers.
 * ``generate``: megarlhf's rollout engine on a model of the same shape (bf16, 32 prompts
   of 128 tokens, 256 new tokens each), generated tokens/s.
 
@@ -43,6 +54,8 @@ last line printed is the path of the JSON report.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -226,7 +239,7 @@ ITEMS = ("gemm_probe", "train_local", "generate", "train_te_bf16", "train_te_fp8
 TITLES = {"gemm_probe": "GEMM probe", "train_local": "train, local layers",
           "generate": "rollout generation", "train_te_bf16": "train, TE layers bf16",
           "train_te_fp8": "train, TE layers FP8", "fp8_loss_agreement": "FP8 vs bf16 loss",
-          "fp8_gemms": "FP8 GEMMs ran"}
+          "fp8_gemms": "FP8 share of GEMMs"}
 FAILED = ("fail", "error", "unproven")
 
 
@@ -279,32 +292,171 @@ def datasheet_peak(device_name: Optional[str]) -> Optional[Dict[str, Optional[fl
     return None
 
 
-_GEMM_NAME = re.compile(r"gemm|nvjet|xmma|matmul|^aten::(mm|addmm|bmm|baddbmm)$", re.I)
+# A GEMM by its kernel name on a GPU (cuBLASLt ``sm90_xmma_gemm_...``, ``nvjet_...``,
+# CUTLASS ``...gemm...``), by its operator on CPU, where the profiled "kernels" are the
+# leaf aten operators (``aten::matmul`` is left out: it only dispatches to ``aten::mm``).
+_GEMM_NAME = re.compile(r"gemm|gemv|nvjet|xmma|(?<!aten::)matmul|^aten::(mm|addmm|bmm|baddbmm|_scaled_mm)$", re.I)
 # cuBLASLt names carry the input types (sm90_xmma_gemm_e4m3bf16_..., nvjet_qq... where q
 # is an 8-bit float); Transformer Engine's casts name __nv_fp8_e4m3 / e5m2 types.
 _FP8_NAME = re.compile(r"fp8|e4m3|e5m2|nvjet_(sm\d+_)?q", re.I)
 
+# What FP8 must carry: this share of the GEMM time of the decoder's linear layers.
+FP8_SHARE_LIMIT = 0.90
+# Profiler ranges opened around every forward of the modules of each role (see
+# :func:`mark_roles`); a kernel inside one belongs to that role.
+LINEAR_RANGE = "megarlhf.linear_layer"
+OUTPUT_RANGE = "megarlhf.output_layer"
+ROLE_OF_RANGE = {LINEAR_RANGE: "linear", OUTPUT_RANGE: "output"}
+# The autograd engine's event around one node's backward (its child is the node itself).
+EVALUATE = "autograd::engine::evaluate_function: "
+# Backward nodes by role, the fallback where a backward kernel cannot be linked to the
+# forward op that made its node. Transformer Engine's autograd Functions
+# (transformer_engine/pytorch/module/{linear,layernorm_linear,layernorm_mlp}.py) are only
+# the decoder's linear layers here; megatron's output layer is its ColumnParallelLinear
+# (megatron/core/tensor_parallel/layers.py). With local layers every linear layer is that
+# megatron Function too, so the names cannot tell them apart: no fallback there.
+BACKWARD_NODES = {
+    "transformer_engine": {"_LinearBackward": "linear", "_LayerNormLinearBackward": "linear",
+                           "_LayerNormMLPBackward": "linear",
+                           "LinearWithGradAccumulationAndAsyncCommunicationBackward": "output"},
+    "local": {},
+}
 
-def classify_kernels(kernels: Iterable[Tuple[str, float]], top: int = 5) -> Dict[str, Any]:
-    """Sort profiled kernels ``(name, seconds)`` into GEMMs, FP8 GEMMs and other FP8
-    kernels (casts, transposes, amax). Returns counts, seconds and the top names."""
-    gemm, fp8_gemm, fp8_other = [], [], []
-    for name, seconds in kernels:
-        is_gemm, is_fp8 = bool(_GEMM_NAME.search(name)), bool(_FP8_NAME.search(name))
-        if is_gemm:
-            gemm.append((name, seconds))
-        if is_gemm and is_fp8:
-            fp8_gemm.append((name, seconds))
-        elif is_fp8:
-            fp8_other.append((name, seconds))
 
-    def names(rows):
-        return [n[:200] for n, _ in sorted(rows, key=lambda r: -r[1])[:top]]
+@dataclasses.dataclass(frozen=True)
+class KernelRecord:
+    """One profiled kernel (on CPU: one leaf aten operator) and where it was launched."""
 
-    return {"gemm_kernels": len(gemm), "fp8_gemm_kernels": len(fp8_gemm), "fp8_other_kernels": len(fp8_other),
-            "gemm_seconds": round(sum(s for _, s in gemm), 6),
-            "fp8_gemm_seconds": round(sum(s for _, s in fp8_gemm), 6),
-            "top_gemms": names(gemm), "top_fp8_gemms": names(fp8_gemm), "top_fp8_other": names(fp8_other)}
+    name: str
+    seconds: float
+    """Device time (on CPU: the operator's own CPU time)."""
+    chain: Tuple[str, ...] = ()
+    """The profiler events around its launch, innermost first: the launching op, its
+    parents, up to the outermost range. Empty when the profiler linked it to no op."""
+    forward_chain: Tuple[str, ...] = ()
+    """Backward work: the ``chain`` of the forward op whose autograd node launched it."""
+    device_ranges: Tuple[str, ...] = ()
+    """A kernel linked to no op: the ranges whose GPU-side span holds it, innermost first."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTime:
+    """The kernel time of one profiled step by where it ran, in seconds. GEMMs and FP8
+    are told by kernel name; the role (linear layers, output layer, elsewhere) by
+    :func:`kernel_role`."""
+
+    linear_gemm_s: float
+    """GEMMs of the decoder's linear layers (QKV, attention projection, FC1, FC2),
+    forward and backward."""
+    linear_fp8_gemm_s: float
+    """Of which kernels with an FP8 type."""
+    output_gemm_s: float
+    """GEMMs of the output (vocabulary) projection."""
+    output_fp8_gemm_s: float
+    other_gemm_s: float
+    """GEMMs elsewhere (attention's own, unattributed ones)."""
+    other_kernel_s: float
+    """Every kernel that is not a GEMM (norms, casts, attention, optimizer...)."""
+    unattributed_s: float
+    """Kernels linked to no op and inside no range (counted in the two above)."""
+    gemm_kernels: int
+    fp8_gemm_kernels: int
+    """FP8 GEMM kernels anywhere in the step (the bf16 control must have none)."""
+    fp8_other_kernels: int
+    """Non-GEMM kernels whose name shows an FP8 type (casts, transposes, amax)."""
+    linear_gemm_kernels: int
+    output_gemm_kernels: int
+    linear_gemm_by_route: Dict[str, float]
+    """Seconds of linear-layer GEMMs by how they were attributed: ``range`` (launched
+    inside the layer's forward range), ``forward_link`` (by an autograd node made in it),
+    ``node_name`` (by the node's name), ``device_span`` (by the range's GPU-side span)."""
+    top_linear_non_fp8_gemms: Tuple[str, ...]
+    top_output_gemms: Tuple[str, ...]
+    top_other_gemms: Tuple[str, ...]
+    top_fp8_gemms: Tuple[str, ...]
+    top_fp8_other: Tuple[str, ...]
+
+    @property
+    def fp8_share(self) -> Optional[float]:
+        """FP8 kernels' share of the linear layers' GEMM time; None when none was attributed."""
+        if not self.linear_gemm_kernels or self.linear_gemm_s <= 0:
+            return None
+        return self.linear_fp8_gemm_s / self.linear_gemm_s
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = {k: (round(v, 6) if isinstance(v, float) else list(v) if isinstance(v, tuple) else v)
+               for k, v in dataclasses.asdict(self).items()}
+        out["linear_gemm_by_route"] = {k: round(v, 6) for k, v in self.linear_gemm_by_route.items()}
+        out["fp8_share"] = None if self.fp8_share is None else round(self.fp8_share, 4)
+        return out
+
+
+def kernel_role(record: KernelRecord, backward_nodes: Dict[str, str]) -> Tuple[Optional[str], str]:
+    """(role, route): which marked module a kernel belongs to (``linear``, ``output`` or
+    None) and how that was found. A range around the launch decides first, then a range
+    around the forward op of the backward node that launched it, then that node's name in
+    ``backward_nodes`` (``{node name: role}``), then the GPU-side span of a range."""
+    for route, names in (("range", record.chain), ("forward_link", record.forward_chain)):
+        for name in names:
+            if name in ROLE_OF_RANGE:
+                return ROLE_OF_RANGE[name], route
+    for name in record.chain:
+        node = name[len(EVALUATE):] if name.startswith(EVALUATE) else name
+        if node in backward_nodes:
+            return backward_nodes[node], "node_name"
+    for name in record.device_ranges:
+        if name in ROLE_OF_RANGE:
+            return ROLE_OF_RANGE[name], "device_span"
+    linked = record.chain or record.forward_chain or record.device_ranges
+    return None, "elsewhere" if linked else "unattributed"
+
+
+def gemm_time(records: Iterable[KernelRecord], backward_nodes: Optional[Dict[str, str]] = None,
+              top: int = 5) -> GemmTime:
+    """Sum the kernel time of one profiled step by role and kind (see :class:`GemmTime`)."""
+    seconds: Dict[str, float] = collections.defaultdict(float)
+    counts: Dict[str, int] = collections.defaultdict(int)
+    routes: Dict[str, float] = collections.defaultdict(float)
+    names: Dict[str, Dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+    for r in records:
+        role, route = kernel_role(r, backward_nodes or {})
+        is_gemm, is_fp8 = bool(_GEMM_NAME.search(r.name)), bool(_FP8_NAME.search(r.name))
+        if route == "unattributed":
+            seconds["unattributed"] += r.seconds
+        if not is_gemm:
+            seconds["other_kernel"] += r.seconds
+            if is_fp8:
+                counts["fp8_other"] += 1
+                names["fp8_other"][r.name] += r.seconds
+            continue
+        counts["gemm"] += 1
+        if is_fp8:
+            counts["fp8_gemm"] += 1
+            names["fp8"][r.name] += r.seconds
+        where = role or "other"
+        seconds[f"{where}_gemm"] += r.seconds
+        counts[f"{where}_gemm"] += 1
+        if is_fp8 and role:
+            seconds[f"{role}_fp8_gemm"] += r.seconds
+        if role == "linear":
+            routes[route] += r.seconds
+            if not is_fp8:
+                names["linear_non_fp8"][r.name] += r.seconds
+        else:
+            names[where][r.name] += r.seconds
+
+    def most(kind):
+        return tuple(n[:200] for n, _ in sorted(names[kind].items(), key=lambda kv: -kv[1])[:top])
+
+    return GemmTime(
+        linear_gemm_s=seconds["linear_gemm"], linear_fp8_gemm_s=seconds["linear_fp8_gemm"],
+        output_gemm_s=seconds["output_gemm"], output_fp8_gemm_s=seconds["output_fp8_gemm"],
+        other_gemm_s=seconds["other_gemm"], other_kernel_s=seconds["other_kernel"],
+        unattributed_s=seconds["unattributed"], gemm_kernels=counts["gemm"], fp8_gemm_kernels=counts["fp8_gemm"],
+        fp8_other_kernels=counts["fp8_other"], linear_gemm_kernels=counts["linear_gemm"],
+        output_gemm_kernels=counts["output_gemm"], linear_gemm_by_route=dict(routes),
+        top_linear_non_fp8_gemms=most("linear_non_fp8"), top_output_gemms=most("output"),
+        top_other_gemms=most("other"), top_fp8_gemms=most("fp8"), top_fp8_other=most("fp8_other"))
 
 
 def loss_agreement(reference: Sequence[float], other: Sequence[float], tolerance: float = 0.01) -> Dict[str, Any]:
@@ -320,29 +472,47 @@ def loss_agreement(reference: Sequence[float], other: Sequence[float], tolerance
             "tolerance": tolerance, "steps": len(diffs)}
 
 
-def fp8_gemm_verdict(fp8_run: Dict[str, Any], bf16_run: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Did the FP8 run's matrix products run in FP8? From its profiled kernels, with the
-    bf16 run as a control, and the TE modules' amax histories. Only kernel names that
-    show an FP8 GEMM count as proof."""
-    kernels = fp8_run.get("profile") or {}
-    amax = fp8_run.get("fp8_meta") or {}
+def fp8_gemm_verdict(fp8_run: Dict[str, Any], bf16_run: Optional[Dict[str, Any]],
+                     limit: float = FP8_SHARE_LIMIT) -> Dict[str, Any]:
+    """Did FP8 do the work of the linear layers? Pass when kernels with an FP8 type carry at
+    least ``limit`` of the GEMM time of the decoder's linear layers in the FP8 run's
+    profiled step (``profile``: :meth:`GemmTime.as_dict`), and the bf16 control run shows
+    no FP8 GEMM kernel (else the names prove nothing). Also reported: the TE modules whose
+    FP8 amax histories were written."""
+    p = fp8_run.get("profile") or {}
     control = (bf16_run or {}).get("profile") or {}
-    evidence = {"fp8_run": {k: kernels.get(k) for k in ("gemm_kernels", "fp8_gemm_kernels", "fp8_other_kernels",
-                                                          "gemm_seconds", "fp8_gemm_seconds", "top_fp8_gemms")},
+    amax = fp8_run.get("fp8_meta") or {}
+    share = p.get("fp8_share")
+    evidence = {"fp8_share": share, "limit": limit, "bf16_control_fp8_share": control.get("fp8_share"),
                 "bf16_control_fp8_gemm_kernels": control.get("fp8_gemm_kernels"),
+                "fp8_run": {k: p.get(k) for k in (
+                    "linear_gemm_s", "linear_fp8_gemm_s", "output_gemm_s", "output_fp8_gemm_s", "other_gemm_s",
+                    "other_kernel_s", "unattributed_s", "gemm_kernels", "fp8_gemm_kernels", "fp8_other_kernels",
+                    "linear_gemm_kernels", "linear_gemm_by_route", "top_linear_non_fp8_gemms", "top_fp8_gemms")},
                 "te_modules": amax.get("te_modules"), "te_modules_in_fp8": amax.get("ran_in_fp8"),
                 "te_modules_with_amax": amax.get("nonzero_amax_history")}
-    if kernels.get("fp8_gemm_kernels"):
-        if control.get("fp8_gemm_kernels"):
-            return {"status": "fail", "reason": "the bf16 control run shows FP8 GEMM kernels too: "
-                    "the kernel names cannot tell the runs apart", **evidence}
+    if control.get("fp8_gemm_kernels"):
+        return {"status": "fail", "reason": "the bf16 control run shows FP8 GEMM kernels too: the kernel names "
+                "cannot tell the runs apart", **evidence}
+    if share is None:
+        if not p:
+            why = f"the step was not profiled ({fp8_run.get('profile_error', 'no profile')})"
+        elif not p.get("gemm_kernels"):
+            why = "no GEMM kernel was profiled"
+        else:
+            why = (f"none of its {p['gemm_kernels']} GEMM kernels was attributed to the linear layers "
+                   f"({p.get('unattributed_s', 0) * 1e3:.1f} ms of kernels were linked to no op: the profiler "
+                   "did not link kernels to the ops and ranges that launched them)")
+        if (p.get("gemm_kernels") and not p.get("fp8_gemm_kernels") and not p.get("fp8_other_kernels")
+                and not amax.get("nonzero_amax_history")):
+            return {"status": "fail", "reason": "no FP8 kernel ran and no FP8 amax was recorded: the FP8 run "
+                    f"fell back to bf16; {why}", "top_gemms": p.get("top_other_gemms"), **evidence}
+        return {"status": "unproven", "reason": f"the FP8 share of the linear layers is unknown: {why}",
+                "top_gemms": p.get("top_other_gemms"), **evidence}
+    if share >= limit:
         return {"status": "pass", **evidence}
-    if kernels.get("gemm_kernels") and not amax.get("nonzero_amax_history") and not kernels.get("fp8_other_kernels"):
-        return {"status": "fail", "reason": "no FP8 kernel ran and no FP8 amax was recorded: the FP8 "
-                "run fell back to bf16", "top_gemms": kernels.get("top_gemms"), **evidence}
-    return {"status": "unproven", "reason": "no GEMM kernel name shows an FP8 type (see top_gemms); "
-            "other evidence is listed", "top_gemms": kernels.get("top_gemms"),
-            "profile_error": fp8_run.get("profile_error"), **evidence}
+    return {"status": "fail", "reason": f"FP8 kernels carry {share:.1%} of the linear layers' GEMM time, under "
+            f"the {limit:.0%} limit (see top_linear_non_fp8_gemms)", **evidence}
 
 
 def provider(qualname: str) -> str:
@@ -476,27 +646,151 @@ def fp8_meta_evidence(chunks) -> Dict[str, int]:
     return {"te_modules": modules, "ran_in_fp8": in_fp8, "nonzero_amax_history": nonzero}
 
 
-def profile_kernels(step: Callable[[], None], on_gpu: bool) -> List[Tuple[str, float]]:
-    """(name, seconds) of every CUDA kernel one call of ``step`` launched (of every
-    operator on CPU)."""
+def role_modules(chunks) -> Dict[str, list]:
+    """The modules of each marked role: the decoder's linear layers (QKV, attention
+    projection, FC1, FC2 of every layer) and the output layer, under their range names."""
+    from megarlhf.models.llama import unwrap
+
+    linear, output = [], []
+    for chunk in chunks:
+        model = unwrap(chunk)
+        for layer in model.decoder.layers:
+            linear += [layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
+                       layer.mlp.linear_fc1, layer.mlp.linear_fc2]
+        if getattr(model, "output_layer", None) is not None:
+            output.append(model.output_layer)
+    return {LINEAR_RANGE: linear, OUTPUT_RANGE: output}
+
+
+@contextlib.contextmanager
+def mark_roles(modules: Dict[str, Sequence[Any]]):
+    """Within the block, every forward of a module in ``modules`` (``{range name:
+    modules}``) runs inside a profiler range of that name, opened by a forward pre-hook
+    and closed by a forward hook (also when the forward raises)."""
+    from torch.profiler import record_function
+
+    open_ranges: List[Any] = []  # forwards nest, so one stack serves every module
+
+    def opener(name):
+        def pre_hook(module, args):
+            r = record_function(name)
+            r.__enter__()
+            open_ranges.append(r)
+        return pre_hook
+
+    def close(module, args, output):
+        open_ranges.pop().__exit__(None, None, None)
+
+    handles = []
+    try:
+        for name, mods in modules.items():
+            for m in mods:
+                handles += [m.register_forward_pre_hook(opener(name)),
+                            m.register_forward_hook(close, always_call=True)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_BACKWARD_SCOPE = 1  # at::RecordScope::BACKWARD_FUNCTION: the event of an autograd node running
+
+
+def _is_backward_event(e) -> bool:
+    return e.scope == _BACKWARD_SCOPE or e.name.startswith(EVALUATE)
+
+
+def kernel_records(events, on_gpu: bool, ranges: Sequence[str] = tuple(ROLE_OF_RANGE)) -> List[KernelRecord]:
+    """The kernels of a torch.profiler run (its ``events()``) with the chain of profiler
+    events around each launch.
+
+    On a GPU, torch links each device kernel to the CPU op that launched it (through
+    kineto's correlation ids: ``FunctionEvent.kernels``); its chain is that op and its
+    ``cpu_parent``s. Kernels linked to no op (launched outside any recorded op) are
+    placed by the GPU-side spans kineto records for each range. On CPU the "kernels" are
+    the leaf aten operators, with their own CPU time.
+
+    Backward work runs under the autograd engine's node events (on the GPU in the engine's
+    own thread, outside every forward range). A node carries the sequence number and
+    thread of the forward op that created it; the chain of the last forward op recorded
+    with that number on that thread (the one that made the node, or an op inside it)
+    becomes the record's ``forward_chain``.
+    """
+    from torch.autograd import DeviceType
+
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    chains: Dict[int, Tuple[Any, ...]] = {}
+
+    def chain(e) -> Tuple[Any, ...]:
+        todo = []
+        while e is not None and id(e) not in chains:
+            todo.append(e)
+            e = e.cpu_parent
+        tail = chains[id(e)] if e is not None else ()
+        for x in reversed(todo):
+            tail = chains[id(x)] = (x,) + tail
+        return tail
+
+    forward_ops = {}
+    for e in sorted(cpu, key=lambda e: e.time_range.start):  # the last one recorded wins
+        if e.sequence_nr >= 0 and not _is_backward_event(e):
+            forward_ops[(e.sequence_nr, e.thread)] = e
+
+    def names(evs) -> Tuple[str, ...]:
+        return tuple(x.name for x in evs)
+
+    def forward_chain(evs) -> Tuple[str, ...]:
+        node = next((x for x in evs if _is_backward_event(x)), None)
+        if node is None or node.sequence_nr < 0:
+            return ()
+        op = forward_ops.get((node.sequence_nr, node.fwd_thread))
+        return names(chain(op)) if op is not None else ()
+
+    records = []
+    if not on_gpu:
+        for e in cpu:
+            if e.name.startswith("aten::"):
+                evs = chain(e)
+                records.append(KernelRecord(e.name, e.self_cpu_time_total / 1e6, names(evs), forward_chain(evs)))
+        return records
+    linked: Dict[Tuple[str, float], int] = collections.Counter()
+    for e in cpu:
+        for k in e.kernels:
+            if k.name in ranges:  # a range's GPU-side span, which torch links like a kernel
+                continue
+            evs = chain(e)
+            records.append(KernelRecord(k.name, k.duration / 1e6, names(evs), forward_chain(evs)))
+            linked[(k.name, round(k.duration, 3))] += 1  # microseconds, to the nanosecond
+    device = [e for e in events if e.device_type != DeviceType.CPU]
+    spans = sorted({(d.time_range.start, d.time_range.end, d.name) for d in device if d.name in ranges},
+                   key=lambda s: (s[1] - s[0], s))
+    for d in device:
+        start, end = d.time_range.start, d.time_range.end
+        if d.name in ranges:
+            continue
+        key = (d.name, round(end - start, 3))
+        if linked[key]:  # already recorded through its op
+            linked[key] -= 1
+            continue
+        inside = tuple(name for s, t, name in spans if s <= start and end <= t)
+        records.append(KernelRecord(d.name, (end - start) / 1e6, device_ranges=inside))
+    return records
+
+
+def profile_kernels(step: Callable[[], None], on_gpu: bool,
+                    modules: Optional[Dict[str, Sequence[Any]]] = None) -> List[KernelRecord]:
+    """The kernels one call of ``step`` launched (the leaf operators on CPU), each with
+    where it was launched (:func:`kernel_records`); ``modules`` (``{range name:
+    modules}``) are marked with ranges meanwhile."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
+    with mark_roles(modules or {}), profile(activities=activities) as prof:
         step()
         if on_gpu:
             torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        if on_gpu:
-            if str(getattr(e, "device_type", "")) != "DeviceType.CUDA":
-                continue
-            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        else:
-            us = e.self_cpu_time_total
-        rows.append((e.key, us / 1e6))
-    return rows
+    return kernel_records(prof.events(), on_gpu)
 
 
 def _rate(seconds: Sequence[float]) -> float:
@@ -564,7 +858,8 @@ def train_item(shape: Shape, entry: Dict[str, Any], batches, ctx: Dict[str, Any]
     out["peak_memory_gib"] = round(plat.max_memory_allocated() / 2 ** 30, 3)
     out["kernels_in_use"] = observed_kernels(chunks, optimizer)
     try:
-        out["profile"] = classify_kernels(profile_kernels(lambda: one_step(batches[shape.steps]), plat.is_gpu))
+        records = profile_kernels(lambda: one_step(batches[shape.steps]), plat.is_gpu, role_modules(chunks))
+        out["profile"] = gemm_time(records, BACKWARD_NODES[entry["layers"]]).as_dict()
     except Exception as e:  # the profiler is evidence, not the measurement
         out["profile_error"] = f"{type(e).__name__}: {e}"
     if entry["layers"] == "transformer_engine":
@@ -830,9 +1125,15 @@ def result_line(name: str, e: Dict[str, Any]) -> str:
                 f"{e['steps']} (limit {e['tolerance']:.0%})")
     if name == "fp8_gemms":
         run = e.get("fp8_run") or {}
-        line = (f"{run.get('fp8_gemm_kernels')} FP8 GEMM kernels of {run.get('gemm_kernels')} GEMMs "
-                f"(bf16 control: {e.get('bf16_control_fp8_gemm_kernels')}); TE modules with amax "
-                f"{e.get('te_modules_with_amax')}/{e.get('te_modules')}")
+        share = e.get("fp8_share")
+        line = ("FP8 GEMMs: " + ("no GEMM attributed to the linear layers" if share is None else
+                                 f"{share:.1%} of the linear layers' GEMM time") + f" (limit {e['limit']:.0%})")
+        if run.get("output_gemm_s") is not None:
+            output_fp8 = run.get("output_fp8_gemm_s") or 0.0
+            line += f"; output layer {run['output_gemm_s'] * 1e3:.1f} ms " + (
+                f"{output_fp8 / run['output_gemm_s']:.0%} FP8" if output_fp8 else "bf16")
+        line += f"; bf16 control {_fmt(e.get('bf16_control_fp8_share'), '{:.1%}')}"
+        line += f"; TE modules with amax {e.get('te_modules_with_amax')}/{e.get('te_modules')}"
         return line + (f"; {e['reason']}" if e.get("reason") else "")
     return ""
 

@@ -5,6 +5,7 @@ torch and its dependencies."""
 import importlib
 import importlib.metadata as md
 import importlib.util
+import dataclasses
 import json
 import math
 import re
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megarlhf import platform
 from megarlhf.platform import Hardware, Kernels, select_kernels
@@ -200,15 +202,27 @@ OTHER = ["void at::native::vectorized_elementwise_kernel<4, at::native::FillFunc
          "void flash_fwd_kernel<Flash_fwd_kernel_traits<128, cutlass::bfloat16_t>>(...)"]
 
 
-def test_classify_kernels_finds_fp8_gemms_by_name():
-    rows = [(FP8_GEMM, 0.004), (NVJET_FP8, 0.003), (BF16_GEMM, 0.002), (NVJET_BF16, 0.001), (TE_CAST, 0.0005)]
-    rows += [(n, 0.001) for n in OTHER]
-    c = gpu_check.classify_kernels(rows)
-    assert (c["gemm_kernels"], c["fp8_gemm_kernels"], c["fp8_other_kernels"]) == (4, 2, 1)
-    assert c["top_fp8_gemms"] == [FP8_GEMM, NVJET_FP8] and c["top_fp8_other"] == [TE_CAST]
-    assert math.isclose(c["fp8_gemm_seconds"], 0.007) and math.isclose(c["gemm_seconds"], 0.01)
-    bf16 = gpu_check.classify_kernels([(BF16_GEMM, 1.0), (NVJET_BF16, 1.0), ("aten::mm", 1.0)])
-    assert (bf16["gemm_kernels"], bf16["fp8_gemm_kernels"]) == (3, 0)
+LIN, OUT, EVAL = gpu_check.LINEAR_RANGE, gpu_check.OUTPUT_RANGE, gpu_check.EVALUATE
+TE_NODES = gpu_check.BACKWARD_NODES["transformer_engine"]
+OUTPUT_NODE = "LinearWithGradAccumulationAndAsyncCommunicationBackward"
+
+
+def rec(name, ms, *chain, forward=(), device=()):
+    return gpu_check.KernelRecord(name, ms / 1e3, tuple(chain), tuple(forward), tuple(device))
+
+
+def test_kernel_names_tell_gemms_and_fp8_apart():
+    rows = [rec(FP8_GEMM, 4), rec(NVJET_FP8, 3), rec(BF16_GEMM, 2), rec(NVJET_BF16, 1), rec(TE_CAST, 0.5)]
+    rows += [rec(n, 1) for n in OTHER]
+    t = gpu_check.gemm_time(rows)
+    assert (t.gemm_kernels, t.fp8_gemm_kernels, t.fp8_other_kernels) == (4, 2, 1)
+    assert t.top_fp8_gemms == (FP8_GEMM, NVJET_FP8) and t.top_fp8_other == (TE_CAST,)
+    assert math.isclose(t.other_gemm_s, 0.010) and math.isclose(t.other_kernel_s, 0.0025)
+    assert t.linear_gemm_kernels == 0 and t.fp8_share is None  # nothing was attributed
+    # on CPU the "kernels" are the leaf operators; aten::matmul only dispatches to aten::mm
+    cpu = gpu_check.gemm_time([rec(n, 1) for n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
+                                                    "aten::add")])
+    assert (cpu.gemm_kernels, cpu.fp8_gemm_kernels) == (3, 0)
 
 
 def test_loss_agreement():
@@ -221,20 +235,271 @@ def test_loss_agreement():
     assert gpu_check.loss_agreement(ref, ref[:2])["status"] == "fail"
 
 
-def _run(fp8_gemms, gemms=10, other=0, amax=0):
-    return {"profile": {"gemm_kernels": gemms, "fp8_gemm_kernels": fp8_gemms, "fp8_other_kernels": other,
-                        "top_gemms": [BF16_GEMM]},
+def te_step(fp8_ms, bf16_ms, output_ms=0.0, attention_ms=3.0):
+    """The kernels of one TE training step, as :func:`gpu_check.kernel_records` gives
+    them: linear-layer GEMMs in the forward range (FP8, and ``bf16_ms`` in bf16) and in
+    backward under TE's node linked to its forward op; FP8 casts; the output layer's bf16
+    GEMMs, forward and backward; attention's kernels."""
+    rows = [rec(OTHER[1], attention_ms, "FusedAttnFunc")]
+    if fp8_ms:
+        rows += [rec(FP8_GEMM, fp8_ms / 2, "_Linear", LIN, "megatron.transformer_layer"),
+                 rec(NVJET_FP8, fp8_ms / 2, "_LinearBackward", EVAL + "_LinearBackward", forward=("_Linear", LIN)),
+                 rec(TE_CAST, 0.5, "_Linear", LIN)]
+    if bf16_ms:
+        rows.append(rec(BF16_GEMM, bf16_ms, "_LayerNormLinear", LIN))
+    if output_ms:
+        rows += [rec(NVJET_BF16, output_ms / 3, "aten::mm", "aten::matmul", "LinearWithGrad", OUT),
+                 rec(BF16_GEMM, output_ms * 2 / 3, "aten::mm", OUTPUT_NODE, EVAL + OUTPUT_NODE,
+                     forward=("LinearWithGrad", OUT))]
+    return rows
+
+
+def _run(records, amax=64):
+    return {"profile": gpu_check.gemm_time(records, TE_NODES).as_dict(),
             "fp8_meta": {"te_modules": 64, "ran_in_fp8": 64 if amax else 0, "nonzero_amax_history": amax}}
 
 
-def test_fp8_gemm_verdict():
-    assert gpu_check.fp8_gemm_verdict(_run(8, other=4, amax=64), _run(0))["status"] == "pass"
-    # a control run that shows "FP8" GEMMs too means the names prove nothing
-    assert gpu_check.fp8_gemm_verdict(_run(8, amax=64), _run(8))["status"] == "fail"
-    silent = gpu_check.fp8_gemm_verdict(_run(0), _run(0))
+BF16_CONTROL = _run(te_step(0, 100, output_ms=20), amax=0)
+
+
+def test_fp8_share_of_the_linear_layers_decides():
+    good = gpu_check.fp8_gemm_verdict(_run(te_step(95, 5)), BF16_CONTROL)
+    assert good["status"] == "pass" and good["fp8_share"] == 0.95 and good["limit"] == gpu_check.FP8_SHARE_LIMIT == 0.9
+    assert good["bf16_control_fp8_share"] == 0.0 and good["bf16_control_fp8_gemm_kernels"] == 0
+    assert good["fp8_run"]["linear_gemm_by_route"] == {"range": 0.0525, "forward_link": 0.0475}
+    short = gpu_check.fp8_gemm_verdict(_run(te_step(89, 11)), BF16_CONTROL)
+    assert short["status"] == "fail" and short["fp8_share"] == 0.89 and "89.0%" in short["reason"]
+    assert short["fp8_run"]["top_linear_non_fp8_gemms"] == [BF16_GEMM]
+
+
+def test_the_output_layer_and_attention_do_not_count():
+    # 200 ms of bf16 GEMMs in the output layer (forward by its range, backward by its node)
+    # and bf16 attention GEMMs elsewhere leave the linear layers' share at 95%
+    rows = te_step(95, 5, output_ms=200) + [rec(BF16_GEMM, 50, "aten::bmm", "DotProductAttention")]
+    t = gpu_check.gemm_time(rows, TE_NODES)
+    assert math.isclose(t.fp8_share, 0.95) and math.isclose(t.linear_gemm_s, 0.1)
+    assert math.isclose(t.output_gemm_s, 0.2) and t.output_fp8_gemm_s == 0 and t.output_gemm_kernels == 2
+    assert math.isclose(t.other_gemm_s, 0.05)
+    assert gpu_check.fp8_gemm_verdict(_run(rows), BF16_CONTROL)["status"] == "pass"
+
+
+def test_kernel_role_routes():
+    role = gpu_check.kernel_role
+    assert role(rec("k", 1, "aten::mm", LIN), {}) == ("linear", "range")
+    assert role(rec("k", 1, "aten::mm", LIN, forward=("aten::mm", OUT)), {}) == ("linear", "range")
+    assert role(rec("k", 1, EVAL + "_LinearBackward", forward=("_Linear", OUT)), TE_NODES) == ("output", "forward_link")
+    # without the link to the forward op, TE's node names say "linear layer"...
+    assert role(rec("k", 1, "_LayerNormLinearBackward", EVAL + "_LayerNormLinearBackward"), TE_NODES) \
+        == ("linear", "node_name")
+    assert role(rec("k", 1, EVAL + OUTPUT_NODE), TE_NODES) == ("output", "node_name")
+    assert role(rec("k", 1, EVAL + "_LinearBackward"), {}) == (None, "elsewhere")  # ...only where asked to
+    assert role(rec("k", 1, device=(OUT, LIN)), {}) == ("output", "device_span")
+    assert role(rec("k", 1), TE_NODES) == (None, "unattributed")
+    t = gpu_check.gemm_time([rec(FP8_GEMM, 2), rec(TE_CAST, 1), rec(FP8_GEMM, 4, "aten::mm")])
+    assert math.isclose(t.unattributed_s, 0.003) and math.isclose(t.other_gemm_s, 0.006)
+
+
+def test_a_control_run_with_fp8_kernels_fails():
+    control = _run(te_step(50, 50))  # the "bf16" run shows FP8 GEMMs: the names prove nothing
+    bad = gpu_check.fp8_gemm_verdict(_run(te_step(100, 0)), control)
+    assert bad["status"] == "fail" and "control" in bad["reason"] and bad["bf16_control_fp8_share"] == 0.5
+
+
+def test_without_attribution_there_is_no_pass():
+    # FP8 GEMM kernels ran, but the profiler linked none of them to an op or range
+    unlinked = [dataclasses.replace(r, chain=(), forward_chain=()) for r in te_step(100, 0)]
+    unclear = gpu_check.fp8_gemm_verdict(_run(unlinked), BF16_CONTROL)
+    assert unclear["status"] == "unproven" and unclear["fp8_share"] is None
+    assert "attributed to the linear layers" in unclear["reason"] and "linked to no op" in unclear["reason"]
+    silent = gpu_check.fp8_gemm_verdict(_run([rec(BF16_GEMM, 5), rec(OTHER[0], 1)], amax=0), BF16_CONTROL)
     assert silent["status"] == "fail" and "fell back to bf16" in silent["reason"]
-    unclear = gpu_check.fp8_gemm_verdict(_run(0, other=4, amax=64), _run(0))
-    assert unclear["status"] == "unproven" and unclear["te_modules_with_amax"] == 64
+    assert gpu_check.fp8_gemm_verdict({"profile_error": "RuntimeError: x"}, BF16_CONTROL)["status"] == "unproven"
+
+
+def test_fp8_gemms_result_line_states_the_shares():
+    e = gpu_check.fp8_gemm_verdict(_run(te_step(97.3, 2.7, output_ms=6.1)), BF16_CONTROL)
+    assert gpu_check.result_line("fp8_gemms", e) == (
+        "FP8 GEMMs: 97.3% of the linear layers' GEMM time (limit 90%); output layer 6.1 ms bf16; "
+        "bf16 control 0.0%; TE modules with amax 64/64")
+    short = gpu_check.fp8_gemm_verdict(_run(te_step(50, 50)), BF16_CONTROL)
+    assert gpu_check.result_line("fp8_gemms", short).startswith("FP8 GEMMs: 50.0% of the linear layers' GEMM")
+    assert "under the 90% limit" in gpu_check.result_line("fp8_gemms", short)
+
+
+# -- attribution from a profiler run ------------------------------------------------------
+
+class _TinyLinear(torch.autograd.Function):
+    """A linear layer as its own autograd Function, as Transformer Engine's are."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return dy @ weight, dy.flatten(0, -2).t() @ x.flatten(0, -2)
+
+
+class TinyLinear(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, n) / n ** 0.5)
+
+    def forward(self, x):
+        return _TinyLinear.apply(x, self.weight)
+
+
+class Mix(torch.nn.Module):
+    """An unmarked matrix product (bmm: its own op and backward node)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, n) / n ** 0.5)
+
+    def forward(self, x):
+        return torch.bmm(x, self.weight.expand(x.shape[0], -1, -1))
+
+
+class Toy(torch.nn.Module):
+    """Three "linear layers" (two nn.Linear, one custom Function), an unmarked product, and
+    an "output layer" (nn.Linear without bias: mm, MmBackward0, where the linear layers
+    run addmm, AddmmBackward0)."""
+
+    def __init__(self, hidden=32, vocab=256):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, hidden),
+                                           TinyLinear(hidden)])
+        self.mix = Mix(hidden)
+        self.output = torch.nn.Linear(hidden, vocab, bias=False)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        for layer in self.layers:
+            # An op on a tensor that needs no gradient, outside every range: it records the
+            # sequence number the next autograd node will take, here TinyLinear's (its only
+            # node). A backward node must be linked to the op that made it, not to this one.
+            self.scale * 1
+            x = torch.relu(layer(x))
+        return self.output(self.mix(x))
+
+    def roles(self):
+        return {LIN: list(self.layers), OUT: [self.output]}
+
+
+def _gemm_ops(step):
+    """GEMM operators one call of ``step`` ran, counted from a plain profile (no ranges)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(bool(gpu_check._GEMM_NAME.search(e.name)) for e in prof.events())
+
+
+def test_kernel_records_on_cpu_split_the_gemms_by_module():
+    torch.manual_seed(0)
+    model, x = Toy(), torch.randn(4, 8, 32)  # the input needs no gradient
+
+    def step():
+        model(x).square().mean().backward()
+
+    records = gpu_check.profile_kernels(step, on_gpu=False, modules=model.roles())
+    t = gpu_check.gemm_time(records)
+    # Linear layers: forward 3; backward 2 each (input and weight gradients) but 1 for the
+    # first (its input needs none). Output layer: 1 + 2. Mix: 1 + 2, in no role.
+    assert (t.linear_gemm_kernels, t.output_gemm_kernels, t.gemm_kernels) == (8, 3, 14)
+    assert t.gemm_kernels == _gemm_ops(step)
+    # the output layer alone, measured apart (its input needs a gradient, as in the model)
+    h = torch.randn(4, 8, 32, requires_grad=True)
+    assert t.output_gemm_kernels == _gemm_ops(lambda: model.output(h).square().mean().backward())
+    assert t.linear_gemm_s > 0 and t.output_gemm_s > 0 and t.other_gemm_s > 0 and t.unattributed_s == 0
+    assert t.fp8_share == 0.0 and set(t.linear_gemm_by_route) == {"range", "forward_link"}
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # marks removed
+
+    # Backward GEMMs come from the link to the forward op. Without it, node names can stand
+    # in (torch's names here; TE's on a GPU)...
+    unlinked = [dataclasses.replace(r, forward_chain=()) for r in records]
+    names = {"AddmmBackward0": "linear", "_TinyLinearBackward": "linear", "MmBackward0": "output"}
+    by_name = gpu_check.gemm_time(unlinked, names)
+    assert (by_name.linear_gemm_kernels, by_name.output_gemm_kernels) == (8, 3)
+    assert set(by_name.linear_gemm_by_route) == {"range", "node_name"}
+    # ...and with neither, only the forward GEMMs are placed
+    forward_only = gpu_check.gemm_time(unlinked)
+    assert (forward_only.linear_gemm_kernels, forward_only.output_gemm_kernels) == (3, 1)
+
+
+class Boom(torch.nn.Linear):
+    def forward(self, x):
+        super().forward(x)
+        raise ZeroDivisionError
+
+
+def test_a_forward_that_raises_closes_its_range():
+    torch.manual_seed(0)
+    bad, good, x = Boom(4, 4), torch.nn.Linear(4, 4), torch.randn(2, 4)
+
+    def step():
+        with pytest.raises(ZeroDivisionError):
+            bad(x)
+        good(x)
+
+    records = gpu_check.profile_kernels(step, on_gpu=False, modules={LIN: [bad], OUT: [good]})
+    gemms = [r for r in records if r.name == "aten::addmm"]
+    # had the failed forward left its range open, the next one would run inside it
+    assert [r.chain.count(LIN) + r.chain.count(OUT) for r in gemms] == [1, 1]
+    assert [gpu_check.kernel_role(r, {})[0] for r in gemms] == ["linear", "output"]
+    assert not (bad._forward_hooks or bad._forward_pre_hooks or good._forward_hooks)
+
+
+def test_kernel_records_from_a_gpu_profile():
+    """A GPU profile as torch builds it (torch/autograd/profiler.py,
+    ``_parse_kineto_results``): each CUDA kernel a device event, and also attached to
+    the CPU op it was linked to; a range's GPU-side span a device event of its name."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    events, ids = [], iter(range(1, 100))
+
+    def op(name, thread, start, end, parent=None, kernels=(), **kw):
+        e = FunctionEvent(id=next(ids), name=name, thread=thread, start_us=start, end_us=end, **kw)
+        if parent is not None:
+            parent.append_cpu_child(e)
+            e.set_cpu_parent(parent)
+        for kernel, at, us in kernels:
+            e.append_kernel(kernel, 0, us)
+            device(kernel, at, at + us)
+        events.append(e)
+        return e
+
+    def device(name, start, end):
+        events.append(FunctionEvent(id=next(ids), name=name, thread=7, start_us=start, end_us=end,
+                                    device_type=DeviceType.CUDA))
+
+    # forward (thread 1): a linear layer, attention, the output layer
+    lin = op(LIN, 1, 0, 100, scope=7, kernels=[(LIN, 185, 50)])  # torch may link the span to its range
+    op("_LayerNormLinear", 1, 10, 90, lin, sequence_nr=5, kernels=[(FP8_GEMM, 200, 30)])
+    device(TE_CAST, 190, 199)  # launched outside any op: placed by the range's GPU-side span
+    op("FusedAttnFunc", 1, 102, 108, kernels=[(OTHER[1], 232, 6)])
+    out = op(OUT, 1, 110, 180, scope=7)
+    fwd = op("LinearWithGradAccumulationAndAsyncCommunication", 1, 115, 175, out, sequence_nr=6)
+    op("aten::mm", 1, 120, 170, fwd, kernels=[(NVJET_BF16, 240, 40)])
+    # backward (the engine's thread 2): each node names the forward op's number and thread
+    ev = op(EVAL + OUTPUT_NODE, 2, 300, 340, sequence_nr=6, fwd_thread=1)
+    n = op(OUTPUT_NODE, 2, 301, 339, ev, scope=1, sequence_nr=6, fwd_thread=1)
+    op("aten::mm", 2, 305, 330, n, kernels=[(BF16_GEMM, 400, 20)])
+    ev = op(EVAL + "_LayerNormLinearBackward", 2, 350, 390, sequence_nr=5, fwd_thread=1)
+    op("_LayerNormLinearBackward", 2, 351, 389, ev, scope=1, sequence_nr=5, fwd_thread=1,
+       kernels=[(NVJET_FP8, 430, 25), (NVJET_FP8, 460, 25)])
+    device(BF16_GEMM, 500, 510)  # linked to no op and in no range
+
+    records = gpu_check.kernel_records(events, on_gpu=True)
+    assert len(records) == 8 and not any(r.name in (LIN, OUT) for r in records)
+    t = gpu_check.gemm_time(records)  # no node names: every backward GEMM placed by its link
+    assert t.fp8_share == 1.0 and math.isclose(t.linear_gemm_s, 80e-6) and math.isclose(t.output_gemm_s, 60e-6)
+    assert t.linear_gemm_by_route == pytest.approx({"range": 30e-6, "forward_link": 50e-6})
+    assert math.isclose(t.other_gemm_s, 10e-6) and math.isclose(t.unattributed_s, 10e-6)
+    assert math.isclose(t.other_kernel_s, 15e-6)  # the cast (in the linear layer) and attention
+    cast = next(r for r in records if r.name == TE_CAST)
+    assert cast.device_ranges == (LIN,) and gpu_check.kernel_role(cast, {}) == ("linear", "device_span")
 
 
 def test_provider_and_qualname():
@@ -342,7 +607,11 @@ def test_cpu_smoke_runs_end_to_end_from_the_bundle_in_an_interpreter_with_only_t
     assert train["step_s"] > 0 and train["tokens_per_s"] > 0 and train["tflops"] > 0
     assert len(train["losses"]) == train["steps"] == 3 and all(math.isfinite(x) for x in train["losses"])
     assert train["timed_steps"] == 2 and train["mfu_vs_datasheet_bf16"] is None and train["mfu_vs_measured_gemm"] > 0
-    assert train["profile"]["gemm_kernels"] > 0 and train["profile"]["fp8_gemm_kernels"] == 0
+    # every GEMM of the linear layers (2 layers x QKV, projection, FC1, FC2 x forward, input
+    # and weight gradients x 2 microbatches) and of the output layer found its module
+    profile = train["profile"]
+    assert (profile["linear_gemm_kernels"], profile["output_gemm_kernels"]) == (48, 6), profile
+    assert profile["fp8_share"] == 0.0 and profile["fp8_gemm_kernels"] == 0 and profile["unattributed_s"] == 0
     assert train["kernels_in_use"]["optimizer"].startswith("torch.optim")
     assert r["kernels"]["train_local"]["qkv_linear"] == "torch"
     assert items["generate"]["status"] == "ok" and items["generate"]["generated_tokens"] == 2 * 8
