@@ -22,9 +22,11 @@ python=${MEGARLHF_PYTHON:-python3}
 source "$(dirname "$(readlink -f "$0")")/env.sh"
 
 echo "megarlhf: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}," \
-     "${SLURM_NTASKS} tasks: megarlhf ${recipe} --config ${default_config} $*"
+     "${SLURM_NTASKS} tasks of ${SRUN_CPUS_PER_TASK} CPU(s):" \
+     "megarlhf ${recipe} --config ${default_config} $*"
 
-# One task per GPU (--ntasks-per-node of the sbatch script); --kill-on-bad-exit ends every
-# rank as soon as one fails, instead of leaving the others waiting in a collective.
-exec srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+# One task per GPU (--ntasks-per-node of the sbatch script), each with the job's CPUs per
+# task (env.sh); --kill-on-bad-exit ends every rank as soon as one fails, instead of leaving
+# the others waiting in a collective.
+exec srun --kill-on-bad-exit=1 --cpus-per-task="$SRUN_CPUS_PER_TASK" \
     "$python" -m megarlhf.cli "$recipe" --config "$default_config" "$@"

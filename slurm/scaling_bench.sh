@@ -12,11 +12,16 @@
 # A layout needs TP x PP x DP <= nodes x 8 tasks. Submit from the repository (or set
 # MEGARLHF_HOME to it), with MEGARLHF_PYTHON naming the environment's interpreter; --out
 # must be on a filesystem every node sees (ranks write their peak memory there).
-# On a GPU-less test cluster, override the request: sbatch --gpus-per-node=0 ...
+# On a GPU-less test cluster, override the request: sbatch --gpus-per-node=0 --cpus-per-task=1 ...
 #SBATCH --job-name=megarlhf-scaling
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
+# CPUs per task (one task per GPU): 12 x 8 = 96 of a node's CPUs, for each rank's NCCL
+# threads, data loading and the host side of decoding. Where nodes have more CPUs per GPU,
+# ask for more (sbatch --cpus-per-task=N, or this line); slurm/env.sh hands the number on
+# to srun (SRUN_CPUS_PER_TASK) and to each rank's threads (OMP_NUM_THREADS).
+#SBATCH --cpus-per-task=12
 #SBATCH --exclusive
 #SBATCH --time=2:00:00
 #SBATCH --output=%x-%j.out

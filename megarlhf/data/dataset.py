@@ -5,7 +5,8 @@
     data.train, data.eval                                # Hugging Face datasets.Dataset
 
 Examples that would be truncated are dropped (as the paper does), counted per source
-and reported; an empty result is an error.
+and reported; an empty result is an error. Hub sources are read from prepared copies in
+``data.cache_dir`` (``megarlhf.data.hub``; ``megarlhf prepare-data`` fills it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from megarlhf.data.chat import ChatTemplate
+from megarlhf.data.hub import CACHE_ENV, HubCache
 from megarlhf.data.load import DataError, LoadReport, SourceConfig, load_examples
 from megarlhf.data.schemas import PREFERENCE_SCHEMAS, PairRule
 
@@ -40,6 +42,16 @@ class DataConfig:
     """Seed of shuffling, capping and random pair choices."""
     pair_rule: PairRule = field(default_factory=PairRule)
     """How rated completions become pairs (UltraFeedback, Nectar, HelpSteer)."""
+    cache_dir: Optional[str] = None
+    """Folder of the prepared copies of hub sources (Parquet + a manifest each), on storage
+    every node of a job sees: ``megarlhf prepare-data`` fills it on a login node; a job that
+    finds no copy downloads the source once (one process; the others wait and read it).
+    Default: ``$MEGARLHF_DATA_CACHE``, else ``$XDG_CACHE_HOME/megarlhf/data``, else
+    ``~/.cache/megarlhf/data``."""
+    offline: bool = False
+    """Never contact the hub: a hub source must already have a prepared copy in
+    ``cache_dir`` (compute nodes without internet). ``HF_HUB_OFFLINE=1`` or
+    ``HF_DATASETS_OFFLINE=1`` in the job's environment does the same."""
 
 
 def data_problems(cfg: DataConfig, prefix: str = "data") -> List[str]:
@@ -58,6 +70,9 @@ def data_problems(cfg: DataConfig, prefix: str = "data") -> List[str]:
         p.append(f"{prefix}.pair_rule.rejected={rule.rejected!r}: expected 'random' or 'lowest'")
     if not 0 <= rule.min_margin < float("inf"):
         p.append(f"{prefix}.pair_rule.min_margin={rule.min_margin} must be a finite number >= 0")
+    if cfg.cache_dir is not None and not cfg.cache_dir.strip():
+        p.append(f"{prefix}.cache_dir={cfg.cache_dir!r}: a folder, or null for ${CACHE_ENV} "
+                 "(else ~/.cache/megarlhf/data)")
     for i, src in enumerate(cfg.sources):
         where = f"{prefix}.sources[{i}]"
         if not src.path:
@@ -106,7 +121,8 @@ def build_dataset(cfg: DataConfig, kind: str, template: ChatTemplate) -> Tokeniz
 
     datasets.disable_progress_bars()
     examples, report = load_examples(cfg.sources, kind, skip_invalid=cfg.skip_invalid,
-                                     dedup=cfg.dedup, seed=cfg.seed, rule=cfg.pair_rule)
+                                     dedup=cfg.dedup, seed=cfg.seed, rule=cfg.pair_rule,
+                                     hub=HubCache.create(cfg.cache_dir, cfg.offline))
     ds = datasets.Dataset.from_list(examples)
     ds = ds.map(lambda ex: tokenize_example(ex, kind, template), desc=None)
     lengths, prompt_lens, sources = ds["length"], ds["prompt_len"], ds["source"]

@@ -2,8 +2,9 @@
 
     examples, report = load_examples(cfg.data, kind="preference")
 
-Sources are local JSONL / JSON / Parquet files or Hugging Face hub names (read with
-``datasets.load_dataset``; only where the cluster can reach a hub). A malformed row (a
+Sources are local JSONL / JSON / Parquet files or Hugging Face hub names (read through
+the prepared-data cache of ``megarlhf.data.hub``: downloaded once per job, or beforehand
+with ``megarlhf prepare-data`` where compute nodes have no internet). A malformed row (a
 JSONL line that is not a JSON object in UTF-8 included) stops loading with an error
 naming the file, row and field, unless ``skip_invalid`` is set: then it is skipped and
 counted by reason. Duplicates and rows beyond a source's cap are counted too. Nothing
@@ -19,13 +20,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from megarlhf.data.errors import DataError
+from megarlhf.data.hub import HubCache
 from megarlhf.data.schemas import (PREFERENCE_SCHEMAS, PairRule, RowError, detect_schema,
                                    group_helpsteer, parse_hh_row, parse_nectar_row,
                                    parse_pairs_row, parse_prompt_row, parse_sft_row,
                                    parse_ultrafeedback_row)
 
 __all__ = ["SourceConfig", "DataError", "SourceReport", "LoadReport", "read_rows", "load_examples",
-           "HELPSTEER_ASPECTS"]
+           "is_local_path", "HELPSTEER_ASPECTS"]
 
 HELPSTEER_ASPECTS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 KINDS = ("preference", "prompts", "sft")
@@ -56,10 +59,6 @@ class SourceConfig:
     @property
     def label(self) -> str:
         return self.name or os.path.basename(self.path.rstrip("/")) or self.path
-
-
-class DataError(ValueError):
-    """Data that cannot be loaded as configured."""
 
 
 @dataclass
@@ -105,7 +104,7 @@ class LoadReport:
         return sum(s.kept for s in self.sources)
 
 
-def _is_local(path: str) -> bool:
+def is_local_path(path: str) -> bool:
     """Files and paths that look like files are local; anything else is a hub name."""
     return (os.path.exists(path) or path.endswith((".jsonl", ".json", ".parquet"))
             or path.startswith(("/", "./", "../")))
@@ -173,14 +172,16 @@ def _utf8_error(e: UnicodeDecodeError, data: bytes, with_line: bool) -> str:
             f"0x{data[e.start]:02x}); save the file as UTF-8")
 
 
-def read_rows(src: SourceConfig) -> Iterator[Tuple[int, Any]]:
+def read_rows(src: SourceConfig, hub: Optional[HubCache] = None) -> Iterator[Tuple[int, Any]]:
     """``(row number, dict)`` for each row; JSONL rows are numbered by line (1-based),
-    JSON and Parquet rows by position (0-based). A JSONL line that is not a JSON object in
-    UTF-8 is yielded as a RowError (a file that cannot be read at all is a DataError)."""
+    JSON, Parquet and hub rows by position (0-based). A JSONL line that is not a JSON object
+    in UTF-8 is yielded as a RowError (a file that cannot be read at all is a DataError).
+    A hub source is read through ``hub`` (default: the default cache folder, offline when
+    the environment says so; see ``megarlhf.data.hub``)."""
     path = src.path
     if not path:
         raise DataError("data source without a path")
-    if _is_local(path):
+    if is_local_path(path):
         if not os.path.isfile(path):
             raise DataError(f"data file not found: {path}")
         if path.endswith(".jsonl"):
@@ -236,12 +237,8 @@ def read_rows(src: SourceConfig) -> Iterator[Tuple[int, Any]]:
                 yield i, row
             return
         raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
-    import datasets  # a hub dataset
-
-    try:
-        ds = datasets.load_dataset(path, split=src.split)
-    except Exception as e:
-        raise DataError(f"cannot load hub dataset {path!r} (split {src.split!r}): {e}") from e
+    # A hub dataset: its prepared copy, downloaded first if there is none (megarlhf/data/hub.py).
+    ds = (hub or HubCache.create(None)).load(path, src.split)
     for i, row in enumerate(ds):
         yield i, row
 
@@ -293,10 +290,11 @@ def _key(kind: str, ex: Dict[str, Any]) -> str:
 
 
 def load_examples(sources: List[SourceConfig], kind: str, *, skip_invalid: bool = False,
-                  dedup: bool = True, seed: int = 1, rule: PairRule = PairRule()
-                  ) -> Tuple[List[Dict[str, Any]], LoadReport]:
+                  dedup: bool = True, seed: int = 1, rule: PairRule = PairRule(),
+                  hub: Optional[HubCache] = None) -> Tuple[List[Dict[str, Any]], LoadReport]:
     """Normalized examples of ``kind`` (``preference``, ``prompts`` or ``sft``) from all
-    sources, each tagged with ``source`` and ``row``; and the report of what was dropped."""
+    sources, each tagged with ``source`` and ``row``; and the report of what was dropped.
+    Hub sources are read through ``hub`` (see :func:`read_rows`)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
     if not sources:
@@ -321,7 +319,7 @@ def load_examples(sources: List[SourceConfig], kind: str, *, skip_invalid: bool 
                                             or src.max_samples < 1):
             raise DataError(f"{src.path}: max_samples={src.max_samples!r} must be a positive integer "
                             "(or null: no cap)")
-        rows = list(read_rows(src))
+        rows = list(read_rows(src, hub))
         rep.rows = len(rows)
         kept_here: List[Dict[str, Any]] = []
         if not any(isinstance(r, dict) for _, r in rows):

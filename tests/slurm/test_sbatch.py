@@ -2,7 +2,7 @@
 PPO config (4 ranks: the policy on the first node, the reward model on the second) runs
 to the end; a SIGUSR1 sent to the job makes it checkpoint, requeue itself and finish from
 that checkpoint with the same steps and numbers as the uninterrupted job; a job that fails
-is not requeued."""
+is not requeued. Every sbatch script gives each task of its job step the CPUs it asks for."""
 
 import json
 import re
@@ -35,9 +35,10 @@ def tiny_args(sft_like, mg_reward):
 
 
 def sbatch_cmd(log, *args):
-    """sbatch of slurm/ppo_70b_rm.sh as a user of a GPU-less cluster would: the GPU request
-    and the node shape overridden on the command line, nothing in the script changed."""
-    return ["sbatch", "--wait", "--parsable", "--nodes=2", "--ntasks-per-node=2",
+    """sbatch of slurm/ppo_70b_rm.sh as a user of a GPU-less cluster would: the GPU request,
+    the CPUs per task and the node shape overridden on the command line (the fake nodes have
+    2 CPUs each), nothing in the script changed."""
+    return ["sbatch", "--wait", "--parsable", "--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1",
             "--gpus-per-node=0", f"--output={log}", "--job-name=megarlhf-test",
             "slurm/ppo_70b_rm.sh", *map(str, args)]
 
@@ -70,7 +71,7 @@ def uninterrupted(slurm_env, tiny_args, tmp_path_factory):
 def test_flagship_script_runs_the_tiny_config_on_two_nodes(uninterrupted):
     res, log, out, secs = uninterrupted
     assert res.returncode == 0, (res.stderr + log)[-6000:]
-    assert "on megarlhf-node[1-2], 4 tasks: megarlhf ppo" in log  # the script's own launch line
+    assert "on megarlhf-node[1-2], 4 tasks of 1 CPU(s): megarlhf ppo" in log  # the script's own launch line
     assert "megarlhf ppo: 4 process(es)" in log and "placement partitioned" in log
     assert "on ranks 0-1" in log  # the policy roles; the reward model holds ranks 2-3
     assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))
@@ -138,3 +139,47 @@ def test_a_failing_job_is_not_requeued(slurm_env, tiny_args, tmp_path):
     assert res.returncode != 0, text[-4000:]
     assert "world=2 but the job has 4 processes (slurm): set world=4" in text
     assert "(restart 1)" not in text and not (tmp_path / "run" / "checkpoints").exists()
+
+
+SCRIPTS = ["sft.sh", "dpo_13b.sh", "rm_70b.sh", "ppo_70b_rm.sh", "scaling_bench.sh"]
+
+# Stands in for the job's interpreter (MEGARLHF_PYTHON): prints what a task of a job step
+# sees. The scaling benchmark runs its driver in the batch step, which starts the layouts'
+# srun steps: there the probe starts a step with a bare srun, which has only the job's
+# environment (SRUN_CPUS_PER_TASK) to take its CPUs per task from.
+PROBE = """#!/usr/bin/env bash
+if [[ -z ${SLURM_STEP_ID:-} ]]; then exec srun "$0" "$@"; fi
+echo "probe rank=$SLURM_PROCID cpus_per_task=${SLURM_CPUS_PER_TASK:-} srun=${SRUN_CPUS_PER_TASK:-}" \\
+     "omp=${OMP_NUM_THREADS:-} on_node=${SLURM_CPUS_ON_NODE:-}"
+"""
+
+
+def test_every_script_gives_each_task_the_cpus_it_asks_for(slurm_env, tmp_path):
+    """Each script asks for --cpus-per-task (an srun step gives one CPU per task otherwise);
+    every task of the job step then has that many CPUs and sees the count as
+    SLURM_CPUS_PER_TASK, as SRUN_CPUS_PER_TASK (what an srun inside the job inherits since
+    Slurm 22.05) and as OMP_NUM_THREADS, not the submitting shell's OMP_NUM_THREADS=1. The
+    fake nodes have 2 CPUs: the request is overridden to 2, one task per node."""
+    probe = tmp_path / "python"
+    probe.write_text(PROBE)
+    probe.chmod(0o755)
+    env = dict(slurm_env, MEGARLHF_PYTHON=str(probe), OMP_NUM_THREADS="1")
+    jobs = {}
+    for name in SCRIPTS:
+        text = (REPO / "slurm" / name).read_text()
+        asked = re.findall(r"^#SBATCH --cpus-per-task=(\d+)$", text, flags=re.M)
+        assert len(asked) == 1 and int(asked[0]) > 1, f"slurm/{name} must ask for --cpus-per-task"
+        log = tmp_path / f"{name}.out"
+        cmd = ["sbatch", "--wait", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2",
+               "--gpus-per-node=0", f"--output={log}", f"slurm/{name}"]
+        jobs[name] = log, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+    for name, (log, proc) in jobs.items():
+        _, err = proc.communicate(timeout=300)
+        text = log.read_text() if log.exists() else ""
+        assert proc.returncode == 0, (name, err, text[-3000:])
+        seen = [dict(kv.split("=", 1) for kv in line.split()[1:])
+                for line in re.findall(r"^probe .*$", text, flags=re.M)]
+        assert sorted(t["rank"] for t in seen) == ["0", "1"], (name, text[-3000:])
+        for task in seen:
+            assert task == dict(task, cpus_per_task="2", srun="2", omp="2", on_node="2"), (name, task)
