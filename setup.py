@@ -28,6 +28,7 @@ setup(
         "omegaconf>=2.3",
         "datasets>=2.19",
         "sentencepiece>=0.2",
+        "protobuf>=3.20",  # SentencePiece's model proto (megarlhf.data.tokenizer)
         "safetensors>=0.4",
         "wandb>=0.17",
         "numpy>=1.24",

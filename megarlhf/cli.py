@@ -99,6 +99,9 @@ FLAG_COMMANDS = {
     "eval": ("megarlhf.eval.run", "main",
              "exact match (GSM8k, built-in task), IFEval rule checks, best-of-N with a reward "
              "model, RM pair accuracy; JSON + markdown"),
+    "prepare-data": ("megarlhf.data.prepare", "main",
+                     "download a recipe config's hub datasets into the prepared-data cache (on a "
+                     "login node, before sbatch: `megarlhf prepare-data ppo --config FILE`)"),
 }
 
 # Flag commands that check their own arguments and size their job (several models, each
@@ -141,6 +144,27 @@ def _check_checkpoint_layout(argv: List[str], tp: int, pp: int) -> None:
                      tp * pp, prefix="--tp/--pp")
 
 
+def _check_platform(command: str, cfg) -> int:
+    """Whether every model the job builds can run here (Transformer Engine, FP8, compiled
+    kernels: :func:`megarlhf.platform.job_problems`), before any process starts: 0, or the
+    exit code after naming each problem's key."""
+    if not hasattr(cfg, "resolved_models"):
+        return 0
+    from megarlhf import platform
+    from megarlhf.config import ConfigError
+    from megarlhf.models.checkpoint import CheckpointError
+
+    try:
+        problems = platform.job_problems(cfg)
+    except CheckpointError as e:  # a starting checkpoint that is not there
+        print(f"megarlhf {command}: {e}", file=sys.stderr)
+        return 1
+    if problems:
+        print(f"megarlhf {command}: {ConfigError(problems)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _flag_value(argv: List[str], flag: str) -> int:
     for i, a in enumerate(argv):
         if a == flag and i + 1 < len(argv):
@@ -180,6 +204,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    code = _check_platform(args.command, cfg)  # the kernels each model asks for, on this machine
+    if code:
+        return code
     world = cfg.world_size() if hasattr(cfg, "world_size") else 1
     if world > 1 and not _in_distributed_env():
         return _relaunch(world, argv)

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Dict
 
 import torch
 
@@ -54,17 +55,13 @@ class DemoConfig:
     def world_size(self) -> int:
         return self.parallel.tp * self.parallel.pp
 
+    def resolved_models(self) -> Dict[str, ModelConfig]:
+        return {"model": self.model}
+
     def validate(self) -> None:
         from megarlhf.config import check_layout
 
-        from megarlhf import platform
-
         check_layout(self.model, self.parallel, self.world_size())
-        if self.model.transformer_impl == "transformer_engine":
-            try:
-                platform.require_transformer_engine(self.model.fp8)
-            except RuntimeError as e:
-                raise ConfigError([str(e)]) from e
         if self.steps < 1 or self.micro_batch_size < 1 or self.num_microbatches < 1:
             raise ConfigError([f"steps={self.steps}, micro_batch_size={self.micro_batch_size} and "
                                f"num_microbatches={self.num_microbatches} must be >= 1"])

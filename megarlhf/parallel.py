@@ -33,6 +33,7 @@ __all__ = [
     "initialize_model_parallel",
     "build_layout",
     "ModelParallel",
+    "scope_fp8_amax",
     "destroy",
 ]
 
@@ -194,6 +195,9 @@ class ModelParallel:
     seed: int = 0
     ranks: Optional[List[int]] = None
     """The job ranks this layout spans (None: all of them, through megatron's globals)."""
+    amax_group: object = None
+    """A layout built apart from megatron's globals: its FP8 amax-reduction group (the
+    TP x DP ranks of one pipeline stage), see :func:`scope_fp8_amax`."""
 
     @property
     def tp_group(self):
@@ -287,6 +291,7 @@ def build_layout(par: ParallelConfig, first_rank: int = 0, num_ranks: Optional[i
     tp, tp_ranks = groups(gen.get_ranks("tp"))
     pp, pp_ranks = groups(gen.get_ranks("pp"))
     dp_g, dp_ranks = groups(gen.get_ranks("dp"))
+    amax, _ = groups(gen.get_ranks("tp-dp"))  # megatron's amax group: TP x DP x CP of a stage
     mp_g, _ = groups(gen.get_ranks("tp-pp"))
     cp, _ = groups(gen.get_ranks("cp"))
     pp_enum = gen.get_ranks("pp")
@@ -302,7 +307,44 @@ def build_layout(par: ParallelConfig, first_rank: int = 0, num_ranks: Optional[i
     pgs.intra_expt_dp = None
     return ModelParallel(config=par, pg_collection=pgs, tp_rank=tp_ranks.index(me),
                          pp_rank=pp_ranks.index(me), dp_rank=dp_ranks.index(me), dp_size=dp,
-                         seed=seed, ranks=list(range(first_rank, first_rank + num_ranks)))
+                         seed=seed, ranks=list(range(first_rank, first_rank + num_ranks)), amax_group=amax)
+
+
+# megatron's globals behind parallel_state.get_amax_reduction_group(): with and without
+# context parallelism, and the TP-only variant (config.tp_only_amax_red).
+_AMAX_GLOBALS = (("_TENSOR_AND_DATA_PARALLEL_GROUP_WITH_CP", "amax"), ("_TENSOR_AND_DATA_PARALLEL_GROUP", "amax"),
+                 ("_TENSOR_AND_CONTEXT_PARALLEL_GROUP", "tp"))
+
+
+def scope_fp8_amax(chunk: torch.nn.Module, mp: ModelParallel) -> None:
+    """Make the FP8 amax reduction of ``chunk`` span its own layout's ranks.
+
+    megatron-core's FP8 context (``get_fp8_context`` in megatron/core/fp8_utils.py) takes
+    its amax-reduction group from ``parallel_state`` globals, which describe the one layout
+    megatron was initialised with: for several models in one job (PPO's roles), that is the
+    whole job, so ranks that hold no part of the model never join the reduction the others
+    wait in (a hang), and a pipeline-parallel role would mix its stages' amaxes. While
+    ``chunk`` runs forward (where megatron enters the FP8 context; Transformer Engine keeps
+    the group for the backward pass), the globals point at the layout's own groups, and
+    are put back afterwards. Layouts made by megatron's globals need nothing."""
+    if mp.ranks is None:
+        return
+    from megatron.core import parallel_state
+
+    groups = {"amax": mp.amax_group, "tp": mp.tp_group}
+    saved: List[dict] = []
+
+    def enter(module, args):
+        saved.append({name: getattr(parallel_state, name) for name, _ in _AMAX_GLOBALS})
+        for name, which in _AMAX_GLOBALS:
+            setattr(parallel_state, name, groups[which])
+
+    def leave(module, args, output):
+        for name, value in saved.pop().items():
+            setattr(parallel_state, name, value)
+
+    chunk.register_forward_pre_hook(enter)
+    chunk.register_forward_hook(leave, always_call=True)
 
 
 def destroy() -> None:

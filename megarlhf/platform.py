@@ -75,6 +75,10 @@ __all__ = [
     "detect_hardware",
     "nvidia_apex_status",
     "select_kernels",
+    "kernel_problems",
+    "models_problems",
+    "job_problems",
+    "find_c_compiler",
     "checkpoint_writer_dies_with_parent",
     "tune_cpu_allocator",
     "allocator_tuning_wanted",
@@ -269,6 +273,21 @@ def require_transformer_engine(fp8: "Optional[str]", field: str = "model") -> No
     select_kernels("transformer_engine", fp8, detect_hardware(), field)
 
 
+def models_problems(models, hw: "Optional[Hardware]" = None) -> "list[str]":
+    """Why the models a job will build (``{config prefix: ModelConfig}``, e.g.
+    ``{"actor.model": ..., "reward.model": ...}``) cannot run on this machine (or ``hw``),
+    each reason naming its key: checked before any process group exists."""
+    wanted = [m for m in models.values()
+              if m.transformer_impl != "local" or m.fp8 is not None or m.bias_activation_fusion]
+    if not wanted:
+        return []  # local layers run anywhere: no need to import Transformer Engine
+    hw = hw or detect_hardware()
+    problems: "list[str]" = []
+    for prefix, m in models.items():
+        problems += kernel_problems(m.transformer_impl, m.fp8, hw, prefix, m.bias_activation_fusion)
+    return problems
+
+
 def nvidia_apex_status() -> "tuple[bool, str]":
     """(usable, reason) for NVIDIA apex's fused kernels, found without importing apex.
 
@@ -302,16 +321,37 @@ class Hardware:
     """``ok`` when Transformer Engine imports and has a GPU, else why it cannot be used."""
     nvidia_apex: bool = False
     """NVIDIA apex with its CUDA extensions is installed."""
+    c_compiler: Optional[str] = None
+    """Path of the C compiler Triton builds its launchers with (``$CC``, else ``cc``,
+    ``gcc`` or ``clang`` on the PATH); None when there is none."""
+    triton: bool = False
+    """Triton (torch.compile's GPU code generator) is installed."""
+
+
+def find_c_compiler(environ=None) -> Optional[str]:
+    """The C compiler Triton would use: ``$CC`` if set (and found), else the first of
+    ``cc``, ``gcc``, ``clang`` on the PATH."""
+    import shutil
+
+    env = os.environ if environ is None else environ
+    for name in ([env["CC"]] if env.get("CC") else ["cc", "gcc", "clang"]):
+        path = shutil.which(name, path=env.get("PATH"))
+        if path:
+            return path
+    return None
 
 
 def detect_hardware() -> Hardware:
     """This machine's :class:`Hardware` (imports Transformer Engine when it is installed)."""
+    import importlib.util
+
     te = transformer_engine_status()[1]
     apex = nvidia_apex_status()[0]
+    tools = dict(c_compiler=find_c_compiler(), triton=importlib.util.find_spec("triton") is not None)
     if not has_gpu():
-        return Hardware(transformer_engine=te, nvidia_apex=apex)
+        return Hardware(transformer_engine=te, nvidia_apex=apex, **tools)
     return Hardware(gpu=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
-                    transformer_engine=te, nvidia_apex=apex)
+                    transformer_engine=te, nvidia_apex=apex, **tools)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,14 +380,12 @@ def _fp8_hardware_problem(hw: Hardware) -> Optional[str]:
     return None
 
 
-def select_kernels(transformer_impl: str, fp8: Optional[str], hw: Hardware,
-                   field: str = "model") -> Kernels:
-    """The kernels a model configured with ``transformer_impl`` and ``fp8`` runs on ``hw``.
-
-    Pure: raises ``RuntimeError`` naming the fields and listing every reason when the
-    configuration cannot run there (FP8 on a CPU, without Transformer Engine, or on a GPU
-    older than Ada/Hopper), instead of falling back to something else silently.
-    """
+def kernel_problems(transformer_impl: str, fp8: Optional[str], hw: Hardware, field: str = "model",
+                    bias_activation_fusion: bool = False) -> "list[str]":
+    """Why a model configured so cannot run on ``hw`` (each reason names its field), or
+    nothing: FP8 on a CPU, without Transformer Engine or on a GPU older than Ada/Hopper;
+    TE without TE or a GPU; a fused activation compiled at run time without a GPU, Triton
+    or a C compiler."""
     problems = []
     if transformer_impl not in ("local", "transformer_engine"):
         problems.append(f"{field}.transformer_impl={transformer_impl!r}: expected 'local' or "
@@ -365,10 +403,47 @@ def select_kernels(transformer_impl: str, fp8: Optional[str], hw: Hardware,
         hw_problem = _fp8_hardware_problem(hw)
         if hw_problem:
             problems.append(f"{field}.fp8={fp8!r} cannot be used: {hw_problem}")
+    if bias_activation_fusion:
+        missing = [what for what, ok in (("a CUDA GPU", hw.gpu is not None), ("Triton", hw.triton),
+                                         ("a C compiler ($CC, cc, gcc or clang on the PATH)",
+                                          hw.c_compiler is not None)) if not ok]
+        if missing:
+            problems.append(f"{field}.bias_activation_fusion=true compiles its kernel at run time "
+                            f"(torch.compile with Triton) and this node lacks {' and '.join(missing)}: "
+                            f"set {field}.bias_activation_fusion=false")
+    return problems
+
+
+def select_kernels(transformer_impl: str, fp8: Optional[str], hw: Hardware,
+                   field: str = "model", bias_activation_fusion: bool = False) -> Kernels:
+    """The kernels a model configured with ``transformer_impl`` and ``fp8`` runs on ``hw``.
+
+    Pure: raises ``RuntimeError`` naming the fields and listing every reason when the
+    configuration cannot run there (:func:`kernel_problems`), instead of falling back to
+    something else silently.
+    """
+    problems = kernel_problems(transformer_impl, fp8, hw, field, bias_activation_fusion)
     if problems:
         raise RuntimeError("; ".join(problems))
+    te_ok = hw.transformer_engine == "ok"
     fused = "transformer_engine" if te_ok else "apex" if hw.nvidia_apex and hw.gpu else "torch"
     return Kernels(layers=transformer_impl, fp8=fp8, fused=fused)
+
+
+def job_problems(cfg, hw: "Optional[Hardware]" = None) -> "list[str]":
+    """What stops a job from running here, found before any process starts: every model
+    the job config builds (its ``resolved_models()``, keyed by config prefix) checked
+    against this machine's kernels (:func:`models_problems`), and, for models that share
+    processes (``process_groups()``: all of them unless the config says otherwise),
+    Transformer Engine's process-wide attention choice."""
+    from megarlhf.config import shared_process_problems
+
+    models = cfg.resolved_models()
+    groups = cfg.process_groups() if hasattr(cfg, "process_groups") else [list(models)]
+    problems = models_problems(models, hw)
+    for group in groups:
+        problems += shared_process_problems({key: models[key] for key in group})
+    return problems
 
 
 # --------------------------------------------------------------------------------------
@@ -518,6 +593,12 @@ def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
 
 
 def _patch_device_literals() -> None:
+    # ``with torch.device(...)`` (meta-device model builds) recognises tensor factories by
+    # identity, from a set torch computes once and caches: compute it with the original
+    # functions, before they are wrapped, or the context would ignore every factory call.
+    from torch.utils import _device
+
+    _device._device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name)
         if not hasattr(fn, "__megarlhf_wrapped__"):

@@ -37,7 +37,9 @@ def test_transformer_engine_without_it_is_reported(capsys):
 
     if platform.transformer_engine_status()[0]:
         pytest.skip("Transformer Engine is usable on this machine")
-    assert main(["smoke", "model.transformer_impl=transformer_engine", "model.fp8=hybrid"]) == 2
+    # ffn 704: FP8 GEMM shapes at TP=2 (the tiny preset's 688 / 2 = 344 is refused first)
+    assert main(["smoke", "model.transformer_impl=transformer_engine", "model.fp8=hybrid",
+                 "model.ffn_hidden_size=704"]) == 2
     assert "model.transformer_impl='transformer_engine' cannot be used" in capsys.readouterr().err
 
 
@@ -88,3 +90,28 @@ def test_demo_pipeline_wires_every_stage(tmp_path):
     assert len(results["ppo_score_curve"]) == 2
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert "| PPO |" in res
+
+
+def test_each_roles_kernels_are_checked_before_any_process_starts(mg_causal, mg_reward, capsys):
+    """Every model a job builds, each under its own key, against this machine: TE and FP8
+    without TE or a GPU, a kernel compiled at run time without what it needs, and TE's
+    process-wide attention switch named differently by roles sharing processes."""
+    from megarlhf import platform
+
+    if platform.transformer_engine_status()[0]:
+        pytest.skip("Transformer Engine is usable on this machine")
+    args = ["ppo", "--config", "examples/tiny/ppo.yaml", f"actor.init_from={mg_causal}",
+            f"critic.init_from={mg_reward}", f"reward.init_from={mg_reward}",
+            "actor.model.transformer_impl=transformer_engine", "actor.model.attention_backend=fused",
+            "critic.model.transformer_impl=transformer_engine", "critic.model.attention_backend=flash",
+            "reward.model.bias_activation_fusion=true"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "actor.model.transformer_impl='transformer_engine' cannot be used" in err
+    assert "critic.model.transformer_impl='transformer_engine' cannot be used" in err
+    assert "reference.model" not in err  # the reference runs the actor's checkpoint as it is
+    assert "reward.model.bias_activation_fusion=true compiles its kernel at run time" in err
+    assert ("Transformer Engine models sharing processes must use one attention backend: "
+            "actor.model.attention_backend='fused', critic.model.attention_backend='flash'") in err
+    assert main(args[:3] + ["actor.init_from=/no/such/checkpoint"]) == 1
+    assert "checkpoint folder not found: /no/such/checkpoint" in capsys.readouterr().err

@@ -1,9 +1,12 @@
 """Distributed environment parsing (torchrun, SLURM) and layout validation."""
 
+import json
+
 import pytest
 
 from megarlhf.config import ConfigError, ParallelConfig, check_layout, preset
 from megarlhf.parallel import DistEnv, expand_slurm_nodelist
+from tests.conftest import torchrun
 
 
 def test_torchrun_environment():
@@ -92,3 +95,28 @@ def test_valid_layouts_pass():
 def test_data_parallel_size():
     par = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     assert par.data_parallel_size(16) == 4 and par.model_parallel_size == 4
+
+
+@pytest.mark.parametrize("scoped", [True, False], ids=["scoped", "megatron_globals"])
+def test_fp8_amax_reduction_spans_each_models_own_ranks(tmp_path, scoped):
+    """Several layouts in one job (PPO's roles): while a model runs forward, megatron's
+    FP8 amax-reduction group is its own layout's TP x DP ranks, not the whole job's (the
+    reward model's ranks would never join the policy's reduction: a hang), and the
+    globals are restored afterwards. Without the scoping the reduction spans the job."""
+    out = tmp_path / "amax"
+    torchrun("tests/amax_worker.py", 2, *(["--scoped"] if scoped else []), "--out", out)
+    r = [json.loads((tmp_path / f"amax.rank{rank}.json").read_text()) for rank in (0, 1)]
+    own = {"policy": [0], "scorer": [1]}
+    for rank, role in ((0, "policy"), (1, "scorer")):
+        seen = r[rank][role]["seen"]
+        amax, tp_only = seen[0], seen[1]
+        if scoped:
+            assert amax == {"tp_only": False, "ranks": own[role], "sum": 1.0}
+            assert tp_only == {"tp_only": True, "ranks": own[role], "sum": 1.0}
+        else:
+            assert amax["ranks"] == [0, 1]  # the whole job: on a GPU the scorer never joins
+        assert r[rank][role]["after"] == [0, 1]  # megatron's own layout again
+    for rank in (0, 1):
+        shared = r[rank]["shared"]["seen"]
+        assert shared[0] == {"tp_only": False, "ranks": [0, 1], "sum": 2.0}
+        assert shared[1]["ranks"] == ([0, 1] if scoped else [rank])

@@ -41,6 +41,16 @@ def test_device_literals_are_redirected_to_cpu():
     assert torch.zeros([], dtype=torch.int, device="cuda").dtype == torch.int
 
 
+def test_device_context_still_applies_to_the_wrapped_factories():
+    """``with torch.device("meta")`` recognises factories by identity (torch caches the set
+    once): wrapping them must not hide them from it, or meta-device builds (the converters'
+    layout models) allocate real memory."""
+    with torch.device("meta"):
+        assert torch.empty(2).device.type == "meta" and torch.ones(3).device.type == "meta"
+        assert torch.nn.Linear(4, 4).weight.device.type == "meta"
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+
+
 def test_current_device_is_cpu():
     assert torch.cuda.current_device() == "cpu"
     assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"

@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-__all__ = ["RopeScaling", "ModelConfig", "RuntimeConfig", "PRESETS", "preset", "padded_vocab_size"]
+__all__ = ["RopeScaling", "ModelConfig", "RuntimeConfig", "RUNTIME_FIELDS", "PRESETS", "preset",
+           "padded_vocab_size", "with_runtime_of"]
 
 
 @dataclass(frozen=True)
@@ -57,27 +58,45 @@ class ModelConfig:
     """Std of the normal initialisation of fresh weights."""
     make_vocab_size_divisible_by: int = 128
     """The padded vocabulary is a multiple of this times the TP size (as in Megatron-LM)."""
+    # -- how the model runs (RUNTIME_FIELDS): a checkpoint records them, a recipe's
+    # ``model:`` settings override them -------------------------------------------------
     params_dtype: str = "float32"
     """Parameter and compute dtype: ``float32``, ``bfloat16`` (megatron's mixed precision
     keeps fp32 master weights in the optimizer) or ``auto``: bf16 on GPUs and on CPUs with
     AMX bf16 units, fp32 elsewhere."""
     transformer_impl: str = "local"
     """Layer implementation: ``local`` (torch layers, runs anywhere) or
-    ``transformer_engine`` (needs Transformer Engine and a GPU)."""
+    ``transformer_engine`` (Transformer Engine's fused layers; needs TE and a GPU)."""
+    attention_backend: str = "auto"
+    """Core attention. Local layers: ``auto`` or ``unfused`` (megatron's: scores, mask,
+    softmax as separate steps), ``sdpa`` (torch's fused ``scaled_dot_product_attention``).
+    Transformer Engine layers: ``fused`` (cuDNN), ``flash`` (flash-attention), ``unfused``
+    (TE's own unfused kernel) or ``auto`` (TE picks). TE takes the choice from process-wide
+    settings: every TE model of one process must name the same one."""
     fp8: Optional[str] = None
-    """FP8 recipe for Transformer Engine layers: ``hybrid`` (E4M3 forward, E5M2 backward),
-    ``e4m3``, or none."""
-    attention_backend: str = "unfused"
-    """Core attention of the local layers: ``unfused`` (megatron's: scores, mask, softmax
-    as separate steps) or ``sdpa`` (torch's fused ``scaled_dot_product_attention``)."""
+    """FP8 for Transformer Engine layers (delayed scaling): ``hybrid`` (E4M3 forward, E5M2
+    gradients), ``e4m3``, or none. Needs a GPU of compute capability 8.9+ (Ada, Hopper).
+    The linear layers' GEMMs run in FP8 for training and log-prob passes; parameters stay
+    in ``params_dtype``; generation runs in ``params_dtype``."""
     fp8_amax_history_len: int = 1024
-    """Delayed-scaling amax history length."""
+    """Delayed scaling: how many steps of each tensor's absolute maximum are kept."""
     fp8_amax_compute_algo: str = "max"
-    """``max`` or ``most_recent`` over the amax history."""
+    """Delayed scaling: ``max`` or ``most_recent`` over the amax history."""
     fp8_margin: int = 0
-    """Scaling-factor margin (powers of two) for FP8."""
+    """Delayed scaling: the scaling factor is lowered by 2^margin (headroom)."""
     recompute_granularity: Optional[str] = None
-    """Activation recomputation: ``full``, ``selective`` or none."""
+    """Activation recomputation: ``full`` (whole layers), ``selective`` (the attention
+    core only) or none."""
+    recompute_method: str = "uniform"
+    """With ``full``: ``uniform`` (every layer, in groups of ``recompute_num_layers``) or
+    ``block`` (only the first ``recompute_num_layers`` layers of each pipeline stage)."""
+    recompute_num_layers: int = 1
+    """With ``full``: layers per recomputed group (``uniform``) or layers recomputed per
+    stage (``block``)."""
+    bias_activation_fusion: bool = False
+    """Fuse SwiGLU's activation into one kernel, compiled at run time by torch.compile
+    (Triton): GPUs only, and the compute nodes need a C compiler. Checked before training
+    starts."""
 
     @property
     def kv_channels(self) -> int:
@@ -93,29 +112,58 @@ class ModelConfig:
         return self.num_layers * layer + 2 * v * h + h
 
 
+# The fields of ModelConfig that say how a model runs, not what it is: a checkpoint
+# records them, and every recipe can set them for the models it builds.
+RUNTIME_FIELDS = ("params_dtype", "transformer_impl", "attention_backend", "fp8", "fp8_amax_history_len",
+                  "fp8_amax_compute_algo", "fp8_margin", "recompute_granularity", "recompute_method",
+                  "recompute_num_layers", "bias_activation_fusion")
+# Optional fields switched off by the value "none" in a RuntimeConfig.
+_NONE_OFF = ("fp8", "recompute_granularity")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How a model started from a checkpoint runs (its shape comes from the checkpoint).
-    Each field left unset keeps the checkpoint's value; ``none`` switches FP8 or
-    recomputation off."""
+    """How a model started from a checkpoint runs (its shape comes from the checkpoint):
+    every runtime field of :class:`ModelConfig`, each meaning the same as there. A field
+    left unset keeps the checkpoint's value; ``none`` switches FP8 or recomputation off."""
 
     params_dtype: Optional[str] = None
     """``float32``, ``bfloat16`` or ``auto``."""
     transformer_impl: Optional[str] = None
     """``local`` or ``transformer_engine``."""
+    attention_backend: Optional[str] = None
+    """Local layers: ``auto``, ``unfused``, ``sdpa``; Transformer Engine: ``fused``,
+    ``flash``, ``unfused``, ``auto``."""
     fp8: Optional[str] = None
     """``hybrid``, ``e4m3`` or ``none`` (needs ``transformer_impl: transformer_engine``)."""
+    fp8_amax_history_len: Optional[int] = None
+    """Delayed-scaling amax history length."""
+    fp8_amax_compute_algo: Optional[str] = None
+    """``max`` or ``most_recent``."""
+    fp8_margin: Optional[int] = None
+    """Scaling-factor margin (powers of two)."""
     recompute_granularity: Optional[str] = None
     """``full``, ``selective`` or ``none``."""
+    recompute_method: Optional[str] = None
+    """``uniform`` or ``block`` (with ``full``)."""
+    recompute_num_layers: Optional[int] = None
+    """Layers per recomputed group (``uniform``) or per stage (``block``)."""
+    bias_activation_fusion: Optional[bool] = None
+    """Fused SwiGLU compiled at run time (GPUs with a C compiler)."""
 
     def apply(self, m: "ModelConfig") -> "ModelConfig":
         """``m`` with the fields this config sets."""
         changes: Dict[str, Any] = {}
-        for name in ("params_dtype", "transformer_impl", "fp8", "recompute_granularity"):
+        for name in RUNTIME_FIELDS:
             value = getattr(self, name)
             if value is not None:
-                changes[name] = None if value == "none" else value
+                changes[name] = None if (name in _NONE_OFF and value == "none") else value
         return dataclasses.replace(m, **changes) if changes else m
+
+
+def with_runtime_of(shape: "ModelConfig", runtime: "ModelConfig") -> "ModelConfig":
+    """``shape`` (e.g. a checkpoint's model) run as ``runtime`` says: its runtime fields."""
+    return dataclasses.replace(shape, **{name: getattr(runtime, name) for name in RUNTIME_FIELDS})
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

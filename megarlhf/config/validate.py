@@ -4,17 +4,24 @@ fields and values that conflict."""
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from megarlhf.config.model import ModelConfig
 from megarlhf.config.parallel import ParallelConfig
 
 __all__ = ["ConfigError", "check_model", "check_layout", "runtime_problems", "range_problems",
-           "parallel_problems", "loop_problems"]
+           "parallel_problems", "loop_problems", "shared_process_problems", "fp8_shape_problems",
+           "ATTENTION_BACKENDS"]
 
 _DTYPES = ("float32", "bfloat16", "auto")
 _IMPLS = ("local", "transformer_engine")
 _FP8 = (None, "hybrid", "e4m3")
+ATTENTION_BACKENDS = {"local": ("auto", "unfused", "sdpa"),
+                      "transformer_engine": ("auto", "fused", "flash", "unfused")}
+_ALL_BACKENDS = tuple(dict.fromkeys(b for bs in ATTENTION_BACKENDS.values() for b in bs))
+_RECOMPUTE = ("full", "selective")
+_RECOMPUTE_METHODS = ("uniform", "block")
+_AMAX_ALGOS = ("max", "most_recent")
 
 
 class ConfigError(ValueError):
@@ -118,26 +125,34 @@ def model_problems(m: ModelConfig, prefix: str = "model") -> List[str]:
         p.append(f"{prefix}.params_dtype={m.params_dtype!r}: expected one of {_DTYPES}")
     if m.transformer_impl not in _IMPLS:
         p.append(f"{prefix}.transformer_impl={m.transformer_impl!r}: expected one of {_IMPLS}")
-    if m.attention_backend not in ("unfused", "sdpa"):
-        p.append(f"{prefix}.attention_backend={m.attention_backend!r}: expected 'unfused' or 'sdpa'")
+    elif m.attention_backend not in ATTENTION_BACKENDS[m.transformer_impl]:
+        p.append(f"{prefix}.attention_backend={m.attention_backend!r} is not one of "
+                 f"{prefix}.transformer_impl={m.transformer_impl!r}'s: "
+                 f"{', '.join(ATTENTION_BACKENDS[m.transformer_impl])}")
     if m.fp8 not in _FP8:
         p.append(f"{prefix}.fp8={m.fp8!r}: expected one of {_FP8}")
     if m.fp8 is not None and m.transformer_impl != "transformer_engine":
         p.append(f"{prefix}.fp8={m.fp8!r} needs {prefix}.transformer_impl='transformer_engine' "
                  f"(got {m.transformer_impl!r})")
-    if m.fp8_amax_compute_algo not in ("max", "most_recent"):
+    if m.fp8_amax_compute_algo not in _AMAX_ALGOS:
         p.append(f"{prefix}.fp8_amax_compute_algo={m.fp8_amax_compute_algo!r}: expected "
                  "'max' or 'most_recent'")
-    if m.recompute_granularity not in (None, "full", "selective"):
+    p += range_problems(m, prefix, non_negative=("fp8_margin",), positive=("recompute_num_layers",))
+    if m.recompute_granularity not in (None, *_RECOMPUTE):
         p.append(f"{prefix}.recompute_granularity={m.recompute_granularity!r}: expected "
                  "'full', 'selective' or null")
+    if m.recompute_method not in _RECOMPUTE_METHODS:
+        p.append(f"{prefix}.recompute_method={m.recompute_method!r}: expected 'uniform' or 'block'")
+    if not isinstance(m.bias_activation_fusion, bool):
+        p.append(f"{prefix}.bias_activation_fusion={m.bias_activation_fusion!r}: expected true or false")
     return p
 
 
 def runtime_problems(r, prefix: str = "model") -> List[str]:
     """Values of a :class:`RuntimeConfig` (before a checkpoint's settings are known)."""
-    allowed = {"params_dtype": _DTYPES, "transformer_impl": _IMPLS, "fp8": ("hybrid", "e4m3", "none"),
-               "recompute_granularity": ("full", "selective", "none")}
+    allowed = {"params_dtype": _DTYPES, "transformer_impl": _IMPLS, "attention_backend": _ALL_BACKENDS,
+               "fp8": ("hybrid", "e4m3", "none"), "fp8_amax_compute_algo": _AMAX_ALGOS,
+               "recompute_granularity": (*_RECOMPUTE, "none"), "recompute_method": _RECOMPUTE_METHODS}
     p: List[str] = []
     for name, ok in allowed.items():
         value = getattr(r, name)
@@ -147,7 +162,46 @@ def runtime_problems(r, prefix: str = "model") -> List[str]:
     if r.fp8 not in (None, "none") and r.transformer_impl not in (None, "transformer_engine"):
         p.append(f"{prefix}.fp8={r.fp8!r} needs {prefix}.transformer_impl='transformer_engine' "
                  f"(got {r.transformer_impl!r})")
+    if r.transformer_impl in ATTENTION_BACKENDS and r.attention_backend is not None \
+            and r.attention_backend not in ATTENTION_BACKENDS[r.transformer_impl]:
+        p.append(f"{prefix}.attention_backend={r.attention_backend!r} is not one of "
+                 f"{prefix}.transformer_impl={r.transformer_impl!r}'s: "
+                 f"{', '.join(ATTENTION_BACKENDS[r.transformer_impl])}")
+    p += range_problems(r, prefix, non_negative=("fp8_margin",),
+                        positive=("fp8_amax_history_len", "recompute_num_layers"))
     return p
+
+
+def shared_process_problems(models: Dict[str, ModelConfig]) -> List[str]:
+    """Models built in the same processes (``{config prefix: model}``, e.g. PPO's roles
+    on shared ranks): Transformer Engine takes its attention backend from process-wide
+    settings (megatron-core sets ``NVTE_FLASH_ATTN``/``NVTE_FUSED_ATTN``/``NVTE_UNFUSED_ATTN``
+    when it builds a model), so every TE model there must name the same one."""
+    te = {prefix: m.attention_backend for prefix, m in models.items()
+          if m.transformer_impl == "transformer_engine"}
+    if len(set(te.values())) > 1:
+        return ["Transformer Engine models sharing processes must use one attention backend: "
+                + ", ".join(f"{prefix}.attention_backend={b!r}" for prefix, b in te.items())]
+    return []
+
+
+def fp8_shape_problems(m: ModelConfig, tp: int, prefix: str = "model", par_prefix: str = "parallel") -> List[str]:
+    """FP8 GEMMs in Transformer Engine need every weight's input dimension divisible by 16
+    and its output dimension by 8, on each tensor-parallel rank (TE's
+    ``assert_dim_for_fp8_exec`` in transformer_engine/pytorch/utils.py)."""
+    if m.fp8 is None or m.num_attention_heads <= 0 or m.hidden_size % m.num_attention_heads:
+        return []
+    d = m.kv_channels
+    dims = {  # name: (per-rank size, multiple)
+        f"{prefix}.hidden_size": (m.hidden_size, 16),
+        f"{prefix}.ffn_hidden_size / {par_prefix}.tensor_model_parallel_size": (m.ffn_hidden_size / tp, 16),
+        f"{prefix}.num_attention_heads x head size / {par_prefix}.tensor_model_parallel_size":
+            (m.num_attention_heads * d / tp, 16),
+        f"(query + 2 x key/value heads) x head size / {par_prefix}.tensor_model_parallel_size":
+            ((m.num_attention_heads + 2 * m.num_query_groups) * d / tp, 8),
+    }
+    return [f"{prefix}.fp8={m.fp8!r}: {name} = {size:g} is not a multiple of {k} (FP8 GEMMs need it)"
+            for name, (size, k) in dims.items() if size % k]
 
 
 def layout_problems(m: ModelConfig, par: ParallelConfig, world_size: Optional[int],
@@ -180,6 +234,11 @@ def layout_problems(m: ModelConfig, par: ParallelConfig, world_size: Optional[in
         p.append(f"{model_prefix}.num_layers={m.num_layers} is not divisible by {what}")
     if par.sequence_parallel and tp == 1:
         p.append(f"{prefix}.sequence_parallel=true needs {prefix}.tensor_model_parallel_size > 1")
+    if m.recompute_granularity == "full" and m.recompute_method == "block" \
+            and m.recompute_num_layers > m.num_layers // stages:
+        p.append(f"{model_prefix}.recompute_num_layers={m.recompute_num_layers} exceeds the "
+                 f"{m.num_layers // stages} layers of a pipeline stage ({model_prefix}.recompute_method='block')")
+    p += fp8_shape_problems(m, tp, model_prefix, prefix)
     return p
 
 

@@ -347,6 +347,7 @@ def _score(chunks, mp, template, conversations: List[List[Message]], pooling: st
 
     from megarlhf.algos.preference import response_positions
     from megarlhf.data.batch import pad_examples
+    from megarlhf.models.llama import pad_to, sequence_multiple_of
     from megarlhf.train.roles import is_writer, share_rows
     from megarlhf.train.step import forward_only
 
@@ -355,7 +356,7 @@ def _score(chunks, mp, template, conversations: List[List[Message]], pooling: st
         if len(ids) > max_len:
             raise ValueError(f"sample {i}: {len(ids)} tokens for the reward model exceed its "
                              f"max_position_embeddings={max_len}")
-    seq = -(-max(len(ids) for ids, _ in rows) // 8) * 8
+    seq = pad_to(max(len(ids) for ids, _ in rows), sequence_multiple_of(chunks))
     n = len(rows)
     per = -(-n // mp.dp_size)
     mine = range(min(n, mp.dp_rank * per), min(n, (mp.dp_rank + 1) * per))

@@ -15,8 +15,10 @@ vocabulary. The hook works on vocab-parallel shards and on gathered logits alike
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 from typing import List, Optional
 
 import torch
@@ -24,8 +26,8 @@ import torch.nn.functional as F
 
 from megarlhf import platform
 from megarlhf.config.model import ModelConfig, padded_vocab_size
-from megarlhf.config.validate import check_layout
-from megarlhf.parallel import ModelParallel
+from megarlhf.config.validate import ConfigError, check_layout
+from megarlhf.parallel import ModelParallel, scope_fp8_amax
 
 __all__ = [
     "KINDS",
@@ -34,6 +36,11 @@ __all__ = [
     "unwrap",
     "llama3_inv_freq",
     "padded_vocab",
+    "sequence_multiple",
+    "model_sequence_multiple",
+    "sequence_multiple_of",
+    "check_row_length",
+    "pad_to",
 ]
 
 KINDS = ("causal", "reward")
@@ -41,6 +48,50 @@ KINDS = ("causal", "reward")
 
 def padded_vocab(cfg: ModelConfig, tp: int) -> int:
     return padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+
+
+def sequence_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every padded row length (tokens per sequence of a batch) must be a multiple of.
+
+    Each rank's GEMMs see ``batch x sequence`` tokens, the sequence split over the TP ranks
+    under sequence parallelism (megatron scatters it: a multiple of TP). FP8 GEMMs in
+    Transformer Engine need the tokens of each rank's input to be a multiple of 8
+    (``assert_dim_for_fp8_exec``, transformer_engine/pytorch/utils.py, on the per-rank
+    input before the sequence-parallel gather) and its backward uses them as the inner
+    dimension of the weight-gradient GEMM, so rows are padded to 16 per rank, whatever the
+    batch size. Without FP8, 8 (tensor-core friendly shapes)."""
+    per_rank = 16 if fp8 else 8
+    return per_rank * tp if sequence_parallel else per_rank
+
+
+def model_sequence_multiple(cfg: ModelConfig, par) -> int:
+    """:func:`sequence_multiple` of a model config run at layout ``par`` (a ParallelConfig)."""
+    return sequence_multiple(par.tp, par.sequence_parallel, cfg.fp8 is not None)
+
+
+def check_row_length(seq_length: int, model_cfg, par, key: str = "train.seq_length") -> int:
+    """The row-length multiple of ``model_cfg`` at layout ``par``
+    (:func:`model_sequence_multiple`). With FP8 or sequence parallelism, ``seq_length`` (the
+    longest row) must be one of them; else rows are rounded up to 8 within it."""
+    multiple = model_sequence_multiple(model_cfg, par)
+    if (model_cfg.fp8 is not None or par.sequence_parallel) and seq_length % multiple:
+        raise ConfigError([f"{key}={seq_length} is not a multiple of {multiple}: rows are padded to "
+                           f"multiples of {multiple} with fp8={model_cfg.fp8!r}, sequence_parallel="
+                           f"{par.sequence_parallel}, tensor_model_parallel_size={par.tp}"])
+    return multiple
+
+
+def sequence_multiple_of(chunks) -> int:
+    """:func:`sequence_multiple` of built model chunks (read from their megatron config)."""
+    from megatron.core.utils import get_model_config
+
+    c = get_model_config(chunks[0])
+    return sequence_multiple(c.tensor_model_parallel_size, c.sequence_parallel, c.fp8 is not None)
+
+
+def pad_to(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
+    return -(-length // multiple) * multiple
 
 
 def transformer_config(cfg: ModelConfig, mp: ModelParallel):
@@ -81,12 +132,16 @@ def transformer_config(cfg: ModelConfig, mp: ModelParallel):
         # The fused CUDA kernels (softmax, RoPE, bias-activation) exist only on GPUs.
         masked_softmax_fusion=plat.is_gpu and cfg.transformer_impl == "transformer_engine",
         apply_rope_fusion=False,
-        bias_activation_fusion=plat.is_gpu,
+        # Compiled at run time (torch.compile / Triton, a C compiler on the node): only when
+        # asked for, and checked before training starts (platform.kernel_problems).
+        bias_activation_fusion=cfg.bias_activation_fusion,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        attention_backend=_megatron_attention_backend(cfg),
     )
     if cfg.recompute_granularity == "full":
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        kwargs.update(recompute_granularity="full", recompute_method=cfg.recompute_method,
+                      recompute_num_layers=cfg.recompute_num_layers)
     elif cfg.recompute_granularity == "selective":
         kwargs.update(recompute_granularity="selective")
     if cfg.fp8 is not None:
@@ -98,6 +153,41 @@ def transformer_config(cfg: ModelConfig, mp: ModelParallel):
             fp8_amax_compute_algo=cfg.fp8_amax_compute_algo,
         )
     return TransformerConfig(**kwargs)
+
+
+_NVTE_ATTENTION = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+def _megatron_attention_backend(cfg: ModelConfig):
+    """megatron's ``AttnBackend`` for ``cfg``. Transformer Engine layers: the configured one
+    (megatron turns it into TE's process-wide ``NVTE_*_ATTN`` switches when it builds the
+    model). Local layers choose their attention by spec and read no switch: ``local``,
+    with the switches kept as they were around the build (:func:`_te_switches_kept`)."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    if cfg.transformer_impl == "transformer_engine":
+        return AttnBackend[cfg.attention_backend]
+    return AttnBackend.local
+
+
+@contextlib.contextmanager
+def _te_switches_kept(active: bool):
+    """Build a local-layer model without touching TE's attention switches: megatron's
+    language model sets (and asserts) ``NVTE_FLASH_ATTN`` / ``NVTE_FUSED_ATTN`` /
+    ``NVTE_UNFUSED_ATTN`` for whatever backend its config names, which would clash with a
+    Transformer Engine model of the same process (a PPO role) built before or after."""
+    if not active:
+        yield
+        return
+    saved = {k: os.environ.pop(k, None) for k in _NVTE_ATTENTION}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def llama3_inv_freq(dim: int, theta: float, factor: float, low_freq_factor: float,
@@ -180,6 +270,8 @@ def _build_chunk(cfg: ModelConfig, mp: ModelParallel, tconfig, kind: str,
         else:
             model.output_layer.register_forward_hook(
                 _mask_padded_vocab_hook(cfg.vocab_size, padded, mp.config.tp, mp.tp_rank))
+    if cfg.fp8 is not None:
+        scope_fp8_amax(model, mp)  # a layout apart from megatron's globals (PPO roles)
     model.megarlhf_kind = kind
     model.megarlhf_dp_group = mp.dp_group if mp.ranks is not None else None
     model.megarlhf_layout = f"tp{mp.config.tp}-pp{mp.config.pp}-dp{mp.dp_size}"
@@ -197,8 +289,10 @@ def build_model(cfg: ModelConfig, mp: ModelParallel, kind: str = "causal",
     if kind not in KINDS:
         raise ValueError(f"model kind {kind!r}: expected one of {KINDS}")
     check_layout(cfg, mp.config)
-    if cfg.transformer_impl == "transformer_engine":
-        platform.require_transformer_engine(cfg.fp8)  # a clear error before building
+    if not meta:  # a clear error before building (recipes check earlier, naming their keys)
+        problems = platform.models_problems({"model": cfg})
+        if problems:
+            raise RuntimeError("; ".join(problems))
     tconfig = transformer_config(cfg, mp)
     if meta:
         tconfig = dataclasses.replace(tconfig, use_cpu_initialization=True, perform_initialization=False)
@@ -206,13 +300,15 @@ def build_model(cfg: ModelConfig, mp: ModelParallel, kind: str = "causal",
     vpp = mp.config.virtual_pipeline_model_parallel_size
     stages = [None] if vpp is None else list(range(vpp))
     chunks = []
+    local = cfg.transformer_impl == "local"
     for vp_stage in stages:
         if meta:
-            with torch.device("meta"):
+            with torch.device("meta"), _te_switches_kept(local):
                 chunk = _build_chunk(cfg, mp, tconfig, kind, vp_stage)
             chunks.append(chunk)
             continue
-        chunk = _build_chunk(cfg, mp, tconfig, kind, vp_stage)
+        with _te_switches_kept(local):
+            chunk = _build_chunk(cfg, mp, tconfig, kind, vp_stage)
         chunk.to(plat.device)
         if tconfig.bf16 and wrap_bf16:
             from megatron.core.transformer.module import Float16Module

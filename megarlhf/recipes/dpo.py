@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.algos.preference import LOSS_TYPES
-from megarlhf.config import ConfigError, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
+from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.pairs_common import LoopConfig
 from megarlhf.train.metrics import LogConfig
@@ -85,6 +85,13 @@ class DPOConfig:
 
     def world_size(self) -> int:
         return self.world
+
+    def resolved_models(self) -> Dict[str, ModelConfig]:
+        """The model this job builds: the starting checkpoint's, run as ``model`` says
+        (reads the checkpoint's metadata; no process group needed)."""
+        from megarlhf.models.checkpoint import read_meta
+
+        return {"model": self.model.apply(read_meta(self.train.init_from).model)}
 
     def validate(self) -> None:
         from megarlhf.config import loop_problems, parallel_problems, range_problems
@@ -193,6 +200,7 @@ def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, 
     """Sequence log-probs of every pair under the initial policy (the reference), computed
     in one forward pass split over data-parallel replicas; returns the dataset with
     ``ref_chosen`` and ``ref_rejected`` columns (identical on every rank)."""
+    from megarlhf.models.llama import sequence_multiple_of
     from megarlhf.recipes.pairs_common import pair_microbatches
     from megarlhf.train.step import forward_only
 
@@ -200,7 +208,7 @@ def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, 
     n = len(ds)
     per = -(-n // mp.dp_size)
     mine = list(range(mp.dp_rank * per, min(n, (mp.dp_rank + 1) * per)))
-    micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id)
+    micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id, multiple=sequence_multiple_of(chunks))
 
     def step(it, model):
         b = next(it).to(device)
@@ -224,7 +232,7 @@ def run(cfg: DPOConfig) -> dict:
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.models.checkpoint import CheckpointMeta, read_meta, save_model
-    from megarlhf.models.llama import build_model, describe
+    from megarlhf.models.llama import build_model, check_row_length, describe
     from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
     from megarlhf.recipes.common import exact_match_eval
     from megarlhf.recipes.pairs_common import load_init, pair_microbatches, reduce_stats, tokenizer_of
@@ -253,6 +261,7 @@ def run(cfg: DPOConfig) -> dict:
         log.say(f"data: {line}")
     model_cfg = cfg.model.apply(init_meta.model)
     check_layout(model_cfg, cfg.parallel, env.world_size)
+    multiple = check_row_length(t.seq_length, model_cfg, cfg.parallel)
     chunks = build_model(model_cfg, mp, kind="causal")
     load_init(chunks, t.init_from, "causal", init_meta.kind)
     log.say(f"policy: {describe(model_cfg, mp)} from {t.init_from}")
@@ -304,7 +313,7 @@ def run(cfg: DPOConfig) -> dict:
     log.start_progress(total_steps, step)
     while step < total_steps:
         micro, seq = pair_microbatches(train_ds, next(batches), t.micro_batch_size, t.seq_length,
-                                       tokenizer.pad_id, with_ref=with_ref)
+                                       tokenizer.pad_id, with_ref=with_ref, multiple=multiple)
         t0 = time.time()
         res = train_step(ddp, optimizer, mp, forward_step, micro, seq, 2 * t.micro_batch_size)
         if res["applied"]:
@@ -331,7 +340,7 @@ def run(cfg: DPOConfig) -> dict:
         per = -(-len(eval_ds) // mp.dp_size)
         mine = list(range(mp.dp_rank * per, min(len(eval_ds), (mp.dp_rank + 1) * per)))
         micro, seq = pair_microbatches(eval_ds, mine, t.micro_batch_size, t.seq_length,
-                                       tokenizer.pad_id, with_ref=with_ref)
+                                       tokenizer.pad_id, with_ref=with_ref, multiple=multiple)
         outs = forward_only(chunks, mp, forward_step, micro, seq, 2 * t.micro_batch_size) \
             if micro else []
         ev = _summary(reduce_stats(outs, mp, plat.device))

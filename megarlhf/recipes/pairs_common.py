@@ -86,16 +86,19 @@ def load_init(chunks, ckpt_dir: str, kind: str, init_kind: str) -> List[str]:
 
 
 def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad_id: int,
-                      with_ref: bool = False, margin: Optional[float] = None) -> Tuple[List[Any], int]:
+                      with_ref: bool = False, margin: Optional[float] = None,
+                      multiple: int = 8) -> Tuple[List[Any], int]:
     """Pair batches of ``mbs`` pairs from rows ``indices`` of a tokenized preference dataset,
-    and the row length they are padded to: the longest sequence among them rounded up to a
-    multiple of 8 (at most ``seq_length``), the same for every microbatch of the call, as
+    and the row length they are padded to: the longest sequence among them rounded up to
+    ``multiple`` (the model's :func:`~megarlhf.models.llama.sequence_multiple`; at most
+    ``seq_length``, itself a multiple), the same for every microbatch of the call, as
     pipeline stages require."""
     from megarlhf.data.batch import pair_batch
+    from megarlhf.models.llama import pad_to
 
     rows_all = [ds[int(i)] for i in indices]
     longest = max([max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows_all] or [1])
-    seq_length = min(seq_length, -(-longest // 8) * 8)
+    seq_length = min(seq_length, pad_to(longest, multiple))
     out = []
     for s in range(0, len(rows_all), mbs):
         rows = rows_all[s:s + mbs]

@@ -35,6 +35,7 @@ prompts per step and shorter responses to fit a small model on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -44,7 +45,8 @@ from typing import Dict, List, Optional
 import torch
 
 from megarlhf.algos.ppo import KL_ESTIMATORS
-from megarlhf.config import ConfigError, ParallelConfig, RuntimeConfig, check_model, runtime_problems
+from megarlhf.config import (ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_model,
+                             runtime_problems)
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.dpo import ExactMatchConfig
 from megarlhf.train.metrics import LogConfig
@@ -190,6 +192,24 @@ class PPOConfig:
         from megarlhf.train.roles import placement_spans
 
         return placement_spans(self.placement, self.world, self.reward_ranks, self.roles(), ("reward",))
+
+    def resolved_models(self) -> Dict[str, ModelConfig]:
+        """Each role's model, keyed ``<role>.model``: its starting checkpoint's, run as the
+        role's ``model`` says (reads checkpoint metadata; no process group needed)."""
+        from megarlhf.models.checkpoint import read_meta
+
+        inits = {"actor": self.actor.init_from, "reference": self.reference.init_from or self.actor.init_from,
+                 "critic": self.critic.init_from, "reward": self.reward.init_from}
+        return {f"{role}.model": getattr(self, role).model.apply(read_meta(inits[role]).model)
+                for role in self.roles()}
+
+    def process_groups(self) -> List[List[str]]:
+        """The ``resolved_models`` keys of the roles that share processes."""
+        spans = self.spans()
+        groups: Dict[tuple, List[str]] = {}
+        for role in self.roles():
+            groups.setdefault(spans[role], []).append(f"{role}.model")
+        return list(groups.values())
 
     def validate(self) -> None:
         from megarlhf.config import loop_problems, parallel_problems, range_problems
@@ -412,11 +432,14 @@ class Rollout:
 
 
 def build_rollout(prompts: List[List[int]], resp: torch.Tensor, resp_len: torch.Tensor,
-                  finish: torch.Tensor, resp_lp: torch.Tensor, pad_id: int) -> Rollout:
-    """Rows ``prompt + response``, right-padded to the longest rounded up to 8."""
+                  finish: torch.Tensor, resp_lp: torch.Tensor, pad_id: int, multiple: int = 8) -> Rollout:
+    """Rows ``prompt + response``, right-padded to the longest rounded up to ``multiple``
+    (what every role's layout needs: :func:`~megarlhf.models.llama.sequence_multiple`)."""
+    from megarlhf.models.llama import pad_to
+
     n = len(prompts)
     lens = [len(p) + int(l) for p, l in zip(prompts, resp_len)]
-    seq = -(-max(lens) // 8) * 8
+    seq = pad_to(max(lens), multiple)
     tokens = torch.full((n, seq), pad_id, dtype=torch.long)
     labels = torch.zeros((n, seq), dtype=torch.long)
     mask = torch.zeros((n, seq))
@@ -474,7 +497,7 @@ def run(cfg: PPOConfig) -> dict:
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.data.task import is_correct
     from megarlhf.models.checkpoint import CheckpointMeta, load_model, read_meta, save_model
-    from megarlhf.models.llama import build_model, describe, padded_vocab
+    from megarlhf.models.llama import build_model, describe, model_sequence_multiple, padded_vocab
     from megarlhf.parallel import (DistEnv, build_layout, destroy, init_distributed,
                                    initialize_model_parallel)
     from megarlhf.recipes.common import exact_match_eval
@@ -510,7 +533,7 @@ def run(cfg: PPOConfig) -> dict:
              "critic": cfg.critic.init_from, "reward": cfg.reward.init_from}
     inits = {role: inits[role] for role in roles}
     metas = {role: read_meta(path) for role, path in inits.items()}
-    shapes = {role: getattr(cfg, role).model.apply(metas[role].model) for role in roles}
+    shapes = {key.split(".")[0]: m for key, m in cfg.resolved_models().items()}
     for role in roles:
         check_model(shapes[role], prefix=f"{role}.model")
     tokenizer, template = tokenizer_of(metas["actor"], inits["actor"])
@@ -540,6 +563,8 @@ def run(cfg: PPOConfig) -> dict:
         models[role] = chunks if mp is not None else None
     actor_mp, critic_mp = layouts["actor"], layouts["critic"]
     model_cfg = shapes["actor"]
+    # every role reads the same rows: padded to what each role's layout needs
+    row_multiple = math.lcm(*(model_sequence_multiple(shapes[role], getattr(cfg, role).parallel) for role in roles))
 
     # -- prompts, optimizers, schedules, resume ------------------------------------------------
     data = build_dataset(cfg.data, "prompts", template)
@@ -663,7 +688,7 @@ def run(cfg: PPOConfig) -> dict:
             resp_len = share_rows(n_seq, (), torch.long, mine, vals and vals[1], w, dev)
             finish = share_rows(n_seq, (), torch.long, mine, vals and vals[2], w, dev)
             resp_lp = share_rows(n_seq, (R.max_new_tokens,), torch.float32, mine, vals and vals[3], w, dev)
-            ro = build_rollout(prompts, resp, resp_len, finish, resp_lp, tokenizer.pad_id)
+            ro = build_rollout(prompts, resp, resp_len, finish, resp_lp, tokenizer.pad_id, row_multiple)
 
         # 2. score: the reward model on its own replicas (maybe its own ranks), or the rule
         with phase("score", times):

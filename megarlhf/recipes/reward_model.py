@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import torch
 
-from megarlhf.config import ConfigError, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
+from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.pairs_common import LoopConfig
 from megarlhf.train.metrics import LogConfig
@@ -54,6 +54,13 @@ class RMConfig:
 
     def world_size(self) -> int:
         return self.world
+
+    def resolved_models(self) -> Dict[str, ModelConfig]:
+        """The model this job builds: the starting checkpoint's, run as ``model`` says
+        (reads the checkpoint's metadata; no process group needed)."""
+        from megarlhf.models.checkpoint import read_meta
+
+        return {"model": self.model.apply(read_meta(self.train.init_from).model)}
 
     def validate(self) -> None:
         from megarlhf.config import loop_problems, parallel_problems, range_problems
@@ -126,13 +133,14 @@ def evaluate_pairs(chunks, mp, ds, mbs: int, seq_length: int, pad_id: int, devic
                    subsets: bool = False, pooling: str = "last") -> Dict[str, float]:
     """Pair accuracy (and loss, margin) of a reward model on a tokenized pair dataset, split
     over data-parallel replicas; with ``subsets``, also the accuracy per ``subset``."""
+    from megarlhf.models.llama import sequence_multiple_of
     from megarlhf.recipes.pairs_common import pair_microbatches, reduce_stats
     from megarlhf.train.step import forward_only
 
     n = len(ds)
     per = -(-n // mp.dp_size)
     mine = list(range(mp.dp_rank * per, min(n, (mp.dp_rank + 1) * per)))
-    micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id)
+    micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id, multiple=sequence_multiple_of(chunks))
     step = reward_forward_step(mp, device, pooling)
     outs = forward_only(chunks, mp, step, micro, seq, 2 * mbs) if micro else []
     result = _summary(reduce_stats(outs, mp, device))
@@ -162,7 +170,7 @@ def run(cfg: RMConfig) -> dict:
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.models.checkpoint import CheckpointMeta, read_meta, save_model
-    from megarlhf.models.llama import build_model, describe
+    from megarlhf.models.llama import build_model, check_row_length, describe
     from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
     from megarlhf.recipes.pairs_common import load_init, pair_microbatches, reduce_stats, tokenizer_of
     from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
@@ -190,6 +198,7 @@ def run(cfg: RMConfig) -> dict:
         log.say(f"data: {line}")
     model_cfg = cfg.model.apply(init_meta.model)
     check_layout(model_cfg, cfg.parallel, env.world_size)
+    multiple = check_row_length(t.seq_length, model_cfg, cfg.parallel)
     chunks = build_model(model_cfg, mp, kind="reward")
     fresh = load_init(chunks, t.init_from, "reward", init_meta.kind)
     log.say(f"model: {describe(model_cfg, mp)}; reward head "
@@ -227,7 +236,7 @@ def run(cfg: RMConfig) -> dict:
     while step < total_steps:
         indices = next(batches)
         micro, seq = pair_microbatches(data.train, indices, t.micro_batch_size, t.seq_length,
-                                       tokenizer.pad_id, margin=cfg.margin)
+                                       tokenizer.pad_id, margin=cfg.margin, multiple=multiple)
         t0 = time.time()
         res = train_step(ddp, optimizer, mp, forward_step, micro, seq, 2 * t.micro_batch_size)
         if res["applied"]:

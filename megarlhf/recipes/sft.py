@@ -22,11 +22,12 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, check_layout, preset
+from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, check_layout, preset, with_runtime_of
+from megarlhf.models.llama import check_row_length
 from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.data.dataset import DataConfig
 from megarlhf.data.task import TaskConfig
@@ -69,7 +70,8 @@ class TrainConfig:
     """The model (``out_dir/checkpoint``), training checkpoints (``out_dir/checkpoints``),
     metrics (``metrics.jsonl``), task files."""
     init_from: Optional[str] = None
-    """Start from this checkpoint instead of fresh weights."""
+    """Start from this checkpoint instead of fresh weights (its shape; ``model``'s runtime
+    fields)."""
     save_interval: int = 0
     """Steps between training checkpoints (0: only at the end and when stopped by a signal)."""
     keep_checkpoints: int = 2
@@ -100,6 +102,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class SFTConfig:
     model: ModelConfig = field(default_factory=_tiny_model)
+    """The model: its shape and how it runs. With ``train.init_from`` the shape is the
+    checkpoint's and only the runtime fields here apply (``params_dtype``,
+    ``transformer_impl``, ``attention_backend``, ``fp8*``, ``recompute_*``,
+    ``bias_activation_fusion``)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
@@ -115,6 +121,15 @@ class SFTConfig:
 
     def world_size(self) -> int:
         return self.world
+
+    def resolved_models(self) -> Dict[str, ModelConfig]:
+        """The model this job builds: ``model``; from ``train.init_from``, the checkpoint's
+        shape run as ``model``'s runtime fields say (dtype, layers, FP8, recomputation...)."""
+        from megarlhf.models.checkpoint import read_meta
+
+        if not self.train.init_from:
+            return {"model": self.model}
+        return {"model": with_runtime_of(read_meta(self.train.init_from).model, self.model)}
 
     def validate(self) -> None:
         from megarlhf.config import loop_problems, parallel_problems, range_problems
@@ -135,6 +150,10 @@ class SFTConfig:
         if t.seq_length < self.data.max_length:
             problems.append(f"train.seq_length={t.seq_length} is shorter than "
                             f"data.max_length={self.data.max_length}")
+        try:  # every row is train.seq_length tokens long
+            check_row_length(t.seq_length, self.model, self.parallel)
+        except ConfigError as e:
+            problems += e.problems
         if t.seq_length > self.model.max_position_embeddings:
             problems.append(f"train.seq_length={t.seq_length} exceeds "
                             f"model.max_position_embeddings={self.model.max_position_embeddings}")
@@ -206,7 +225,7 @@ def run(cfg: SFTConfig) -> dict:
         log.say(f"data: {line}")
 
     # -- model -------------------------------------------------------------------------------
-    model_cfg = init_meta.model if init_meta else cfg.model
+    model_cfg = with_runtime_of(init_meta.model, cfg.model) if init_meta else cfg.model
     if not model_cfg.vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     if model_cfg.vocab_size < tokenizer.vocab_size:

@@ -58,7 +58,12 @@ def main():
     cfg = meta.model
     tokens = torch.load(args.inputs)
 
+    # As a Transformer Engine model with fused attention leaves them (a PPO role built
+    # before): building local layers must neither trip over nor change them.
+    te_switches = {"NVTE_FLASH_ATTN": "0", "NVTE_FUSED_ATTN": "1", "NVTE_UNFUSED_ATTN": "0"}
+    os.environ.update(te_switches)
     local = build(cfg, mp, te=False)
+    assert {k: os.environ[k] for k in te_switches} == te_switches
     load_model(local, args.ckpt)
     te = build(cfg, mp, te=True)
     carriers = te_like.extra_state_modules(te[0])
