@@ -149,16 +149,35 @@ def make_bundle(dest: Path, packages: Sequence[Bundled] = BUNDLE) -> Dict[str, A
             else:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(spec.origin, target)
-        for f in dist.files or []:  # what it is and under which licence
+        # What it is and under which licence, as a <name>-<version>.dist-info folder beside
+        # its modules: importlib.metadata finds it there (datasets asks for its
+        # dependencies' versions at import).
+        info = target / f"{re.sub(r'[-_.]+', '_', b.distribution)}-{dist.version}.dist-info"
+        for f in dist.files or []:
             if re.match(r"(LICEN[CS]E|COPYING|NOTICE|METADATA$)", f.name, re.I) and ".dist-info" in str(f):
-                (target / "dist-info").mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f.locate(), target / "dist-info" / f.name)
+                info.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f.locate(), info / f.name)
+        if not (info / "METADATA").is_file():
+            info.mkdir(parents=True, exist_ok=True)
+            (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {b.distribution}\n"
+                                           f"Version: {dist.version}\n")
         copied.append({"distribution": b.distribution, "version": dist.version,
                        "modules": list(b.modules), "path": b.distribution})
     manifest = {"made_with_python": ".".join(map(str, sys.version_info[:3])), "packages": copied,
                 "size_mb": round(_size_mb(dest), 2)}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def bundle_command(dest: Path, packages: Sequence[Bundled] = BUNDLE) -> int:
+    """``--make-bundle``: make the bundle and say what went in."""
+    manifest = make_bundle(dest, packages)
+    for p in manifest["packages"]:
+        print(f"bundled {p['distribution']} {p['version']}")
+    print(f"{dest}: {manifest['size_mb']:.1f} MB")
+    if manifest["size_mb"] > BUNDLE_LIMIT_MB:
+        print(f"warning: the bundle is over {BUNDLE_LIMIT_MB} MB", file=sys.stderr)
+    return 0
 
 
 def _installed_version(b: Bundled) -> Optional[str]:
@@ -1158,13 +1177,7 @@ def print_report(report: Dict[str, Any]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.make_bundle:
-        manifest = make_bundle(Path(args.make_bundle))
-        for p in manifest["packages"]:
-            print(f"bundled {p['distribution']} {p['version']}")
-        print(f"{args.make_bundle}: {manifest['size_mb']:.1f} MB")
-        if manifest["size_mb"] > BUNDLE_LIMIT_MB:
-            print(f"warning: the bundle is over {BUNDLE_LIMIT_MB} MB", file=sys.stderr)
-        return 0
+        return bundle_command(Path(args.make_bundle))
 
     t_start = time.perf_counter()
     v = shape_values(args)
