@@ -8,7 +8,6 @@ import importlib.util
 import dataclasses
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from megarlhf import platform
 from megarlhf.platform import Hardware, Kernels, select_kernels
 from tests.conftest import REPO, run_tool
+from tests.tools.machine_site import link_site
 
 _spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)
@@ -544,30 +544,11 @@ def test_shape_flags_override_the_defaults():
 # -- end to end ---------------------------------------------------------------------------
 
 def _torch_only_site(root: Path) -> Path:
-    """A folder of links to torch, what torch requires, and numpy (which torch images
-    carry): what a bare GPU machine has, without megatron-core, omegaconf or PyYAML."""
-    root.mkdir()
-    todo, seen = ["torch", "numpy"], set()
-    while todo:
-        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            continue
-        todo += [re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0] for req in dist.requires or []
-                 if "extra ==" not in req]
-        for f in dist.files or []:
-            top = f.parts[0]
-            if top.endswith((".dist-info", ".pth")) or top in ("..", "__pycache__") or (root / top).exists():
-                continue
-            target = Path(dist.locate_file(top))
-            if target.exists():
-                (root / top).symlink_to(target)
-    assert (root / "torch").exists() and not (root / "megatron").exists() and not (root / "omegaconf").exists()
-    return root
+    """torch, what torch requires, and numpy (which torch images carry): what a bare GPU
+    machine has, without megatron-core, omegaconf or PyYAML."""
+    site = link_site(root, ["torch", "numpy"])
+    assert not (site / "megatron").exists() and not (site / "omegaconf").exists()
+    return site
 
 
 @pytest.mark.skipif(platform.has_gpu(), reason="the CPU smoke run is what CI exercises")

@@ -2,11 +2,9 @@
 it gives the recipes, its verdicts and report table, and the whole --cpu rehearsal end to
 end from its bundle, in an interpreter that has only what a GPU machine's image has."""
 
-import importlib.metadata as md
 import importlib.util
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ from megarlhf.recipes.ppo import PPOConfig
 from megarlhf.recipes.reward_model import RMConfig
 from megarlhf.recipes.sft import SFTConfig
 from tests.conftest import REPO, run_tool
+from tests.tools.machine_site import link_site
 
 _spec = importlib.util.spec_from_file_location("gpu_rehearsal", REPO / "tools" / "gpu_rehearsal.py")
 rehearsal = sys.modules["gpu_rehearsal"] = importlib.util.module_from_spec(_spec)
@@ -249,10 +248,6 @@ def test_help_says_how_to_run_it_on_a_gpu_machine():
 
 # -- end to end ----------------------------------------------------------------------------------
 
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 IMAGE = ("torch", "numpy", "transformers", *rehearsal.MACHINE_PACKAGES.values())
 
 
@@ -262,28 +257,7 @@ def _image_site(root: Path, packages=IMAGE) -> Path:
     less every distribution the bundle carries (those must come from the bundle). The
     folder is named site-packages as installed packages' is: dill, which datasets uses for
     fingerprints, pickles modules found elsewhere by value (pyarrow's then fails)."""
-    root.mkdir(parents=True)
-    bundled = {_norm(b.distribution) for b in rehearsal.BUNDLE}
-    todo = list(packages)
-    seen = set()
-    while todo:
-        name = _norm(todo.pop())
-        if name in seen or name in bundled:
-            continue
-        seen.add(name)
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            continue
-        todo += [re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0] for r in dist.requires or [] if "extra ==" not in r]
-        for f in dist.files or []:
-            top = f.parts[0]
-            if top.endswith(".pth") or top in ("..", "__pycache__") or (root / top).exists():
-                continue
-            target = Path(dist.locate_file(top))
-            if target.exists():
-                (root / top).symlink_to(target)
-    assert (root / "torch").exists()
+    root = link_site(root, packages, leave_out=[b.distribution for b in rehearsal.BUNDLE])
     for absent in ("megatron", "omegaconf", "datasets", "huggingface_hub", "yaml", "tqdm"):
         assert not (root / absent).exists(), absent
     return root
