@@ -78,7 +78,7 @@ def ours(kind: str, args, rows, files) -> Dict[str, float]:
     from megarlhf.train.step import train_step
 
     tok = load_tokenizer(files["tokenizer"])
-    template = ChatTemplate(ChatTemplateConfig(), tok)
+    template = ChatTemplate(ChatTemplateConfig(name="tulu"), tok)
     path = os.path.join(tempfile.gettempdir(), "megarlhf-bench-pairs.jsonl")
     with open(path, "w") as f:
         for r in rows:
@@ -125,7 +125,7 @@ def trl_side(kind: str, args, rows, files) -> Dict[str, float]:
     from megarlhf.data.tokenizer import load_tokenizer
 
     tok_ours = load_tokenizer(files["tokenizer"])
-    template = ChatTemplate(ChatTemplateConfig(), tok_ours)
+    template = ChatTemplate(ChatTemplateConfig(name="tulu"), tok_ours)
     tok_dir = tempfile.mkdtemp(prefix="trl-tok-")
     shutil.copy(files["tokenizer"], os.path.join(tok_dir, "tokenizer.model"))
     with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:

@@ -210,13 +210,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     world = cfg.world_size() if hasattr(cfg, "world_size") else 1
     if world > 1 and not _in_distributed_env():
         return _relaunch(world, argv)
+    from megarlhf.data.chat import ChatTemplateError
     from megarlhf.data.load import DataError
+    from megarlhf.data.tokenizer import TokenizerError
     from megarlhf.models.checkpoint import CheckpointError
     from megarlhf.train.guard import TrainingHalted
 
     try:
         entry(cfg)
-    except (ConfigLoadError, ConfigError) as e:
+    except (ConfigLoadError, ConfigError, ChatTemplateError, TokenizerError) as e:
         print(f"megarlhf {args.command}: {e}", file=sys.stderr)
         return 2
     except (DataError, CheckpointError, TrainingHalted) as e:  # a message, not a traceback

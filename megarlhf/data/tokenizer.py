@@ -18,7 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["TokenizerConfig", "Tokenizer", "SentencePieceTokenizer", "HFJsonTokenizer",
            "load_tokenizer", "train_sentencepiece", "TokenizerError"]
@@ -68,6 +68,16 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> Optional[int]:
         raise NotImplementedError
+
+    @property
+    def special_ids(self) -> frozenset:
+        """Ids of the special (control) tokens: never plain text."""
+        raise NotImplementedError
+
+    def special_tokens(self) -> Dict[str, str]:
+        """The special-token strings a chat template may use (``bos_token``, ``eos_token``,
+        ``pad_token``...), as transformers passes them to ``apply_chat_template``."""
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token}
 
     def describe(self) -> str:
         return (f"{type(self).__name__}({os.path.basename(self.path)}, vocab {self.vocab_size}, "
@@ -144,6 +154,10 @@ class SentencePieceTokenizer(Tokenizer):
         idx = self.sp.piece_to_id(token)
         return None if idx == self.sp.unk_id() and token != self.sp.id_to_piece(idx) else idx
 
+    @property
+    def special_ids(self) -> frozenset:
+        return frozenset(i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i))
+
 
 class HFJsonTokenizer(Tokenizer):
     """A Hugging Face ``tokenizer.json`` (fast tokenizer), e.g. Llama 3. Special tokens
@@ -170,6 +184,7 @@ class HFJsonTokenizer(Tokenizer):
         pad = pad_token or side.get("pad_token")
         self.pad_id = self.tok.token_to_id(pad) if pad and self.tok.token_to_id(pad) is not None \
             else self.eos_id
+        self._side = side
 
     def _pick(self, given: Optional[str], candidates: Tuple[str, ...], what: str) -> str:
         if given is not None:
@@ -191,6 +206,13 @@ class HFJsonTokenizer(Tokenizer):
     def token_to_id(self, token: str) -> Optional[int]:
         return self.tok.token_to_id(token)
 
+    @property
+    def special_ids(self) -> frozenset:
+        return frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+
+    def special_tokens(self) -> Dict[str, str]:
+        return {**self._side, "bos_token": self.bos_token, "eos_token": self.eos_token}
+
 
 def _read_side_config(folder: str) -> dict:
     path = os.path.join(folder, "tokenizer_config.json")
@@ -202,7 +224,7 @@ def _read_side_config(folder: str) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: unreadable: {e}") from e
     out = {}
-    for key in ("bos_token", "eos_token", "pad_token"):
+    for key in [k for k in cfg if k.endswith("_token")]:  # bos, eos, pad, unk...
         v = cfg.get(key)
         if isinstance(v, dict):
             v = v.get("content")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megarlhf.algos.preference import LOSS_TYPES
 from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
+from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.pairs_common import LoopConfig
 from megarlhf.train.metrics import LogConfig
@@ -75,6 +76,9 @@ class DPOConfig:
     starting checkpoint's."""
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=128, max_prompt_length=96,
                                                                 eval_size=0))
+    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
+    """How conversations are formatted: ``auto`` (default) is the starting checkpoint's own
+    template; naming another is reported once at start."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
     train: LoopConfig = field(default_factory=lambda: LoopConfig(
         lr=1e-4, min_lr=0.0, epochs=1.0, global_batch_size=32, micro_batch_size=8,
@@ -231,11 +235,11 @@ def run(cfg: DPOConfig) -> dict:
     from megarlhf import platform
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
-    from megarlhf.models.checkpoint import CheckpointMeta, read_meta, save_model
+    from megarlhf.models.checkpoint import read_meta, save_model
     from megarlhf.models.llama import build_model, check_row_length, describe
     from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
     from megarlhf.recipes.common import exact_match_eval
-    from megarlhf.recipes.pairs_common import load_init, pair_microbatches, reduce_stats, tokenizer_of
+    from megarlhf.recipes.pairs_common import load_init, output_meta, pair_microbatches, reduce_stats, tokenizer_of
     from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
     from megarlhf.train.metrics import MetricsLog
     from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
@@ -255,7 +259,7 @@ def run(cfg: DPOConfig) -> dict:
 
     # -- tokenizer, data, policy, reference ----------------------------------------------------
     init_meta = read_meta(t.init_from)
-    tokenizer, template = tokenizer_of(init_meta, t.init_from)
+    tokenizer, template = tokenizer_of(init_meta, t.init_from, cfg.chat_template, log.say)
     data = build_dataset(cfg.data, "preference", template)
     for line in data.summary():
         log.say(f"data: {line}")
@@ -291,10 +295,8 @@ def run(cfg: DPOConfig) -> dict:
     sampler = ShardedSampler(len(train_ds), t.global_batch_size, mp.dp_rank, mp.dp_size, seed=t.seed)
     total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
     scheduler = build_scheduler(optimizer, t.schedule, t.lr, t.min_lr, total_steps, t.weight_decay)
-    meta = CheckpointMeta(model=model_cfg, kind="causal", tokenizer=init_meta.tokenizer,
-                          chat_template=init_meta.chat_template,
-                          extra={**{k: v for k, v in init_meta.extra.items() if k == "chat_template_config"},
-                                 "recipe": "dpo", "init_from": os.path.abspath(t.init_from)})
+    meta = output_meta(model_cfg, "causal", tokenizer.path, template, init_meta, recipe="dpo",
+                       init_from=os.path.abspath(t.init_from))
 
     step, consumed = 0, 0
     ckpt = find_checkpoint(t.out_dir, t.resume)

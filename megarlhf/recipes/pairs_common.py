@@ -15,7 +15,8 @@ from megarlhf.parallel import ModelParallel
 from megarlhf.train.preemption import PreemptionConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["LoopConfig", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of"]
+__all__ = ["LoopConfig", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of", "recorded_template",
+           "make_template", "output_meta"]
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,69 @@ class LoopConfig:
     """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
 
 
-def tokenizer_of(meta, ckpt_dir: str):
-    """The tokenizer and chat template recorded in a checkpoint."""
-    from megarlhf.data.chat import ChatTemplate, ChatTemplateConfig
+def tokenizer_of(meta, ckpt_dir: str, chosen=None, say=None, require: bool = True):
+    """The tokenizer recorded in a checkpoint and the chat template conversations are
+    formatted with: ``chosen`` (a ChatTemplateConfig) when it names one, else the
+    checkpoint's own (``auto``). ``say`` reports a choice that differs from the
+    checkpoint's, once. Without any template: an error naming the fix (``require``), or
+    None (token ids only)."""
     from megarlhf.data.tokenizer import load_tokenizer
 
     if not meta.tokenizer:
         raise ValueError(f"{ckpt_dir}: the checkpoint records no tokenizer (set tokenizer.path)")
     path = meta.tokenizer if os.path.isabs(meta.tokenizer) else os.path.join(ckpt_dir, meta.tokenizer)
     tok = load_tokenizer(path)
+    return tok, make_template(tok, chosen, recorded_template(meta), ckpt_dir, say=say, require=require,
+                              generation_config=meta.extra.get("generation_config"))
+
+
+def make_template(tok, chosen, recorded: Optional[Dict[str, Any]], where: str, say=None, require: bool = True,
+                  generation_config: Optional[Dict[str, Any]] = None, fallback: Optional[str] = None):
+    """The ChatTemplate of a job (see :func:`megarlhf.data.chat.resolve_chat_template`):
+    ``chosen`` when it names one (reported through ``say`` when the model has its own),
+    else ``recorded`` (the model's), else ``fallback``; its stop ids include the model's
+    generation settings' EOS ids. None, or an error naming the fix, without any."""
+    from megarlhf.data.chat import ChatTemplate, ChatTemplateConfig, ChatTemplateError, resolve_chat_template
+
+    cfg = resolve_chat_template(chosen or ChatTemplateConfig(), recorded, where, fallback)
+    if cfg is None:
+        if not require:
+            return None
+        raise ChatTemplateError(
+            f"{where}: the model records no chat template (it came without one) and chat_template.name is "
+            "auto: name one (chat_template.name=tulu, llama3, custom, or jinja with chat_template.jinja=FILE), "
+            "or give token ids instead of text")
+    if say is not None and recorded and chosen is not None and chosen.name != "auto":
+        say(f"chat template: {cfg.name} (chat_template.name), not the model's own ({recorded['name']})")
+    stops = (generation_config or {}).get("eos_token_id")
+    stops = [stops] if isinstance(stops, int) else [i for i in stops or [] if isinstance(i, int)]
+    return ChatTemplate(cfg, tok, extra_stop_ids=[i for i in stops if 0 <= i < tok.vocab_size])
+
+
+def recorded_template(meta) -> Optional[Dict[str, Any]]:
+    """The chat template a checkpoint records (as ChatTemplateConfig fields), or None."""
     cfg = meta.extra.get("chat_template_config")
-    cfg = ChatTemplateConfig(**cfg) if cfg else ChatTemplateConfig(name=meta.chat_template or "tulu")
-    return tok, ChatTemplate(cfg, tok)
+    if cfg:
+        return dict(cfg)
+    return {"name": meta.chat_template} if meta.chat_template else None
+
+
+# What a trained checkpoint carries over from the one it started from, so that export
+# writes back what came in (the source's config.json and generation settings).
+CARRIED = ("hf_config", "generation_config")
+
+
+def output_meta(model_cfg, kind: str, tokenizer: str, template, init_meta=None, **extra):
+    """The metadata of a checkpoint a recipe writes: its model, the tokenizer (an absolute
+    path), the chat template it was trained with (its name, and every field in
+    ``extra.chat_template_config``, a Jinja template's text included), what it carries
+    over from ``init_meta``, and ``extra``."""
+    from megarlhf.models.checkpoint import CheckpointMeta
+
+    carried = {k: v for k, v in (init_meta.extra.items() if init_meta else ()) if k in CARRIED}
+    return CheckpointMeta(model=model_cfg, kind=kind, tokenizer=os.path.abspath(tokenizer),
+                          chat_template=template.name,
+                          extra={**carried, "chat_template_config": dataclasses.asdict(template.cfg), **extra})
 
 
 def load_init(chunks, ckpt_dir: str, kind: str, init_kind: str) -> List[str]:

@@ -47,6 +47,7 @@ import torch
 from megarlhf.algos.ppo import KL_ESTIMATORS
 from megarlhf.config import (ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_model,
                              runtime_problems)
+from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.data.dataset import DataConfig
 from megarlhf.recipes.dpo import ExactMatchConfig
 from megarlhf.train.metrics import LogConfig
@@ -174,6 +175,9 @@ class PPOConfig:
     ``####`` equals the prompt row's ``reference``, else 0; no reward model is built and
     every prompt row needs a ``reference``)."""
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=1024, max_prompt_length=1024))
+    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
+    """How conversations are formatted: ``auto`` (default) is the actor's checkpoint's own
+    template; naming another is reported once at start."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
@@ -496,12 +500,12 @@ def run(cfg: PPOConfig) -> dict:
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.data.task import is_correct
-    from megarlhf.models.checkpoint import CheckpointMeta, load_model, read_meta, save_model
+    from megarlhf.models.checkpoint import load_model, read_meta, save_model
     from megarlhf.models.llama import build_model, describe, model_sequence_multiple, padded_vocab
     from megarlhf.parallel import (DistEnv, build_layout, destroy, init_distributed,
                                    initialize_model_parallel)
     from megarlhf.recipes.common import exact_match_eval
-    from megarlhf.recipes.pairs_common import reduce_stats, tokenizer_of
+    from megarlhf.recipes.pairs_common import output_meta, reduce_stats, tokenizer_of
     from megarlhf.rollout.engine import MegatronEngine, SamplingParams
     from megarlhf.train.checkpoint import find_checkpoint, load_roles_state, save_roles_state
     from megarlhf.train.metrics import MetricsLog
@@ -536,7 +540,7 @@ def run(cfg: PPOConfig) -> dict:
     shapes = {key.split(".")[0]: m for key, m in cfg.resolved_models().items()}
     for role in roles:
         check_model(shapes[role], prefix=f"{role}.model")
-    tokenizer, template = tokenizer_of(metas["actor"], inits["actor"])
+    tokenizer, template = tokenizer_of(metas["actor"], inits["actor"], cfg.chat_template, log.say)
     for role in (r for r in ("critic", "reward") if r in roles):
         if metas[role].model.vocab_size != metas["actor"].model.vocab_size:
             raise ConfigError([f"{role}.init_from={inits[role]}: vocabulary {metas[role].model.vocab_size} "
@@ -599,11 +603,8 @@ def run(cfg: PPOConfig) -> dict:
         trainable[role] = (ddp, opt, sched)
     kl_ctl = A.KLController(P.kl_coef, P.kl_target, P.kl_horizon)
     ckpt_roles = {role: (models[role], opt, sched) for role, (_, opt, sched) in trainable.items()}
-    meta_out = CheckpointMeta(model=model_cfg, kind="causal", tokenizer=metas["actor"].tokenizer,
-                              chat_template=metas["actor"].chat_template,
-                              extra={**{k: v for k, v in metas["actor"].extra.items()
-                                        if k == "chat_template_config"},
-                                     "recipe": "ppo", "init_from": os.path.abspath(inits["actor"])})
+    meta_out = output_meta(model_cfg, "causal", tokenizer.path, template, metas["actor"], recipe="ppo",
+                           init_from=os.path.abspath(inits["actor"]))
     step, consumed = 0, 0
     ckpt = find_checkpoint(t.out_dir, t.resume)
     if ckpt:

@@ -92,7 +92,8 @@ class EvalConfig:
     """Exact-match evaluation of greedy answers (verifiable prompts with references)."""
 
     prompts: Optional[str] = None
-    """JSONL of ``{prompt, reference}``; default: the built-in task's held-out set."""
+    """JSONL of ``{prompt, reference}``; default: the built-in task's held-out set when the
+    built-in task is the data (no ``data.sources``), else no evaluation."""
     num_prompts: int = 500
     """How many of them (at least 500 for the reported figure)."""
     max_new_tokens: int = 48
@@ -185,14 +186,15 @@ def run(cfg: SFTConfig) -> dict:
     from megarlhf import platform
     from megarlhf.data.batch import pack_examples, pad_examples
     from megarlhf.data.builtin import prepare_builtin_task
-    from megarlhf.data.chat import ChatTemplate
+    from megarlhf.data.chat import read_hf_chat_template
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.data.tokenizer import load_tokenizer
-    from megarlhf.models.checkpoint import CheckpointMeta, load_model, read_meta, save_model
+    from megarlhf.models.checkpoint import load_model, read_meta, save_model
     from megarlhf.models.llama import build_model, describe
     from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
     from megarlhf.recipes.common import exact_match_eval, lm_forward_step
+    from megarlhf.recipes.pairs_common import make_template, output_meta, recorded_template
     from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
     from megarlhf.train.metrics import MetricsLog
     from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
@@ -210,16 +212,25 @@ def run(cfg: SFTConfig) -> dict:
     log = MetricsLog(cfg.train.out_dir, cfg.log, dataclasses.asdict(cfg))
     log.say(f"megarlhf sft: {env.world_size} process(es) on {plat.describe()}")
 
-    # -- tokenizer and data ------------------------------------------------------------------
-    builtin = None
-    if not cfg.data.sources or cfg.tokenizer.path is None or cfg.eval.prompts is None:
-        builtin = prepare_builtin_task(os.path.join(cfg.train.out_dir, "task"), cfg.task)
+    # -- tokenizer, chat template and data --------------------------------------------------
     init_meta = read_meta(cfg.train.init_from) if cfg.train.init_from else None
     tok_path = cfg.tokenizer.path or (init_meta and init_meta.tokenizer and
-                                      _resolve(cfg.train.init_from, init_meta.tokenizer)) \
-        or builtin["tokenizer"]
+                                      _resolve(cfg.train.init_from, init_meta.tokenizer))
+    builtin_data = not cfg.data.sources
+    builtin = None
+    if builtin_data or not tok_path:
+        builtin = prepare_builtin_task(os.path.join(cfg.train.out_dir, "task"), cfg.task)
+    tok_path = tok_path or builtin["tokenizer"]
     tokenizer = load_tokenizer(tok_path, cfg.tokenizer)
-    template = ChatTemplate(cfg.chat_template, tokenizer)
+    # The model's own template (from its checkpoint, or beside a Hugging Face tokenizer), a
+    # configured one, or Tulu for the built-in task's tokenizer.
+    recorded = recorded_template(init_meta) if init_meta else None
+    if recorded is None and cfg.tokenizer.path:
+        jinja = read_hf_chat_template(os.path.dirname(os.path.abspath(cfg.tokenizer.path)))
+        recorded = {"name": "jinja", "jinja": jinja} if jinja else None
+    template = make_template(tokenizer, cfg.chat_template, recorded, "sft", say=log.say,
+                             generation_config=init_meta.extra.get("generation_config") if init_meta else None,
+                             fallback="tulu" if builtin and tok_path == builtin["tokenizer"] else None)
     data = build_dataset(_sources_or_builtin(cfg, builtin or {}), "sft", template)
     for line in data.summary():
         log.say(f"data: {line}")
@@ -246,10 +257,7 @@ def run(cfg: SFTConfig) -> dict:
                              seed=cfg.data.seed)
     total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
     scheduler = build_scheduler(optimizer, t.schedule, t.lr, t.min_lr, total_steps, t.weight_decay)
-    meta = CheckpointMeta(model=model_cfg, kind="causal", tokenizer=os.path.abspath(tok_path),
-                          chat_template=cfg.chat_template.name,
-                          extra={"chat_template_config": dataclasses.asdict(cfg.chat_template),
-                                 "recipe": "sft"})
+    meta = output_meta(model_cfg, "causal", tok_path, template, init_meta, recipe="sft")
     step, consumed = 0, 0
     resume_from = find_checkpoint(t.out_dir, t.resume)
     if resume_from:
@@ -298,21 +306,23 @@ def run(cfg: SFTConfig) -> dict:
     save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},
                      meta, keep=t.keep_checkpoints)
 
-    # -- evaluation and checkpoint -----------------------------------------------------------
-    eval_path = cfg.eval.prompts or builtin["eval"]
-    accuracy, n_eval, eval_time = exact_match_eval(chunks, mp, model_cfg, template, eval_path,
-                                                   cfg.eval.num_prompts, cfg.eval.max_new_tokens,
-                                                   cfg.eval.batch_size)
-    log.say(f"exact match on {n_eval} held-out prompts ({eval_path}): {accuracy:.1%} "
-            f"(greedy, {eval_time:.1f} s)")
+    # -- evaluation (what the config names; the built-in task's own when it is the data) -----
+    eval_path = cfg.eval.prompts or (builtin["eval"] if builtin_data else None)
+    measured = {}
+    if eval_path:
+        accuracy, n_eval, eval_time = exact_match_eval(chunks, mp, model_cfg, template, eval_path,
+                                                       cfg.eval.num_prompts, cfg.eval.max_new_tokens,
+                                                       cfg.eval.batch_size)
+        log.say(f"exact match on {n_eval} held-out prompts ({eval_path}): {accuracy:.1%} "
+                f"(greedy, {eval_time:.1f} s)")
+        measured = {"exact_match": accuracy, "eval_prompts": n_eval}
     ckpt = os.path.join(t.out_dir, "checkpoint")
     save_model(chunks, ckpt, dataclasses.replace(meta, extra={
-        **meta.extra, "steps": total_steps, "consumed_samples": consumed, "exact_match": accuracy,
-        "eval_prompts": n_eval}))
-    result = {"steps": total_steps, "exact_match": accuracy, "eval_prompts": n_eval,
-              "train_seconds": round(train_time, 1), "total_seconds": round(time.time() - t_start, 1),
-              "checkpoint": ckpt}
-    log.log(total_steps, {"exact_match": accuracy, "train_seconds": result["train_seconds"]}, echo=False)
+        **meta.extra, "steps": total_steps, "consumed_samples": consumed, **measured}))
+    result = {"steps": total_steps, **measured, "train_seconds": round(train_time, 1),
+              "total_seconds": round(time.time() - t_start, 1), "checkpoint": ckpt}
+    log.log(total_steps, {**({"exact_match": measured["exact_match"]} if measured else {}),
+                          "train_seconds": result["train_seconds"]}, echo=False)
     log.close()
     log.say(f"saved {ckpt}; training took {train_time:.0f} s, everything {result['total_seconds']:.0f} s")
     destroy()

@@ -5,7 +5,8 @@
     megarlhf pairs --ckpt runs/sft/checkpoint --prompts runs/sft/task/prompts.jsonl --out pairs.jsonl
 
 Input rows carry ``prompt`` (text or messages; tokenized with the checkpoint's tokenizer
-and chat template) or ``prompt_ids`` (used as they are; no tokenizer needed). Output rows
+and chat template: its own, or ``--chat-template``) or ``prompt_ids`` (used as they are;
+no tokenizer needed). Output rows
 come in input order. Processes beyond TP x PP are data-parallel replicas, each sampling a
 contiguous share of the prompts (randomness is keyed by the prompt's index, so the result
 does not depend on the number of processes).
@@ -38,6 +39,9 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-batch", type=int, default=64, help="sequences generated at once")
+    ap.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                    help="format text prompts with this template instead of the checkpoint's own: "
+                         "tulu, llama3, or a Hugging Face Jinja template file")
 
 
 class _Setup:
@@ -59,28 +63,36 @@ class _Setup:
         self.mp = initialize_model_parallel(par, seed=args.seed)
         self.chunks = build_model(self.meta.model, self.mp)
         load_model(self.chunks, args.ckpt)
-        self.template = self._template(args.ckpt)
+        self.tok, self.template = self._template(args.ckpt, args.chat_template)
         # Never sample an id the tokenizer cannot decode (a model's embedding may be larger).
         vocab = self.meta.model.vocab_size
-        if self.template is not None:
-            vocab = min(vocab, self.template.tok.vocab_size)
+        if self.tok is not None:
+            vocab = min(vocab, self.tok.vocab_size)
         self.engine = MegatronEngine(self.chunks, self.mp, vocab, args.max_batch)
 
-    def _template(self, ckpt: str):
-        from megarlhf.data.chat import ChatTemplate, ChatTemplateConfig
-        from megarlhf.data.tokenizer import load_tokenizer
+    def _template(self, ckpt: str, chosen: Optional[str]):
+        """(tokenizer, chat template): the checkpoint's tokenizer (None when it records
+        none) and its own template, or ``--chat-template``'s (None without any)."""
+        from megarlhf.data.chat import BUILTIN_NAMES, ChatTemplateConfig
+        from megarlhf.recipes.pairs_common import tokenizer_of
 
         if not self.meta.tokenizer:
-            return None
-        path = self.meta.tokenizer if os.path.isabs(self.meta.tokenizer) else \
-            os.path.join(ckpt, self.meta.tokenizer)
-        tok = load_tokenizer(path)
-        cfg = self.meta.extra.get("chat_template_config")
-        cfg = ChatTemplateConfig(**cfg) if cfg else ChatTemplateConfig(name=self.meta.chat_template or "tulu")
-        return ChatTemplate(cfg, tok)
+            return None, None
+        cfg = None
+        if chosen is not None:
+            cfg = ChatTemplateConfig(name=chosen) if chosen in BUILTIN_NAMES else \
+                ChatTemplateConfig(name="jinja", jinja=chosen)
+        say = print if self.rank == 0 else None
+        return tokenizer_of(self.meta, ckpt, cfg, say=say, require=False)
+
+    def stop_ids(self) -> List[int]:
+        """The chat template's stop ids, else the tokenizer's EOS."""
+        if self.template is not None:
+            return self.template.stop_ids()
+        return [self.tok.eos_id] if self.tok is not None else []
 
 
-def _read_prompts(path: str, template) -> Tuple[List[Dict[str, Any]], List[List[int]]]:
+def _read_prompts(path: str, template, tok=None) -> Tuple[List[Dict[str, Any]], List[List[int]]]:
     from megarlhf.data.load import DataError, SourceConfig, read_rows
     from megarlhf.data.schemas import RowError, parse_prompt_row
 
@@ -95,9 +107,13 @@ def _read_prompts(path: str, template) -> Tuple[List[Dict[str, Any]], List[List[
                 raise DataError(f"{where}: field 'prompt_ids': expected a non-empty list of token ids")
             ids.append(p)
         else:
-            if template is None:
+            if tok is None:
                 raise DataError(f"{where}: a text prompt needs a tokenizer, and the checkpoint "
                                 "records none; give prompt_ids instead")
+            if template is None:
+                raise DataError(f"{where}: a text prompt needs a chat template, and the checkpoint "
+                                "records none (its model came without one): pass --chat-template "
+                                "(tulu, llama3, or a Jinja template file), or give prompt_ids instead")
             try:
                 parsed = parse_prompt_row(row)
             except RowError as e:
@@ -159,9 +175,9 @@ def generate_main(argv: List[str]) -> int:
     ap.add_argument("--greedy", action="store_true", help="most likely token (no sampling)")
     args = ap.parse_args(argv)
     setup = _Setup(args)
-    rows, ids = _read_prompts(args.prompts, setup.template)
-    stop = setup.template.stop_ids() if setup.template else []
-    eos = setup.template.tok.eos_id if setup.template else None
+    rows, ids = _read_prompts(args.prompts, setup.template, setup.tok)
+    stop = setup.stop_ids()
+    eos = setup.tok.eos_id if setup.tok else None
     params = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             stop_ids=stop, seed=args.seed, eos_id=eos)
@@ -170,8 +186,8 @@ def generate_main(argv: List[str]) -> int:
         result = []
         for i, row in enumerate(rows):
             r = {"response_ids": out.response_ids[i], "finish_reason": out.finish_reason[i]}
-            if setup.template:
-                r["response"] = setup.template.tok.decode(out.response_ids[i])
+            if setup.tok:
+                r["response"] = setup.tok.decode(out.response_ids[i])
             result.append({**{k: v for k, v in row.items() if k != "prompt_ids"},
                            **({"prompt_ids": row["prompt_ids"]} if "prompt_ids" in row else {}), **r})
         _write_jsonl(args.out, result)
@@ -194,8 +210,9 @@ def pairs_main(argv: List[str]) -> int:
     args = ap.parse_args(argv)
     setup = _Setup(args)
     if setup.template is None:
-        raise SystemExit("megarlhf pairs: the checkpoint records no tokenizer")
-    rows, ids = _read_prompts(args.prompts, setup.template)
+        raise SystemExit("megarlhf pairs: the checkpoint records no tokenizer or no chat template "
+                         "(--chat-template names one)")
+    rows, ids = _read_prompts(args.prompts, setup.template, setup.tok)
     for i, row in enumerate(rows):
         if row.get("reference") is None:
             raise SystemExit(f"{args.prompts}: row {i + 1}: field 'reference' is missing "

@@ -11,4 +11,4 @@ def template(tmp_path_factory):
     texts = [f"question {i} answer {i * 7} and some more words" for i in range(400)]
     tok = train_sentencepiece(texts, 300, str(tmp_path_factory.mktemp("t") / "t.model"),
                               user_symbols=["<|user|>", "<|assistant|>", "<|system|>"])
-    return ChatTemplate(ChatTemplateConfig(), tok)
+    return ChatTemplate(ChatTemplateConfig(name="tulu"), tok)

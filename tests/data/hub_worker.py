@@ -54,7 +54,7 @@ def main(kind, tokenizer, contacts, out, *overrides):
     os.environ["FAKE_HUB_CONTACTS"] = contacts
     hub.fetch_from_hub = fake_fetch
     data_cfg = load_config(DataConfig, None, list(overrides))
-    template = ChatTemplate(ChatTemplateConfig(), load_tokenizer(tokenizer))
+    template = ChatTemplate(ChatTemplateConfig(name="tulu"), load_tokenizer(tokenizer))
     if os.environ.get("FAKE_JOB_BARRIER"):
         folder, n = os.environ["FAKE_JOB_BARRIER"].rsplit(":", 1)
         open(os.path.join(folder, f"ready.{os.getpid()}"), "w").close()

@@ -86,7 +86,7 @@ def test_tokenizer_errors(tmp_path, hf_json):
 
 
 def test_tulu_format_is_exact(sp):
-    ct = ChatTemplate(ChatTemplateConfig(), sp)
+    ct = ChatTemplate(ChatTemplateConfig(name="tulu"), sp)
     text, spans = ct.render(MSGS[:3])
     assert text == ("<s><|system|>\nBe brief.\n<|user|>\nWhat is 2 plus 3?\n<|assistant|>\n"
                     "It is 5.</s>\n")
@@ -96,7 +96,7 @@ def test_tulu_format_is_exact(sp):
 
 
 def test_loss_mask_covers_assistant_tokens_only(sp):
-    ct = ChatTemplate(ChatTemplateConfig(), sp)
+    ct = ChatTemplate(ChatTemplateConfig(name="tulu"), sp)
     ids, mask = ct.encode(MSGS)
     assert ids[0] == sp.bos_id and not mask[0]
     trained = [i for i, m in zip(ids, mask) if m]
@@ -140,7 +140,7 @@ def test_message_validation(msgs, needle):
 
 
 def test_preference_sequences_end_at_the_stop_token(sp):
-    ct = ChatTemplate(ChatTemplateConfig(), sp)
+    ct = ChatTemplate(ChatTemplateConfig(name="tulu"), sp)
     text, _ = ct.render(MSGS[1:3], end_at_stop=True)
     assert text.endswith("It is 5.</s>")
     ids, mask = ct.encode(MSGS[1:3], end_at_stop=True)
