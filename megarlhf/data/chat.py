@@ -278,6 +278,20 @@ class ChatTemplate:
     def name(self) -> str:
         return self.cfg.name
 
+    def jinja_source(self) -> str:
+        """The template in Hugging Face's Jinja format (what an export writes as
+        ``chat_template.jinja``): a Jinja template's own text, or a built-in or custom
+        structure written out as Jinja, which renders the same text."""
+        if self.cfg.name == "jinja":
+            return self.source
+        p = {k: json.dumps(v) for k, v in self.parts.items()}  # JSON strings are Jinja literals
+        turn = "{{{{ {} + message['content'] + {} }}}}"
+        return ("{{ " + p["begin"] + " }}{% for message in messages %}"
+                "{% if message['role'] == 'system' %}" + turn.format(p["system_prefix"], p["system_suffix"])
+                + "{% elif message['role'] == 'user' %}" + turn.format(p["user_prefix"], p["user_suffix"])
+                + "{% else %}" + turn.format(p["assistant_prefix"], p["assistant_end"] + " + " + p["assistant_suffix"])
+                + "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ " + p["assistant_prefix"] + " }}{% endif %}")
+
     def stop_ids(self) -> List[int]:
         """Token ids that end an answer when sampling: the template's end token, the
         tokenizer's EOS, and the model's own generation settings' (recorded at import)."""

@@ -48,10 +48,11 @@ EXPECTED = {
 }
 
 
-def make_tokenizer(folder, kind: str, template: str = None):
+def make_tokenizer(folder, kind: str, template: str = None, vocab: int = None):
     """A small byte-level BPE tokenizer.json with the templates' special tokens, its
-    tokenizer_config.json (BOS/EOS of ``kind``, the chat template) beside it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer_config.json (BOS/EOS of ``kind``, the chat template) beside it; ``vocab``:
+    filled up to that size with plain added tokens (to match a model's vocabulary)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -60,6 +61,8 @@ def make_tokenizer(folder, kind: str, template: str = None):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["What is 2+2? And 3+3? The answer is 4 or 6. user assistant system "
                              "You are a helpful assistant.", "<|user|>", "<|assistant|>"] * 20, trainer)
+    if vocab is not None:
+        tok.add_tokens([AddedToken(f"<unused_{i}>", special=False) for i in range(vocab - tok.get_vocab_size())])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     bos, eos = SPECIAL[kind]
@@ -139,3 +142,24 @@ def test_which_template_a_job_uses(tmp_path):
     assert read_hf_chat_template(str(tmp_path)) == TULU
     (tmp_path / "tokenizer_config.json").write_text("{}")
     assert read_hf_chat_template(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("name, kind", [("tulu", "tulu"), ("llama3", "llama3")])
+def test_built_in_templates_written_as_jinja_render_the_same(tmp_path, name, kind):
+    """What an export writes for a model trained with a built-in template: transformers'
+    apply_chat_template on it gives megarlhf's text, and it trains the same spans."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = make_tokenizer(tmp_path / "tok", kind)
+    built_in = ChatTemplate(ChatTemplateConfig(name=name), tok)
+    source = built_in.jinja_source()
+    as_jinja = ChatTemplate(ChatTemplateConfig(name="jinja", jinja=source), tok)
+    system = [{"role": "system", "content": "Be brief."}]
+    for conv in (CONV, system + CONV, CONV[:1]):
+        assert as_jinja.render(conv) == built_in.render(conv)
+        assert as_jinja.encode_prompt(conv) == built_in.encode_prompt(conv)
+        assert as_jinja.render(conv, end_at_stop=True) == built_in.render(conv, end_at_stop=True)
+    assert as_jinja.stop_ids() == built_in.stop_ids()
+    (tmp_path / "tok" / "chat_template.jinja").write_text(source)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    assert hf.apply_chat_template(system + CONV, tokenize=False) == built_in.render(system + CONV)[0]
