@@ -35,7 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from megarlhf.data.tokenizer import Tokenizer
 
 __all__ = ["ChatTemplateConfig", "ChatTemplate", "Message", "ROLES", "validate_messages",
-           "ChatTemplateError", "read_hf_chat_template", "resolve_chat_template", "BUILTIN_NAMES"]
+           "ChatTemplateError", "read_hf_chat_template", "resolve_chat_template", "template_flag",
+           "BUILTIN_NAMES"]
 
 Message = Dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -125,6 +126,14 @@ def read_hf_chat_template(folder: str) -> Optional[str]:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         value = named.get("default")
     return value if isinstance(value, str) and value.strip() else None
+
+
+def template_flag(value: Optional[str]) -> Optional[ChatTemplateConfig]:
+    """A command's ``--chat-template NAME|FILE``: a built-in's name or a Jinja file (None:
+    the checkpoint's own)."""
+    if value is None:
+        return None
+    return ChatTemplateConfig(name=value) if value in BUILTIN_NAMES else ChatTemplateConfig(name="jinja", jinja=value)
 
 
 def resolve_chat_template(chosen: ChatTemplateConfig, recorded: Optional[Dict[str, Any]],

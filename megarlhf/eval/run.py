@@ -183,6 +183,9 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--pairs", help="preference pairs for the reward model's pair accuracy (per "
                     "subset: RewardBench's file layout)")
     rm.add_argument("--pairs-schema", default="auto", help="schema of --pairs (see the data docs)")
+    ap.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                    help="format prompts with this template instead of each checkpoint's own: tulu, "
+                         "llama3, or a Hugging Face Jinja template file")
     ap.add_argument("--out", default="runs/eval", help="folder for eval.json, eval.md, samples.jsonl")
     return ap
 
@@ -458,12 +461,13 @@ def _answer(plan: _Plan, res: _Results, say):
     from megarlhf.models.checkpoint import load_model
     from megarlhf.models.llama import build_model, describe
     from megarlhf.parallel import initialize_model_parallel
+    from megarlhf.data.chat import template_flag
     from megarlhf.recipes.pairs_common import tokenizer_of
     from megarlhf.rollout.engine import MegatronEngine, SamplingParams
 
     args, (ckpt, meta, par), n = plan.args, plan.policy, plan.args.best_of
     mp = initialize_model_parallel(par, seed=args.seed)
-    tok, template = tokenizer_of(meta, ckpt)
+    tok, template = tokenizer_of(meta, ckpt, template_flag(args.chat_template), say=say)
     chunks = build_model(meta.model, mp)
     load_model(chunks, ckpt)
     say(f"policy: {describe(meta.model, mp)} from {ckpt}")
@@ -516,6 +520,7 @@ def _judge(plan: _Plan, res: _Results, mp, say) -> None:
     from megarlhf import platform
     from megarlhf.models.checkpoint import load_model
     from megarlhf.models.llama import build_model, describe
+    from megarlhf.data.chat import template_flag
     from megarlhf.parallel import build_layout, initialize_model_parallel
     from megarlhf.recipes.pairs_common import tokenizer_of
 
@@ -525,7 +530,7 @@ def _judge(plan: _Plan, res: _Results, mp, say) -> None:
         mp = initialize_model_parallel(par, seed=args.seed)
     elif par != plan.policy[2]:
         mp = build_layout(par, seed=args.seed)  # the same ranks, the reward model's own groups
-    _, template = tokenizer_of(meta, ckpt)
+    _, template = tokenizer_of(meta, ckpt, template_flag(args.chat_template))
     chunks = build_model(meta.model, mp, kind="reward")
     load_model(chunks, ckpt)
     pooling = meta.extra.get("reward_pooling", "last")

@@ -73,17 +73,13 @@ class _Setup:
     def _template(self, ckpt: str, chosen: Optional[str]):
         """(tokenizer, chat template): the checkpoint's tokenizer (None when it records
         none) and its own template, or ``--chat-template``'s (None without any)."""
-        from megarlhf.data.chat import BUILTIN_NAMES, ChatTemplateConfig
+        from megarlhf.data.chat import template_flag
         from megarlhf.recipes.pairs_common import tokenizer_of
 
         if not self.meta.tokenizer:
             return None, None
-        cfg = None
-        if chosen is not None:
-            cfg = ChatTemplateConfig(name=chosen) if chosen in BUILTIN_NAMES else \
-                ChatTemplateConfig(name="jinja", jinja=chosen)
         say = print if self.rank == 0 else None
-        return tokenizer_of(self.meta, ckpt, cfg, say=say, require=False)
+        return tokenizer_of(self.meta, ckpt, template_flag(chosen), say=say, require=False)
 
     def stop_ids(self) -> List[int]:
         """The chat template's stop ids, else the tokenizer's EOS."""
