@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny Hugging Face Llama models made with transformers, their
 megatron conversions, and a torchrun launcher for multi-process (gloo) tests."""
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,23 @@ def hf_reward(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mg_reward(hf_reward, tmp_path_factory) -> Path:
     return convert(hf_reward, tmp_path_factory.mktemp("mg") / "reward")
+
+
+@pytest.fixture(scope="session")
+def hf_tied(tmp_path_factory) -> Path:
+    """A Llama whose LM head is its embedding (``tie_word_embeddings``), saved as transformers
+    5 saves it (``rope_parameters``, ``dtype``), with a chat model's special-token ids
+    (several EOS ids)."""
+    path = make_hf_llama(tmp_path_factory.mktemp("hf") / "tied", tied=True, seed=5)
+    cfg = json.loads((path / "config.json").read_text())
+    assert "rope_parameters" in cfg and "rope_theta" not in cfg and cfg["tie_word_embeddings"] is True
+    ids = dict(bos_token_id=3, eos_token_id=[4, 7], pad_token_id=0)
+    for name, data in (("config.json", cfg),
+                       ("generation_config.json", json.loads((path / "generation_config.json").read_text()))):
+        (path / name).write_text(json.dumps({**data, **ids}, indent=2, sort_keys=True))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mg_tied(hf_tied, tmp_path_factory) -> Path:
+    return convert(hf_tied, tmp_path_factory.mktemp("mg") / "tied")

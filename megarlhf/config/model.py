@@ -27,8 +27,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, untied
-    input and output embeddings."""
+    """A Llama-family decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, input and
+    output embeddings untied or tied."""
 
     preset: Optional[str] = None
     """Name of a shape preset (``tiny``, ``llama2-7b`` ...). Its fields are the defaults;
@@ -58,6 +58,10 @@ class ModelConfig:
     """Std of the normal initialisation of fresh weights."""
     make_vocab_size_divisible_by: int = 128
     """The padded vocabulary is a multiple of this times the TP size (as in Megatron-LM)."""
+    tie_word_embeddings: bool = False
+    """The LM head is the input embedding matrix (one tensor, as HF ``tie_word_embeddings``);
+    with pipeline parallelism the last stage holds a copy kept equal to it. Reward and value
+    models, whose scalar head replaces the LM head, are never tied."""
     # -- how the model runs (RUNTIME_FIELDS): a checkpoint records them, a recipe's
     # ``model:`` settings override them -------------------------------------------------
     params_dtype: str = "float32"
@@ -103,13 +107,14 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def num_parameters(self, padded_vocab: Optional[int] = None) -> int:
-        """Parameter count of the causal LM (untied embeddings)."""
+        """Parameter count of the causal LM (one embedding matrix if tied)."""
         v = padded_vocab or self.vocab_size
         h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
         attn = h * (self.num_attention_heads + 2 * self.num_query_groups) * d + self.num_attention_heads * d * h
         mlp = 3 * h * f
         layer = attn + mlp + 2 * h
-        return self.num_layers * layer + 2 * v * h + h
+        embeddings = (1 if self.tie_word_embeddings else 2) * v * h
+        return self.num_layers * layer + embeddings + h
 
 
 # The fields of ModelConfig that say how a model runs, not what it is: a checkpoint

@@ -1,7 +1,10 @@
 """Hugging Face Llama ``config.json`` <-> :class:`ModelConfig`.
 
 Reads both the transformers 4 layout (``rope_theta``, ``rope_scaling``) and the
-transformers 5 layout (``rope_parameters``); writes the former, which both read.
+transformers 5 layout (``rope_parameters``). An export writes back the source's own
+``config.json`` when the checkpoint recorded it (its RoPE layout, special-token ids and
+every other key as they came in, the shape from the model); otherwise the transformers 4
+layout, which both read.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 from megarlhf.config.model import ModelConfig, RopeScaling
+from megarlhf.models.llama import ties_embeddings
 
 __all__ = ["ConversionError", "read_hf_config", "model_config_from_hf", "hf_config_from_model",
            "HF_CAUSAL_ARCH", "HF_REWARD_ARCH"]
@@ -103,15 +107,32 @@ def model_config_from_hf(cfg: Dict[str, Any], where: str = "config.json",
     kind = "reward" if arch == HF_REWARD_ARCH else "causal"
     if kind == "reward" and int(cfg.get("num_labels", len(cfg.get("id2label") or {0: 0}))) != 1:
         raise ConversionError(f"{where}: a reward model must have num_labels=1")
-    model = ModelConfig(rope_theta=theta, rope_scaling=scaling, params_dtype=params_dtype, **fields)
-    facts = dict(kind=kind, tied=bool(cfg.get("tie_word_embeddings", False)), source_dtype=src_dtype,
-                 architecture=arch)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    # A sequence classifier has no LM head to tie: its score layer stays its own.
+    model = ModelConfig(rope_theta=theta, rope_scaling=scaling, params_dtype=params_dtype,
+                        tie_word_embeddings=tied and kind == "causal", **fields)
+    facts = dict(kind=kind, tied=tied, source_dtype=src_dtype, architecture=arch)
     return model, facts
 
 
 def hf_config_from_model(m: ModelConfig, kind: str, dtype: str,
                          bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None,
-                         pad_token_id: Optional[int] = None) -> Dict[str, Any]:
+                         pad_token_id: Optional[int] = None,
+                         source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The ``config.json`` of model ``m`` of ``kind`` exported in ``dtype``.
+
+    ``source``: the ``config.json`` the checkpoint was converted from (recorded at import).
+    The export starts from it, so special-token ids, the RoPE layout (transformers 5's
+    ``rope_parameters`` or 4's ``rope_theta``/``rope_scaling``) and every other key come
+    back as they came in; the shape, RoPE values, tying, architecture and dtype are the
+    model's. Without it, the transformers 4 layout. Token ids given here are written (over
+    the source's)."""
+    tied = ties_embeddings(m, kind)
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    if source is not None:
+        cfg = _onto_source(m, kind, dtype, tied, source)
+        cfg.update({k: v for k, v in ids.items() if v is not None})
+        return cfg
     cfg: Dict[str, Any] = {
         "architectures": [HF_REWARD_ARCH if kind == "reward" else HF_CAUSAL_ARCH],
         "model_type": "llama",
@@ -129,24 +150,77 @@ def hf_config_from_model(m: ModelConfig, kind: str, dtype: str,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "initializer_range": m.init_method_std,
         "torch_dtype": dtype,
         "use_cache": True,
     }
     if m.rope_scaling is not None:
-        rs = m.rope_scaling
-        cfg["rope_scaling"] = {
-            "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-            "high_freq_factor": rs.high_freq_factor,
-            "original_max_position_embeddings": rs.original_max_position_embeddings,
-        }
-    for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
-                        ("pad_token_id", pad_token_id)):
-        if value is not None:
-            cfg[name] = value
+        cfg["rope_scaling"] = _llama3_fields(m.rope_scaling)
+    cfg.update({k: v for k, v in ids.items() if v is not None})
     if kind == "reward":
-        cfg["num_labels"] = 1
-        cfg["id2label"] = {"0": "LABEL_0"}
-        cfg["label2id"] = {"LABEL_0": 0}
+        cfg.update(_REWARD_FIELDS)
+    return cfg
+
+
+_REWARD_FIELDS = {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+_SCALING_KEYS = ("type", "factor", "low_freq_factor", "high_freq_factor",
+                 "original_max_position_embeddings")
+
+
+def _llama3_fields(rs: RopeScaling) -> Dict[str, Any]:
+    return {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings}
+
+
+def _kept(old: Any, new: Any) -> Any:
+    """``new``, or the source's ``old`` where it is the same number (``10000`` stays an
+    integer, ``1e-05`` keeps its spelling)."""
+    same = (isinstance(old, (int, float)) and not isinstance(old, bool)
+            and isinstance(new, (int, float)) and float(old) == float(new))
+    return old if same else new
+
+
+def _rope_onto(rope: Optional[Dict[str, Any]], m: ModelConfig, theta_inside: bool) -> Dict[str, Any]:
+    """The source's RoPE dict (``rope_parameters``, or ``rope_scaling`` when
+    ``theta_inside`` is false) with the model's values; keys it does not describe stay."""
+    out = {k: v for k, v in (rope or {}).items() if k not in _SCALING_KEYS + ("rope_type",)}
+    if theta_inside:
+        out["rope_theta"] = _kept((rope or {}).get("rope_theta"), m.rope_theta)
+    if m.rope_scaling is None:
+        out["rope_type"] = "default"
+    else:
+        out.update({k: _kept((rope or {}).get(k), v) for k, v in _llama3_fields(m.rope_scaling).items()})
+    return out
+
+
+def _onto_source(m: ModelConfig, kind: str, dtype: str, tied: bool,
+                 source: Dict[str, Any]) -> Dict[str, Any]:
+    cfg = json.loads(json.dumps(source))  # a deep copy: the recorded one stays as it was
+    shape = {
+        "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups, "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.max_position_embeddings, "rms_norm_eps": m.norm_eps,
+    }
+    if "head_dim" in cfg:  # else transformers derives it: hidden / heads, as megarlhf does
+        shape["head_dim"] = m.kv_channels
+    cfg.update({k: _kept(cfg.get(k), v) for k, v in shape.items()})
+    if "rope_parameters" in cfg:  # transformers 5
+        cfg["rope_parameters"] = _rope_onto(cfg["rope_parameters"], m, theta_inside=True)
+    else:  # transformers 4: rope_theta (default 10,000) beside an optional rope_scaling
+        if "rope_theta" in cfg or m.rope_theta != 10000.0:
+            cfg["rope_theta"] = _kept(cfg.get("rope_theta"), m.rope_theta)
+        if m.rope_scaling is not None or cfg.get("rope_scaling"):
+            cfg["rope_scaling"] = _rope_onto(cfg.get("rope_scaling"), m, theta_inside=False)
+    if tied or "tie_word_embeddings" in cfg:  # absent means untied to transformers
+        cfg["tie_word_embeddings"] = tied
+    arch = HF_REWARD_ARCH if kind == "reward" else HF_CAUSAL_ARCH
+    if (cfg.get("architectures") or [None])[0] != arch:  # a reward model from a causal LM
+        cfg["architectures"] = [arch]
+        if kind == "reward":
+            cfg.update(_REWARD_FIELDS)
+    dtype_keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+    cfg.update({k: dtype for k in dtype_keys})
     return cfg

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -24,6 +25,7 @@ import torch
 from megarlhf import platform
 from megarlhf.convert.hf_config import ConversionError, model_config_from_hf, read_hf_config
 from megarlhf.convert.tensor_io import HFTensorReader, Scratch
+from megarlhf.data.chat import ChatTemplateError, read_hf_chat_template
 
 __all__ = ["convert_hf_to_megatron", "main", "fuse_qkv", "split_qkv"]
 
@@ -68,14 +70,15 @@ def _layer_sources(i: int) -> Dict[str, str]:
     }
 
 
-def expected_hf_tensors(model, kind: str, tied: bool) -> Dict[str, List[int]]:
-    """Every tensor a Hugging Face Llama of this shape must hold, with its shape."""
+def expected_hf_tensors(model, kind: str) -> Dict[str, List[int]]:
+    """Every tensor a Hugging Face Llama of this shape must hold, with its shape: no
+    ``lm_head.weight`` when the embeddings are tied (``model.tie_word_embeddings``)."""
     h, f, d, V = model.hidden_size, model.ffn_hidden_size, model.kv_channels, model.vocab_size
     nh, ng = model.num_attention_heads, model.num_query_groups
     out: Dict[str, List[int]] = {"model.embed_tokens.weight": [V, h], "model.norm.weight": [h]}
     if kind == "reward":
         out["score.weight"] = [1, h]
-    elif not tied:
+    elif not model.tie_word_embeddings:
         out["lm_head.weight"] = [V, h]
     for i in range(model.num_layers):
         s = _layer_sources(i)
@@ -86,7 +89,9 @@ def expected_hf_tensors(model, kind: str, tied: bool) -> Dict[str, List[int]]:
 
 
 def check_source(reader: HFTensorReader, expected: Dict[str, List[int]], tied: bool) -> None:
-    """Missing, extra and misshapen tensors, each named with its file, before any work."""
+    """Missing, extra and misshapen tensors, each named with its file, before any work.
+    ``tied``: the source declares tied embeddings, so an ``lm_head.weight`` it may also
+    store is a copy of the embedding that transformers ignores too."""
     names = set(reader.names())
     missing = [n for n in expected if n not in names]
     if missing:
@@ -131,7 +136,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
                               "LM head to convert as --model-type causal")
     target_dtype = _DTYPES[platform.resolve_dtype(model.params_dtype)]
     reader = HFTensorReader(hf_dir)
-    check_source(reader, expected_hf_tensors(model, kind, facts["tied"]), facts["tied"])
+    check_source(reader, expected_hf_tensors(model, kind), facts["tied"])
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConversionError(f"output folder {out_dir} exists and is not empty")
@@ -176,9 +181,8 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
             data = scratch.own(src("model.norm.weight", [h]), target_dtype)
         elif key == "output_layer.weight" and kind == "reward":
             data = scratch.own(src("score.weight", [1, h]), target_dtype)
-        elif key == "output_layer.weight":
-            name = "model.embed_tokens.weight" if facts["tied"] else "lm_head.weight"
-            data = scratch.own(src(name, [V, h]), target_dtype)
+        elif key == "output_layer.weight":  # untied only: a tied model has no such tensor
+            data = scratch.own(src("lm_head.weight", [V, h]), target_dtype)
         elif key == "decoder.layers.self_attention.linear_qkv.layer_norm_weight":
             data = scratch.own(src(s["ln1"], [h]), target_dtype)
         elif key == "decoder.layers.mlp.linear_fc1.layer_norm_weight":
@@ -222,7 +226,12 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
     meta = CheckpointMeta(
         model=dataclasses.replace(model, transformer_impl=transformer_impl), kind=kind, tokenizer=tokenizer or _find_tokenizer(hf_dir),
         extra={"converted_from": os.path.abspath(hf_dir), "source_dtype": facts["source_dtype"],
-               "source_architecture": facts["architecture"], "tied_embeddings": facts["tied"]},
+               "source_architecture": facts["architecture"],
+               # The whole source config.json: the export writes it back (token ids, RoPE
+               # layout, every other key) with the model's shape.
+               "hf_config": hf_cfg,
+               **_chat_facts(hf_dir)},
+        **({"chat_template": "jinja"} if read_hf_chat_template(hf_dir) else {}),
     )
     write_meta(out_dir, meta)
     _copy_tokenizer_files(hf_dir, out_dir)
@@ -237,7 +246,31 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, model_type: Optional[str] 
 
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "generation_config.json")
+                    "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
+def _chat_facts(hf_dir: str) -> Dict[str, object]:
+    """What the source says about chatting with it, for megarlhf.json: its chat template
+    (``chat_template.jinja`` or ``tokenizer_config.json``'s: every recipe's default) and its
+    generation settings (``generation_config.json``: their EOS ids also stop sampling)."""
+    out: Dict[str, object] = {}
+    try:
+        jinja = read_hf_chat_template(hf_dir)
+    except ChatTemplateError as e:
+        raise ConversionError(str(e)) from e
+    if jinja:
+        out["chat_template_config"] = {"name": "jinja", "jinja": jinja}
+    path = os.path.join(hf_dir, "generation_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                gen = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{path}: unreadable: {e}") from e
+        if not isinstance(gen, dict):
+            raise ConversionError(f"{path}: expected a JSON object")
+        out["generation_config"] = gen
+    return out
 
 
 def _find_tokenizer(hf_dir: str) -> Optional[str]:

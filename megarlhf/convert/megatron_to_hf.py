@@ -6,7 +6,12 @@ Works from a checkpoint saved at any TP x PP: tensors are read by global shape a
 index, one layer at a time, and written in safetensors shards of at most
 ``--max-shard-size`` (so memory stays near one shard). Causal checkpoints become
 ``LlamaForCausalLM``; reward checkpoints become ``LlamaForSequenceClassification`` with
-``num_labels=1`` (the scalar head is its ``score`` layer).
+``num_labels=1`` (the scalar head is its ``score`` layer). A model with tied embeddings
+has no ``lm_head.weight``: its ``config.json`` says ``tie_word_embeddings: true``.
+
+``config.json`` is the source's, recorded by the import (``megarlhf.json``'s
+``extra.hf_config``), with the model's shape and the exported dtype; a model trained from
+scratch gets a fresh one with the special-token ids of its tokenizer.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 
 from megarlhf.convert.hf_config import ConversionError, hf_config_from_model
 from megarlhf.convert.hf_to_megatron import split_qkv
+from megarlhf.data.tokenizer import TokenizerError, load_tokenizer
+from megarlhf.models.llama import ties_embeddings
 
 __all__ = ["convert_megatron_to_hf", "main", "parse_size"]
 
@@ -137,9 +144,10 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = N
     layer_shapes = {"ln1": [h], "qkv": [qkv_rows, h], "o": [h, nh * d], "ln2": [h],
                     "fc1": [2 * f, h], "fc2": [h, f]}
     head_rows = 1 if meta.kind == "reward" else None
+    tied = ties_embeddings(m, meta.kind)  # the LM head is the embedding: no tensor of its own
     for k, shape in layer_shapes.items():
         expect(_LAYER_KEYS[k], [L] + shape)
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    for key in ("embedding.word_embeddings.weight",) + (() if tied else ("output_layer.weight",)):
         if key not in stored:
             raise ConversionError(f"{ckpt_dir}: tensor {key!r} is missing")
     emb_rows = stored["embedding.word_embeddings.weight"].global_shape[0]
@@ -187,23 +195,26 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = N
             writer.add(name, cast(tensor.contiguous()))
         del t
     got = read({"norm": whole("decoder.final_layernorm.weight"),
-                "head": whole("output_layer.weight")})
+                **({} if tied else {"head": whole("output_layer.weight")})})
     writer.add("model.norm.weight", cast(got["norm"]))
     if meta.kind == "reward":
         if list(got["head"].shape) != [head_rows, h]:
             raise ConversionError(f"{ckpt_dir}: reward head has shape {list(got['head'].shape)}, "
                                   f"expected [1, {h}]")
         writer.add("score.weight", cast(got["head"]))
-    else:
+    elif not tied:  # tied: transformers points lm_head at model.embed_tokens.weight on load
         writer.add("lm_head.weight", cast(got["head"][:V].clone()))
     del got
     files = writer.finish()
 
     stored_dtype = str(stored["decoder.layers.mlp.linear_fc2.weight"].dtype).replace("torch.", "")
-    cfg = hf_config_from_model(m, meta.kind, dtype or stored_dtype)
+    source = meta.extra.get("hf_config")
+    ids = {} if source is not None else _token_ids(ckpt_dir, meta.tokenizer)
+    cfg = hf_config_from_model(m, meta.kind, dtype or stored_dtype, source=source, **ids)
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(cfg, fh, indent=2, sort_keys=True)
-    _copy_tokenizer(ckpt_dir, meta.tokenizer, out_dir)
+    _copy_tokenizer(ckpt_dir, meta, out_dir)
+    _write_chat_template(ckpt_dir, meta, out_dir)
     summary = dict(files=files, bytes=writer.total, kind=meta.kind,
                    seconds=round(time.perf_counter() - t0, 3))
     log(f"exported {ckpt_dir} -> {out_dir}: {meta.kind}, {len(files)} file(s), "
@@ -211,20 +222,72 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = N
     return summary
 
 
-def _copy_tokenizer(ckpt_dir: str, tokenizer: Optional[str], out_dir: str) -> None:
-    names = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "generation_config.json"]
-    for name in names:
-        src = os.path.join(ckpt_dir, name)
-        if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(out_dir, name))
+def _token_ids(ckpt_dir: str, tokenizer: Optional[str]) -> Dict[str, int]:
+    """BOS, EOS and padding ids of the checkpoint's tokenizer (none if it records none)."""
+    if not tokenizer:
+        return {}
+    path = tokenizer if os.path.isabs(tokenizer) else os.path.join(ckpt_dir, tokenizer)
+    if not os.path.isfile(path):
+        return {}  # a reference that did not travel with the checkpoint: nothing is copied either
+    try:
+        tok = load_tokenizer(path)
+    except TokenizerError as e:
+        raise ConversionError(f"{ckpt_dir}: the recorded tokenizer cannot be read: {e}") from e
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def _write_chat_template(ckpt_dir: str, meta, out_dir: str) -> None:
+    """The chat template the model was imported or trained with, as ``chat_template.jinja``
+    (a built-in or custom structure written out as Jinja that renders the same text), so
+    that ``apply_chat_template`` formats conversations as megarlhf did. A template
+    ``tokenizer_config.json`` carried from the source already holds is left there."""
+    from megarlhf.recipes.pairs_common import tokenizer_of
+
+    if not meta.tokenizer:
+        return
+    _, template = tokenizer_of(meta, ckpt_dir, require=False)
+    if template is None:
+        return
+    source = template.jinja_source()
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    carried = None
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            tok_cfg = json.load(f)
+        carried = tok_cfg.get("chat_template")
+        if carried is not None and carried != source:  # a stale one would shadow the file
+            del tok_cfg["chat_template"]
+            with open(config_path, "w") as f:
+                json.dump(tok_cfg, f, indent=2)
+    if carried != source:
+        with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(source)
+
+
+def _copy_tokenizer(ckpt_dir: str, meta, out_dir: str) -> None:
+    """The tokenizer files beside the checkpoint (a conversion keeps the source's there),
+    else beside the tokenizer the checkpoint records (a trained model's); the model's
+    generation settings from the metadata where no file carries them."""
+    tokenizer = meta.tokenizer
     if tokenizer and not os.path.isabs(tokenizer):
         tokenizer = os.path.join(ckpt_dir, tokenizer)
+    folders = [ckpt_dir] + ([os.path.dirname(tokenizer)] if tokenizer else [])
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        src = next((os.path.join(d, name) for d in folders if os.path.isfile(os.path.join(d, name))), None)
+        if src is not None:
+            shutil.copy2(src, os.path.join(out_dir, name))
+    for name in ("tokenizer.model", "tokenizer.json"):  # a conversion's, beside the checkpoint
+        if os.path.isfile(os.path.join(ckpt_dir, name)):
+            shutil.copy2(os.path.join(ckpt_dir, name), os.path.join(out_dir, name))
     if tokenizer and os.path.isfile(tokenizer):
         base = os.path.basename(tokenizer)
         target = "tokenizer.json" if base.endswith(".json") else "tokenizer.model"
         if not os.path.exists(os.path.join(out_dir, target)):
             shutil.copy2(tokenizer, os.path.join(out_dir, target))
+    gen = meta.extra.get("generation_config")
+    if gen and not os.path.exists(os.path.join(out_dir, "generation_config.json")):
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

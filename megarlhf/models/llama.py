@@ -11,6 +11,15 @@ Padded vocabulary: megatron pads the output layer to a multiple of
 logits to the dtype's most negative value, so padded ids never get probability mass,
 are never sampled or chosen by argmax, and every log-softmax equals the one over the real
 vocabulary. The hook works on vocab-parallel shards and on gathered logits alike.
+
+Tied embeddings (``tie_word_embeddings``, causal models only): megatron's own sharing
+(``share_embeddings_and_output_weights``). On one stage the output layer has no weight
+and projects with the embedding matrix (:func:`output_weight`). With pipeline parallelism
+the last stage holds a copy: megatron zeroes it and all-reduces it with the first stage's
+embedding over the layout's ``embd`` group (first and last stage of each pipeline) when
+the model is built, ``finalize_model_grads`` all-reduces the two gradients over the same
+group before every optimizer step, and the checkpoint stores the embedding once (the
+copy is saved as a replica of ``embedding.word_embeddings.weight``).
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ __all__ = [
     "sequence_multiple_of",
     "check_row_length",
     "pad_to",
+    "ties_embeddings",
+    "output_weight",
 ]
 
 KINDS = ("causal", "reward")
@@ -48,6 +59,22 @@ KINDS = ("causal", "reward")
 
 def padded_vocab(cfg: ModelConfig, tp: int) -> int:
     return padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+
+
+def ties_embeddings(cfg: ModelConfig, kind: str) -> bool:
+    """Whether a model of ``kind`` built from ``cfg`` shares its embedding and LM head: a
+    reward or value model's scalar head replaces the LM head and is never tied, even when
+    its trunk comes from a tied causal checkpoint."""
+    return cfg.tie_word_embeddings and kind == "causal"
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The ``[padded vocab / TP, hidden]`` matrix the last stage of a causal ``GPTModel``
+    projects hidden states with: the output layer's own weight, or with tied embeddings
+    megatron's shared one (the embedding on a single stage, its copy on the last stage)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
 
 
 def sequence_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
@@ -252,7 +279,7 @@ def _build_chunk(cfg: ModelConfig, mp: ModelParallel, tconfig, kind: str,
         pre_process=first,
         post_process=last,
         parallel_output=True,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=ties_embeddings(cfg, kind),
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         pg_collection=mp.pg_collection,

@@ -24,6 +24,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from megarlhf.models.llama import output_weight
+
 __all__ = ["LlamaDecoder"]
 
 
@@ -148,7 +150,9 @@ class LlamaDecoder:
         if not self.last:
             return h
         h = torch.rms_norm(h[:, -1], (self.hidden,), self.model.decoder.final_layernorm.weight, self.eps)
-        return self._gather_vocab(h @ self.model.output_layer.weight.t()).float()
+        # Tied embeddings: megatron's shared weight (the embedding itself, or on the last of
+        # several stages its copy, kept equal to it).
+        return self._gather_vocab(h @ output_weight(self.model).t()).float()
 
     @staticmethod
     def _mask(s: int, start: int, end: int, device) -> torch.Tensor:

@@ -15,7 +15,7 @@ from megarlhf.platform import Hardware
 
 SHAPE_FIELDS = {"preset", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling",
-                "norm_eps", "init_method_std", "make_vocab_size_divisible_by"}
+                "norm_eps", "init_method_std", "make_vocab_size_divisible_by", "tie_word_embeddings"}
 SETTINGS = dict(params_dtype="bfloat16", transformer_impl="transformer_engine", attention_backend="fused",
                 fp8="hybrid", fp8_amax_history_len=16, fp8_amax_compute_algo="most_recent", fp8_margin=1,
                 recompute_granularity="full", recompute_method="block", recompute_num_layers=2,

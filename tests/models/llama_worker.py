@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from megarlhf.algos.logprobs import token_entropy, token_logprobs, vocab_start_of  # noqa: E402
 from megarlhf.config import ParallelConfig  # noqa: E402
 from megarlhf.models.checkpoint import load_model, read_meta, save_model  # noqa: E402
-from megarlhf.models.llama import build_model, padded_vocab  # noqa: E402
+from megarlhf.models.llama import build_model, padded_vocab, unwrap  # noqa: E402
 from megarlhf.parallel import build_layout, destroy, init_distributed, initialize_model_parallel  # noqa: E402
 from megarlhf.train.optim import OptimConfig, build_optimizer, build_optimizer_elsewhere, wrap_ddp  # noqa: E402
 from megarlhf.train.step import forward_only, train_step  # noqa: E402
@@ -28,6 +28,41 @@ def gather_vocab(logits, mp):
     parts = [torch.empty_like(logits) for _ in range(mp.config.tp)]
     torch.distributed.all_gather(parts, logits.contiguous(), group=mp.tp_group)
     return torch.cat(parts, dim=-1)
+
+
+def parameters_held(chunks, mp):
+    """Parameters of the whole model, summed over its TP x PP ranks: a tied embedding's
+    copy on the last pipeline stage (megatron marks it ``shared``) and the norms every TP
+    rank holds count once."""
+    n = sum(p.numel() for c in chunks for p in c.parameters() if not getattr(p, "shared", False)
+            and (getattr(p, "tensor_model_parallel", False) or mp.tp_rank == 0))
+    t = torch.tensor([n], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=mp.pg_collection.mp)
+    return int(t.item())
+
+
+def first_and_last_matrix(chunks, mp):
+    """The embedding on the first pipeline stage, the output layer's weight on the last."""
+    if mp.is_first_stage:
+        return unwrap(chunks[0]).embedding.word_embeddings.weight.detach().clone()
+    if mp.is_last_stage:
+        return unwrap(chunks[-1]).output_layer.weight.detach().clone()
+    return None
+
+
+def tied_in_sync(chunks, mp, before):
+    """With PP > 1: whether the first stage's embedding equals the last stage's output
+    weight bit for bit on every TP rank, and how far the embedding moved from ``before``."""
+    equal, moved = torch.ones(1), torch.zeros(1)
+    mine = first_and_last_matrix(chunks, mp)
+    if mine is not None:
+        pair = [torch.empty_like(mine) for _ in range(2)]
+        torch.distributed.all_gather(pair, mine.contiguous(), group=mp.pg_collection.embd)
+        equal[0] = float(torch.equal(pair[0], pair[1]))
+        moved[0] = (mine - before).abs().max()
+    torch.distributed.all_reduce(equal, op=torch.distributed.ReduceOp.MIN, group=mp.pg_collection.mp)
+    torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.MAX, group=mp.pg_collection.mp)
+    return bool(equal.item()), float(moved.item())
 
 
 def main():
@@ -48,6 +83,9 @@ def main():
     ap.add_argument("--span", default=None,
                     help="FIRST:NUM: megatron's globals stay TP1 PP1 over the whole job and the "
                          "model is laid out on ranks FIRST..FIRST+NUM-1 only (a PPO role)")
+    ap.add_argument("--check-tied", action="store_true",
+                    help="train mode, PP > 1: report whether the last stage's output weight still "
+                         "equals the first stage's embedding")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -102,12 +140,14 @@ def main():
             return out, collect
 
         outs = forward_only(chunks, mp, fwd, microbatches, s, mbs)
+        n_params = parameters_held(chunks, mp)
         head = None
         if kind == "reward" and mp.is_last_stage:
             head = gather_vocab(chunks[-1].output_layer.weight.detach().float(), mp)
         if saver:
             result = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
             result["not_loaded"] = not_loaded
+            result["num_parameters"] = n_params
             if head is not None:
                 result["head"] = head
             torch.save(result, args.out)
@@ -125,15 +165,19 @@ def main():
                 return loss, {"loss": loss.detach().clone()}
             return out, loss_fn
 
+        before = first_and_last_matrix(chunks, mp) if args.check_tied else None
         losses, grad_norms = [], []
         for _ in range(args.steps):
             res = train_step(ddp, opt, mp, fwd, microbatches, s, mbs)
             grad_norms.append(float(res["grad_norm"]))
             if mp.is_last_stage:
                 losses.append(torch.stack([o["loss"] for o in res["outputs"]]).mean().item())
+        result = {"losses": torch.tensor(losses, dtype=torch.float64),
+                  "grad_norms": torch.tensor(grad_norms, dtype=torch.float64)}
+        if args.check_tied:
+            result["tied_in_sync"], result["embedding_moved"] = tied_in_sync(chunks, mp, before)
         if saver:
-            torch.save({"losses": torch.tensor(losses, dtype=torch.float64),
-                        "grad_norms": torch.tensor(grad_norms, dtype=torch.float64)}, args.out)
+            torch.save(result, args.out)
         if args.save:
             save_model(chunks, args.save, meta)
     destroy()

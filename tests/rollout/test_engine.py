@@ -88,3 +88,18 @@ def test_eos_stop_and_length_on_ragged_prompts(tp1):
 def test_padded_vocabulary_ids_are_never_produced(tp1):
     # temperature 5 makes every id likely; the checkpoint's vocabulary (1101) is padded
     assert tp1["max_hot_id"] < tp1["vocab"]
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2)], ids=["tp1", "pp2"])
+def test_tied_checkpoint_greedy_matches_transformers_generate(hf_tied, mg_tied, tmp_path, tp, pp):
+    """Tied embeddings: the decoder projects with megatron's shared weight (the embedding on
+    one stage, its copy on the last of two)."""
+    from transformers import LlamaForCausalLM
+
+    got = generate(mg_tied, tmp_path, tp, pp)
+    m = LlamaForCausalLM.from_pretrained(hf_tied, dtype=torch.float32).eval()
+    for p, resp in zip(got["prompts"], got["greedy"].response_ids):
+        ref = m.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, min_new_tokens=10,
+                         pad_token_id=0)[0, len(p):].tolist()
+        assert resp == ref
+    assert got["policy_logprob_err"] < 1e-5  # against the training forward
