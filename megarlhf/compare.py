@@ -124,8 +124,10 @@ def table(results: Dict[str, object]) -> str:
 
 
 def run(cfg: CompareConfig) -> Dict[str, object]:
+    from megarlhf.data.chat import ChatTemplateConfig
     from megarlhf.models.checkpoint import read_meta
     from megarlhf.pipeline import sample_pairs
+    from megarlhf.recipes.pairs_common import recorded_template
     from megarlhf.recipes import dpo, ppo, reward_model, sft
 
     o = cfg.out_dir
@@ -144,9 +146,13 @@ def run(cfg: CompareConfig) -> Dict[str, object]:
     stage("pairs", f"preference pairs from the SFT policy's samples -> {st['pairs']}",
           sample_pairs, cfg.pairs, st)
     r_rm = stage("rm_small", "small reward model (from the SFT policy)", reward_model.run, st["rm"])
-    tokenizer = read_meta(st["sft_checkpoint"]).tokenizer
+    sft_meta = read_meta(st["sft_checkpoint"])
+    # The larger backbone starts from scratch: it takes the policy's tokenizer and the chat
+    # template the policy was trained in, so both reward models read the same text.
     sft_large = dataclasses.replace(
-        st["sft"], model=cfg.large_rm, tokenizer=dataclasses.replace(st["sft"].tokenizer, path=tokenizer),
+        st["sft"], model=cfg.large_rm,
+        tokenizer=dataclasses.replace(st["sft"].tokenizer, path=sft_meta.tokenizer),
+        chat_template=ChatTemplateConfig(**recorded_template(sft_meta)),
         train=dataclasses.replace(st["sft"].train, out_dir=os.path.join(o, "sft_large")))
     stage("sft_large", "SFT of the larger reward model's backbone", sft.run, sft_large)
     rm_large_cfg = dataclasses.replace(st["rm"], train=dataclasses.replace(
