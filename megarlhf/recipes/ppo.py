@@ -1,6 +1,8 @@
-"""PPO against a reward model, with actor, reference, critic and reward model.
+"""PPO against a reward model (actor, reference, critic, reward model), and its critic-free
+relatives: GRPO, Dr. GRPO, RLOO and REINFORCE++ (``algo``; ``recipes/ppo_config.py``).
 
     megarlhf ppo --config examples/tiny/ppo.yaml [key=value ...]
+    megarlhf ppo --config examples/tiny/grpo.yaml
 
 Set-up: each role is built on its own layout (``actor.parallel``, ``critic.parallel``,
 ...) with its own process groups: ``placement: colocated`` puts every role on every rank,
@@ -9,24 +11,28 @@ reward model beside a 13B policy). Every rank holds the whole rollout batch's sm
 tensors; each role computes its data-parallel share of the rows and shares them over the
 job (``megarlhf/train/roles.py``), so both placements compute the same numbers.
 
-One step, in timed phases:
+One step (:func:`ppo_step`), in timed phases:
   generate    the actor's DP replicas sample responses to this step's prompts (the
               rollout engine on the actor's own weights; randomness keyed by prompt)
   score       the reward model scores prompt + response (at the last token, or pooled
-              over the response as the reward model was trained: ``rm pooling``); a response
-              cut at max_new_tokens (no EOS) gets ``missing_eos_penalty`` instead
+              over the response as the reward model was trained: ``rm pooling``), or the
+              exact-match rule; a response cut at max_new_tokens (no EOS) gets
+              ``missing_eos_penalty`` instead
   logprobs    reference log-probs, old actor log-probs (recomputed with the training
               forward pass, in the same microbatches as the first update: the first
               minibatch's probability ratio is exactly 1), old critic values; every
-              log-prob, here and in the update, is taken at the sampling temperature
-  advantages  per-token reward -kl_coef * KL + score at the last token; GAE; advantages
-              whitened over the whole batch (every DP rank's tokens)
-  update      minibatches x PPO epochs: clipped policy loss (actor), clipped value loss
-              (critic); the actor waits during ``critic_warmup_steps``
+              log-prob, here and in the update, is taken at the sampling temperature over
+              the ids the sampler can pick
+  advantages  the registered estimator of ``ppo.advantage`` (``algos/advantages.py``) on the
+              whole batch (groups of a prompt's samples stay whole; whitening covers
+              every DP rank's tokens)
+  update      minibatches x PPO epochs: the registered policy loss (actor), clipped value
+              loss (critic, when there is one); the actor waits during ``critic_warmup_steps``
   metrics     score, KL, entropy, clip fractions, approximate KL, value loss, explained
-              variance, lengths, EOS rate, time and tokens/s per phase
+              variance, train/rollout log-prob mismatch, lengths, EOS rate, time and
+              tokens/s per phase
 
-Departures from the paper (Ivison et al. 2024): none in the defaults of ``ppo:`` (kl_coef
+Departures from the paper (Ivison et al. 2024): none in ``algo: ppo``'s defaults (kl_coef
 0.05 fixed, k1, gamma 1, lambda 0.95, clips 0.2, value coefficient 0.1, EOS penalty -10,
 advantages whitened, rewards not); the tiny config uses a larger learning rate, fewer
 prompts per step and shorter responses to fit a small model on a CPU.
@@ -39,324 +45,215 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from megarlhf.algos.ppo import KL_ESTIMATORS
-from megarlhf.config import (ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_model,
-                             runtime_problems)
-from megarlhf.data.chat import ChatTemplateConfig
-from megarlhf.data.dataset import DataConfig
-from megarlhf.recipes.dpo import ExactMatchConfig
-from megarlhf.train.metrics import LogConfig
-from megarlhf.train.preemption import PreemptionConfig
-from megarlhf.train.schedule import ScheduleConfig
+from megarlhf.algos import ppo as A
+from megarlhf.algos.advantages import AdvantageInputs, estimate_advantages
+from megarlhf.algos.policy_losses import loss_weights, policy_token_loss
+from megarlhf.config import ConfigError, ParallelConfig, check_model
+from megarlhf.recipes.ppo_config import (ALGORITHMS, Algorithm, PPOConfig, PPOLossConfig, PPOTrainConfig,
+                                         RoleConfig, RolloutConfig)
+from megarlhf.rollout.batch import (Rollout, build_rollout, microbatches, minibatch_has_tokens,
+                                    pad_responses)
+from megarlhf.train.roles import Role, build_role, is_writer, make_trainable, share_rows, shard_rows
 
-__all__ = ["PPOConfig", "RoleConfig", "PPOLossConfig", "RolloutConfig", "PPOTrainConfig", "run"]
-
-
-@dataclass(frozen=True)
-class RoleConfig:
-    """One model of the job."""
-
-    init_from: str = ""
-    """Checkpoint to start from (empty for the reference: the actor's)."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """The role's own TP/PP; data parallelism takes the role's remaining ranks."""
-    model: RuntimeConfig = field(default_factory=RuntimeConfig)
-    """How the role's model runs (precision, layers, FP8, recomputation); unset fields
-    keep its checkpoint's."""
+__all__ = ["PPOConfig", "RoleConfig", "PPOLossConfig", "RolloutConfig", "PPOTrainConfig", "ALGORITHMS",
+           "Roles", "PromptBatch", "StepContext", "StepState", "StepMetrics", "ppo_step", "run"]
 
 
-@dataclass(frozen=True)
-class PPOLossConfig:
-    """The PPO objective (each of the paper's ablation switches is a field)."""
+# -- what a step works on ---------------------------------------------------------------------
+@dataclass
+class Roles:
+    """The job's models. ``critic`` is None for critic-free algorithms, ``reward`` when a
+    rule scores."""
 
-    kl_coef: float = 0.05
-    """Weight of the per-token KL penalty (the paper: 0.05 with a 13B RM, 0.0325 with 70B)."""
-    kl_target: Optional[float] = None
-    """Adaptive KL controller target (per-sequence KL); none: fixed coefficient."""
-    kl_horizon: int = 10000
-    """Adaptive controller horizon, in sequences."""
-    kl_estimator: str = "k1"
-    """Per-token KL estimate in the reward: ``k1`` (log-ratio), ``k3`` or ``abs``."""
-    kl_clamp_min: Optional[float] = None
-    """Clamp the per-token KL estimate from below (0: no reward for lowering the
-    reference's probability); none: no clamp."""
-    kl_clamp_max: Optional[float] = None
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2
-    """Policy ratio clip."""
-    value_clip: Optional[float] = 0.2
-    """Value clip around the old values; none: plain squared error."""
-    value_loss_coef: float = 0.1
-    missing_eos_penalty: Optional[float] = -10.0
-    """Score of a response cut at max_new_tokens (no EOS); none: the reward model's score."""
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    ppo_epochs: int = 1
-    minibatch_size: int = 64
-    """Sequences per optimizer step (over all data-parallel ranks)."""
-    critic_warmup_steps: int = 0
-    """Steps at the start that train only the critic."""
-    old_logprobs: str = "recompute"
-    """``recompute`` (training forward pass; default) or ``rollout`` (the engine's own)."""
-    score_baseline: str = "none"
-    """``none`` (the paper's); ``loo``: with several samples per prompt, each sample's score
-    minus the mean score of the prompt's other samples (RLOO's leave-one-out baseline),
-    which removes the reward model's per-prompt offset: a Bradley-Terry model only ranks
-    answers to the same prompt."""
+    actor: Role
+    reference: Role
+    critic: Optional[Role] = None
+    reward: Optional[Role] = None
+
+    def all(self) -> List[Role]:
+        return [r for r in (self.actor, self.reference, self.critic, self.reward) if r is not None]
+
+    def trained(self) -> List[Role]:
+        """The roles with an optimizer on this rank."""
+        return [r for r in (self.actor, self.critic) if r is not None and r.trainer is not None]
 
 
-@dataclass(frozen=True)
-class RolloutConfig:
-    """Sampling the responses of a step."""
+@dataclass
+class PromptBatch:
+    """One step's prompts: a row per sample (a prompt's ``samples_per_prompt`` samples are
+    consecutive rows), with the prompt's reference answer (None without one)."""
 
-    prompts_per_step: int = 512
-    samples_per_prompt: int = 1
-    """Responses per prompt (each is its own sequence in the batch)."""
-    max_new_tokens: int = 1024
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    max_batch: int = 64
-    """Sequences generated at once per data-parallel replica (bounds the KV cache)."""
+    prompt_ids: List[List[int]]
+    references: List[Optional[str]]
+
+    @property
+    def n(self) -> int:
+        return len(self.prompt_ids)
 
 
-@dataclass(frozen=True)
-class PPOTrainConfig:
-    """The loop."""
+@dataclass
+class StepContext:
+    """What every step of a run shares."""
 
-    epochs: float = 1.0
-    """Passes over the prompts (sets the number of steps when ``max_steps`` is 0)."""
-    max_steps: int = 0
-    micro_batch_size: int = 8
-    """Sequences per forward pass of any role."""
-    actor_lr: float = 1e-6
-    critic_lr: float = 1e-6
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(style="constant",
-                                                                            warmup_ratio=0.1))
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0
-    distributed_optimizer: bool = True
-    """Shard the actor's and critic's optimizer states over their data-parallel ranks
-    when DP > 1."""
-    save_interval: int = 0
-    keep_checkpoints: int = 2
-    resume: str = "auto"
-    eval_interval: int = 0
-    """Steps between exact-match evaluations (0: at the start and the end only)."""
-    out_dir: str = "runs/ppo"
-    max_bad_steps: int = 5
-    """Stop (after saving) when this many updates in a row were skipped for a NaN/Inf loss
-    or gradient (a skipped update changes nothing; 0: never stop)."""
-    seed: int = 1234
-    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
-    """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
+    cfg: PPOConfig
+    algo: Algorithm
+    tokenizer: Any
+    engine: Any
+    """The rollout engine on the actor's weights (None on ranks without the actor)."""
+    stop_ids: List[int]
+    row_multiple: int
+    """Rows are padded to a multiple of this (what every role's layout needs)."""
+    vocab_limit: int
+    """Ids the sampler can pick: ``[0, vocab_limit)``; training normalises over the same."""
+    rm_pooling: Optional[str]
+    device: Any
+    preempt: Any = None
 
 
-@dataclass(frozen=True)
-class PPOConfig:
-    actor: RoleConfig = field(default_factory=lambda: RoleConfig(init_from="runs/sft/checkpoint"))
-    reference: RoleConfig = field(default_factory=RoleConfig)
-    critic: RoleConfig = field(default_factory=lambda: RoleConfig(init_from="runs/rm/final"))
-    reward: RoleConfig = field(default_factory=lambda: RoleConfig(init_from="runs/rm/final"))
-    placement: str = "colocated"
-    """``colocated`` (every role on every rank) or ``partitioned`` (the reward model on
-    the last ``reward_ranks`` ranks, the other roles on the rest)."""
-    reward_ranks: int = 0
-    score: str = "model"
-    """What scores a response: ``model`` (the reward model, the paper's way) or
-    ``exact_match`` (a verifiable reward: 1 when the number after the response's last
-    ``####`` equals the prompt row's ``reference``, else 0; no reward model is built and
-    every prompt row needs a ``reference``)."""
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=1024, max_prompt_length=1024))
-    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
-    """How conversations are formatted: ``auto`` (default) is the actor's checkpoint's own
-    template; naming another is reported once at start."""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
-    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
-    eval: ExactMatchConfig = field(default_factory=ExactMatchConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    world: int = 1
+@dataclass
+class StepState:
+    """What changes from step to step (and is checkpointed)."""
 
-    def world_size(self) -> int:
-        return self.world
-
-    def roles(self) -> tuple:
-        """The models this job builds (no reward model when a rule scores)."""
-        return ROLES if self.score == "model" else tuple(r for r in ROLES if r != "reward")
-
-    def spans(self) -> Dict[str, tuple]:
-        from megarlhf.train.roles import placement_spans
-
-        return placement_spans(self.placement, self.world, self.reward_ranks, self.roles(), ("reward",))
-
-    def resolved_models(self) -> Dict[str, ModelConfig]:
-        """Each role's model, keyed ``<role>.model``: its starting checkpoint's, run as the
-        role's ``model`` says (reads checkpoint metadata; no process group needed)."""
-        from megarlhf.models.checkpoint import read_meta
-
-        inits = {"actor": self.actor.init_from, "reference": self.reference.init_from or self.actor.init_from,
-                 "critic": self.critic.init_from, "reward": self.reward.init_from}
-        return {f"{role}.model": getattr(self, role).model.apply(read_meta(inits[role]).model)
-                for role in self.roles()}
-
-    def process_groups(self) -> List[List[str]]:
-        """The ``resolved_models`` keys of the roles that share processes."""
-        spans = self.spans()
-        groups: Dict[tuple, List[str]] = {}
-        for role in self.roles():
-            groups.setdefault(spans[role], []).append(f"{role}.model")
-        return list(groups.values())
-
-    def validate(self) -> None:
-        from megarlhf.config import loop_problems, parallel_problems, range_problems
-        from megarlhf.data.dataset import data_problems
-
-        p, r, t, ro = [], self.ppo, self.train, self.rollout
-        for role in ROLES:
-            p += parallel_problems(getattr(self, role).parallel, f"{role}.parallel")
-        p += loop_problems(t) + data_problems(self.data)
-        p += range_problems(self, "", positive=("world",), non_negative=("reward_ranks",))
-        p += range_problems(ro, "rollout", positive=("prompts_per_step", "samples_per_prompt",
-                                                     "max_new_tokens", "max_batch", "temperature"),
-                            non_negative=("top_k",))
-        if not 0 < ro.top_p <= 1:
-            p.append(f"rollout.top_p={ro.top_p} must be in (0, 1]")
-        p += range_problems(r, "ppo", positive=("clip", "minibatch_size", "ppo_epochs", "kl_horizon",
-                                                "kl_target", "value_clip"),
-                            non_negative=("kl_coef", "value_loss_coef", "critic_warmup_steps"),
-                            fraction=("gamma", "lam"),
-                            finite=("kl_clamp_min", "kl_clamp_max", "missing_eos_penalty"))
-        if r.kl_clamp_min is not None and r.kl_clamp_max is not None and r.kl_clamp_min > r.kl_clamp_max:
-            p.append(f"ppo.kl_clamp_min={r.kl_clamp_min} is above ppo.kl_clamp_max={r.kl_clamp_max}")
-        p += range_problems(self.eval, "eval", positive=("num_prompts", "max_new_tokens", "batch_size"))
-        p += range_problems(self.log, "log", positive=("interval",))
-        if p:  # the checks below divide by these sizes
-            raise ConfigError(p)
-        if self.score not in SCORES:
-            p.append(f"score={self.score!r}: expected one of {', '.join(SCORES)}")
-        elif self.score != "model" and self.placement == "partitioned":
-            p.append(f"placement=partitioned puts the reward model on its own ranks; score={self.score} "
-                     "has none: use placement=colocated")
-        if self.placement not in ("colocated", "partitioned"):
-            p.append(f"placement={self.placement!r}: expected 'colocated' or 'partitioned'")
-        elif self.placement == "partitioned" and not 0 < self.reward_ranks < self.world:
-            p.append(f"placement=partitioned needs 0 < reward_ranks ({self.reward_ranks}) < world ({self.world})")
-        elif self.placement == "colocated" and self.reward_ranks:
-            p.append("reward_ranks is only for placement=partitioned")
-        n = ro.prompts_per_step * ro.samples_per_prompt
-        for role in ROLES:
-            p += runtime_problems(getattr(self, role).model, f"{role}.model")
-        if not p:
-            for role, (_, size) in self.spans().items():
-                par = getattr(self, role).parallel
-                if size % par.model_parallel_size:
-                    p.append(f"{role}.parallel: TP x PP = {par.model_parallel_size} does not divide "
-                             f"the role's {size} ranks")
-                    continue
-                dp = size // par.model_parallel_size
-                if par.vpp > 1:
-                    p.append(f"{role}.parallel.virtual_pipeline_model_parallel_size: not supported in PPO "
-                             "(generation needs one model chunk per rank)")
-                if n % dp or (role in ("actor", "critic") and r.minibatch_size % dp):
-                    p.append(f"rollout.prompts_per_step x samples_per_prompt = {n} and "
-                             f"ppo.minibatch_size = {r.minibatch_size} must divide over the "
-                             f"{role}'s {dp} data-parallel replicas")
-        if n % r.minibatch_size:
-            p.append(f"ppo.minibatch_size={r.minibatch_size} must divide rollout.prompts_per_step x "
-                     f"samples_per_prompt = {n}")
-        if r.kl_estimator not in KL_ESTIMATORS:
-            p.append(f"ppo.kl_estimator={r.kl_estimator!r}: expected one of {KL_ESTIMATORS}")
-        if r.score_baseline not in ("none", "loo"):
-            p.append(f"ppo.score_baseline={r.score_baseline!r}: expected 'none' or 'loo'")
-        elif r.score_baseline == "loo" and ro.samples_per_prompt < 2:
-            p.append("ppo.score_baseline=loo needs rollout.samples_per_prompt >= 2")
-        if r.old_logprobs not in ("recompute", "rollout"):
-            p.append(f"ppo.old_logprobs={r.old_logprobs!r}: expected 'recompute' or 'rollout'")
-        elif r.old_logprobs == "rollout" and (ro.top_p < 1 or ro.top_k):
-            p.append("ppo.old_logprobs=rollout with rollout.top_p < 1 or rollout.top_k: the engine's "
-                     "log-probs are of the truncated distribution, which the training pass does not "
-                     "apply (use ppo.old_logprobs=recompute)")
-        if r.kl_target is not None and r.kl_target <= 0:
-            p.append(f"ppo.kl_target={r.kl_target} must be > 0")
-        for name in ("clip", "minibatch_size", "ppo_epochs"):
-            if getattr(r, name) <= 0:
-                p.append(f"ppo.{name}={getattr(r, name)} must be > 0")
-        if not 0 <= r.gamma <= 1 or not 0 <= r.lam <= 1:
-            p.append("ppo.gamma and ppo.lam must be in [0, 1]")
-        if ro.temperature <= 0:
-            p.append(f"rollout.temperature={ro.temperature} must be > 0")
-        if not self.actor.init_from:
-            p.append("actor.init_from is empty: give the SFT checkpoint")
-        for role in ("critic", "reward") if self.score == "model" else ("critic",):
-            if not getattr(self, role).init_from:
-                p.append(f"{role}.init_from is empty: give a reward-model checkpoint")
-        if not self.data.sources:
-            p.append("data.sources is empty: give prompts")
-        if p:
-            raise ConfigError(p)
+    step: int
+    """Steps done."""
+    consumed: int
+    """Prompts consumed."""
+    kl_ctl: A.KLController
 
 
-ROLES = ("actor", "reference", "critic", "reward")
-SCORES = ("model", "exact_match")
+class _Sums:
+    """Sums that travel between ranks as one float64 vector, in field order."""
+
+    @classmethod
+    def of(cls, vector: torch.Tensor):
+        return cls(*vector.tolist())
+
+    def vector(self) -> torch.Tensor:
+        return torch.tensor([getattr(self, f.name) for f in dataclasses.fields(self)], dtype=torch.float64)
+
+    def __add__(self, other):
+        return type(self)(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+
+
+@dataclass
+class PolicySums(_Sums):
+    loss: float = 0.0
+    """Weighted loss sum (divided by ``count`` it is the aggregated loss)."""
+    count: float = 0.0
+    tokens: float = 0.0
+    clipped: float = 0.0
+    approx_kl: float = 0.0
+    """0.5 (log ratio)^2."""
+    ratio: float = 0.0
+    ratio_dev: float = 0.0
+    """|ratio - 1|."""
+    entropy: float = 0.0
+    kl: float = 0.0
+    """The KL loss term's per-token estimate (algorithms with the KL in the loss)."""
+
+
+@dataclass
+class ValueSums(_Sums):
+    loss: float = 0.0
+    """Value loss without the coefficient."""
+    tokens: float = 0.0
+    clipped: float = 0.0
+
+
+@dataclass
+class StepMetrics:
+    """One step's metrics (identical on every rank)."""
+
+    score_mean: float
+    score_std: float
+    reward_mean: float
+    """Mean of the scores the estimator used (after the EOS penalty and any baseline)."""
+    kl: float
+    """Mean per-sequence KL (k1) of the sampling policy against the reference."""
+    kl_coef: float
+    response_length: float
+    eos_rate: float
+    advantage_mean: float
+    times: Dict[str, float]
+    tokens_per_s_generate: float
+    tokens_per_s_step: float
+    explained_variance: Optional[float] = None
+    train_accuracy: Optional[float] = None
+    score_correct: Optional[float] = None
+    score_wrong: Optional[float] = None
+    policy_loss: Optional[float] = None
+    clip_fraction: Optional[float] = None
+    approx_kl: Optional[float] = None
+    ratio_mean: Optional[float] = None
+    entropy: Optional[float] = None
+    kl_loss: Optional[float] = None
+    first_minibatch_ratio_dev: Optional[float] = None
+    value_loss: Optional[float] = None
+    value_clip_fraction: Optional[float] = None
+    rollout_logprob_diff_mean: Optional[float] = None
+    """Mean |engine's log-prob - recomputed old log-prob| over response tokens."""
+    rollout_logprob_diff_max: Optional[float] = None
+    rollout_ratio_outside: Optional[float] = None
+    """Fraction of response tokens whose engine/training probability ratio leaves [0.5, 2]."""
+    empty_minibatches: int = 0
+    skipped_updates: Optional[Dict[str, int]] = None
+    actor_lr: Optional[float] = None
+
+    def as_log(self) -> Dict[str, float]:
+        """The flat ``metrics.jsonl`` record (unset fields left out)."""
+        out: Dict[str, float] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("times", "skipped_updates", "tokens_per_s_generate", "tokens_per_s_step") or v is None:
+                continue
+            if f.name == "empty_minibatches" and not v:
+                continue
+            out[f.name] = v
+        for role, n in (self.skipped_updates or {}).items():
+            out[f"skipped_updates/{role}"] = n
+        for name, secs in self.times.items():
+            out[f"time/{name}"] = round(secs, 3)
+        out["tokens_per_s/generate"] = self.tokens_per_s_generate
+        out["tokens_per_s/step"] = self.tokens_per_s_step
+        return out
 
 
 # -- forward steps (megatron forward_step_func) ------------------------------------------------
-@dataclass
-class PPOMicrobatch:
-    """Rows of the rollout batch, ``[b, s]`` each, aligned on label positions (index t
-    holds the quantity of the token that position t predicts).
-
-    tokens, position_ids, labels   int64
-    mask           float32  1 on response tokens
-    last_index     [b] int64 index of each row's last real token (where rewards are read)
-    old_logprobs, advantages, old_values, returns   float32 (zeros until known)
-    """
-
-    tokens: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
-    mask: torch.Tensor
-    last_index: torch.Tensor
-    old_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    old_values: torch.Tensor
-    returns: torch.Tensor
-
-    def to(self, device) -> "PPOMicrobatch":
-        return PPOMicrobatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+def _sampled_logits(logits: torch.Tensor, temperature: float, vocab_start: int, vocab_limit: int) -> torch.Tensor:
+    """Logits of the distribution the rollout sampled from: at the sampling temperature and
+    over the ids it can pick (``< vocab_limit``: a model whose embedding is larger than its
+    tokenizer), so that log-probs, ratios and KL are the sampling policy's, as open-instruct,
+    TRL and verl compute them. ``logits`` is this rank's vocabulary slice."""
+    out = logits.float()
+    if temperature != 1.0:
+        # the padded vocabulary's logits are the most negative float: keep them finite (in
+        # place: the quotient is a fresh tensor, and the division's backward does not need it)
+        out = (out / temperature).clamp_(min=torch.finfo(torch.float32).min)
+    cut = vocab_limit - vocab_start
+    if cut < out.shape[-1]:
+        ids = torch.arange(out.shape[-1], device=out.device)
+        out = out.masked_fill(ids >= max(cut, 0), torch.finfo(torch.float32).min)
+    return out
 
 
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits of the distribution the rollout sampled from (temperature applied), so that
-    log-probs, ratios and KL are those of the sampling policy, as open-instruct, TRL and
-    verl compute them."""
-    if temperature == 1.0:
-        return logits
-    # the padded vocabulary's logits are the most negative float: keep them finite (in
-    # place: the quotient is a fresh tensor, and the division's backward does not need it)
-    return (logits.float() / temperature).clamp_(min=torch.finfo(torch.float32).min)
-
-
-def _logprob_step(mp, vocab_start: int, device, temperature: float = 1.0):
-    """Forward-only: per-token log-probs ``[b, s]`` of the labels (0 off the mask) at the
-    sampling temperature."""
+def _logprob_step(role: Role, temperature: float, vocab_limit: int, device):
+    """Forward-only: per-token log-probs ``[b, s]`` of the labels (0 off the mask)."""
     from megarlhf.algos.logprobs import token_logprobs
+
+    vstart, group = role.vocab_start, role.mp.tp_group
 
     def step(it, model):
         b = next(it).to(device)
         out = model(b.tokens, b.position_ids, attention_mask=None)
 
         def collect(output, non_loss_data=True):
-            lp = token_logprobs(_scaled(output, temperature), b.labels, mp.tp_group, vocab_start).float()
-            return {"values": lp * b.mask}
+            lp = token_logprobs(_sampled_logits(output, temperature, vstart, vocab_limit), b.labels, group, vstart)
+            return {"values": lp.float() * b.mask}
         return out, collect
     return step
 
@@ -370,44 +267,54 @@ def _value_step(device):
     return step
 
 
-def _actor_step(mp, vocab_start: int, clip: float, device, temperature: float = 1.0):
-    """Training: clipped policy loss summed over tokens (megatron divides by the
-    minibatch's token count), log-probs at the sampling temperature. ``stats`` = [loss
-    sum, tokens, clipped, approx KL sum, ratio sum, |ratio - 1| sum, entropy sum]."""
+def _actor_step(role: Role, algo: Algorithm, loss_cfg: PPOLossConfig, kl_coef: float, temperature: float,
+                vocab_limit: int, device):
+    """Training: the registered policy loss (plus ``kl_coef`` x KL when the algorithm puts
+    the KL in the loss), weighted per token as ``ppo.loss_aggregation`` says; megatron
+    divides the sum by the minibatch's summed counts. ``stats``: :class:`PolicySums`."""
     from megarlhf.algos.logprobs import token_entropy, token_logprobs
-    from megarlhf.algos.ppo import policy_loss
+
+    vstart, group = role.vocab_start, role.mp.tp_group
+    kl_in_loss = not algo.kl_in_reward and kl_coef > 0
 
     def step(it, model):
         b = next(it).to(device)
         out = model(b.tokens, b.position_ids, attention_mask=None)
 
         def loss_fn(output):
-            logits = _scaled(output, temperature)
-            lp = token_logprobs(logits, b.labels, mp.tp_group, vocab_start).float()
-            loss, st = policy_loss(lp, b.old_logprobs, b.advantages, b.mask, clip)
+            logits = _sampled_logits(output, temperature, vstart, vocab_limit)
+            lp = token_logprobs(logits, b.labels, group, vstart).float()
+            per_token, clipped = policy_token_loss(algo.policy_loss, lp, b.old_logprobs, b.advantages, b.mask,
+                                                   loss_cfg.clip, loss_cfg.dual_clip)
+            kl = torch.zeros_like(lp)
+            if kl_in_loss:
+                kl = A.kl_estimate(lp, b.ref_logprobs, algo.kl_estimator, loss_cfg.kl_clamp_min,
+                                   loss_cfg.kl_clamp_max) * b.mask
+                per_token = per_token + kl_coef * kl
+            loss = (per_token * b.loss_weights).sum()
             with torch.no_grad():
-                ent = (token_entropy(logits.detach(), mp.tp_group).float() * b.mask).sum()
-                dev = ((torch.exp(lp.detach() - b.old_logprobs) - 1).abs() * b.mask).sum()
-            n = b.mask.sum()
-            stats = torch.stack([loss.detach(), n, st["clipped"], st["approx_kl"], st["ratio"],
-                                 dev, ent]).double()
-            return loss, n.to(torch.int), {"stats": stats}
+                log_ratio = (lp - b.old_logprobs) * b.mask
+                ratio = torch.exp(log_ratio) * b.mask
+                ent = (token_entropy(logits.detach(), group).float() * b.mask).sum()
+                sums = PolicySums(loss=loss.detach(), count=b.loss_counts.sum(), tokens=b.mask.sum(),
+                                  clipped=clipped.sum(), approx_kl=(0.5 * log_ratio ** 2).sum(), ratio=ratio.sum(),
+                                  ratio_dev=((ratio - 1).abs() * b.mask).sum(), entropy=ent, kl=kl.detach().sum())
+                stats = torch.stack([getattr(sums, f.name).double() for f in dataclasses.fields(sums)])
+            return loss, b.loss_counts.sum().round().to(torch.int), {"stats": stats}
         return out, loss_fn
     return step
 
 
 def _critic_step(value_clip: Optional[float], coef: float, device):
-    """Training: clipped value loss x coefficient, summed over tokens. ``stats`` =
-    [value loss sum (without the coefficient), tokens, clipped]."""
-    from megarlhf.algos.ppo import value_loss
-
+    """Training: clipped value loss x coefficient, summed over tokens. ``stats``:
+    :class:`ValueSums`."""
     def step(it, model):
         b = next(it).to(device)
         out = model(b.tokens, b.position_ids, attention_mask=None)
 
         def loss_fn(output):
             v = output[..., 0].float()
-            loss, st = value_loss(v, b.old_values, b.returns, b.mask, value_clip)
+            loss, st = A.value_loss(v, b.old_values, b.returns, b.mask, value_clip)
             n = b.mask.sum()
             stats = torch.stack([loss.detach(), n, st["clipped"]]).double()
             return coef * loss, n.to(torch.int), {"stats": stats}
@@ -415,443 +322,437 @@ def _critic_step(value_clip: Optional[float], coef: float, device):
     return step
 
 
-# -- the rollout batch -------------------------------------------------------------------------
-@dataclass
-class Rollout:
-    """The whole step's sequences, identical on every rank. ``[n, s]`` tensors as in
-    :class:`PPOMicrobatch`; ``finish`` 0 eos, 1 other stop id, 2 length."""
-
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    mask: torch.Tensor
-    last_index: torch.Tensor
-    response_len: torch.Tensor
-    finish: torch.Tensor
-    rollout_logprobs: torch.Tensor
-    seq: int
-
-    @property
-    def n(self) -> int:
-        return self.tokens.shape[0]
-
-
-def build_rollout(prompts: List[List[int]], resp: torch.Tensor, resp_len: torch.Tensor,
-                  finish: torch.Tensor, resp_lp: torch.Tensor, pad_id: int, multiple: int = 8) -> Rollout:
-    """Rows ``prompt + response``, right-padded to the longest rounded up to ``multiple``
-    (what every role's layout needs: :func:`~megarlhf.models.llama.sequence_multiple`)."""
-    from megarlhf.models.llama import pad_to
-
-    n = len(prompts)
-    lens = [len(p) + int(l) for p, l in zip(prompts, resp_len)]
-    seq = pad_to(max(lens), multiple)
-    tokens = torch.full((n, seq), pad_id, dtype=torch.long)
-    labels = torch.zeros((n, seq), dtype=torch.long)
-    mask = torch.zeros((n, seq))
-    lp = torch.zeros((n, seq))
-    for i, p in enumerate(prompts):
-        lp_len, r = len(p), int(resp_len[i])
-        row = torch.tensor(list(p) + resp[i, :r].tolist(), dtype=torch.long)
-        tokens[i, :len(row)] = row
-        labels[i, :len(row) - 1] = row[1:]
-        mask[i, lp_len - 1:lp_len - 1 + r] = 1.0
-        lp[i, lp_len - 1:lp_len - 1 + r] = resp_lp[i, :r]
-    last = torch.tensor(lens) - 1
-    return Rollout(tokens, labels, mask, last, resp_len.clone(), finish.clone(), lp, seq)
-
-
-def microbatches(ro: Rollout, rows: range, mbs: int, extra: Optional[Dict[str, torch.Tensor]] = None
-                 ) -> List[PPOMicrobatch]:
-    extra = extra or {}
-    zeros = torch.zeros_like(ro.mask)
-    out = []
-    pos = torch.arange(ro.seq).unsqueeze(0)
-    for s in range(rows.start, rows.stop, mbs):
-        sl = slice(s, min(s + mbs, rows.stop))
-        b = sl.stop - sl.start
-        out.append(PPOMicrobatch(
-            tokens=ro.tokens[sl], position_ids=pos.expand(b, -1).contiguous(), labels=ro.labels[sl],
-            mask=ro.mask[sl], last_index=ro.last_index[sl],
-            **{k: extra.get(k, zeros)[sl] for k in ("old_logprobs", "advantages", "old_values", "returns")}))
-    return out
-
-
-def minibatch_rows(n: int, minibatch: int, mp):
-    """For each minibatch: this rank's rows (``range`` into the possibly permuted batch)."""
-    from megarlhf.train.roles import shard_rows
-
+# -- the phases of a step ---------------------------------------------------------------------
+def minibatch_rows(n: int, minibatch: int, role: Role) -> Iterator[range]:
+    """For each minibatch: this rank's rows of it (a ``range`` into the batch)."""
     for start in range(0, n, minibatch):
-        mine = shard_rows(minibatch, mp)
+        mine = shard_rows(minibatch, role.mp)
         yield range(start + mine.start, start + mine.stop)
 
 
-def minibatch_has_tokens(mask: torch.Tensor, index: int, size: int) -> bool:
-    """Whether minibatch ``index`` (rows ``[index * size, (index + 1) * size)`` over all DP
-    ranks) has any response token: a minibatch of empty responses is skipped, since its
-    per-token loss would divide by zero tokens."""
-    return bool(mask[index * size:(index + 1) * size].sum() > 0)
+@contextmanager
+def _phase(name: str, times: Dict[str, float]):
+    t0 = time.time()
+    yield
+    times[name] = time.time() - t0
+
+
+def generate(batch: PromptBatch, actor: Role, ctx: StepContext, step: int) -> Rollout:
+    """The actor's replicas sample their share of the rows; every rank gets every row."""
+    from megarlhf.rollout.engine import SamplingParams
+
+    ro_cfg, n = ctx.cfg.rollout, batch.n
+    mine = actor.rows(n)
+    vals = None
+    if ctx.engine is not None and len(mine):
+        out = ctx.engine.generate(batch.prompt_ids[mine.start:mine.stop], SamplingParams(
+            max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature, top_p=ro_cfg.top_p,
+            top_k=ro_cfg.top_k, stop_ids=ctx.stop_ids, eos_id=ctx.tokenizer.eos_id,
+            seed=ctx.cfg.train.seed * 100_003 + step), first_index=mine.start)
+        vals = pad_responses(out.response_ids, out.sample_logprobs, out.finish_reason, ro_cfg.max_new_tokens)
+    w, dev, max_new = is_writer(actor.mp), ctx.device, ro_cfg.max_new_tokens
+    shared = [share_rows(n, tail, dtype, mine, vals and vals[i], w, dev) for i, (tail, dtype) in enumerate(
+        (((max_new,), torch.long), ((), torch.long), ((), torch.long), ((max_new,), torch.float32)))]
+    return build_rollout(batch.prompt_ids, *shared, ctx.tokenizer.pad_id, ctx.row_multiple)
+
+
+@dataclass
+class Scores:
+    scores: torch.Tensor
+    """[n] the scorer's (reward model or rule)."""
+    right: Optional[torch.Tensor]
+    """[n] bool: whether the answer is correct (prompts with references only)."""
+
+
+def score(ro: Rollout, batch: PromptBatch, reward: Optional[Role], ctx: StepContext) -> Scores:
+    """The reward model on its own replicas (maybe its own ranks), or the exact-match rule."""
+    from megarlhf.algos.preference import pool_rewards, response_positions
+    from megarlhf.data.task import is_correct
+
+    ends = (ro.last_index + 1).tolist()
+    texts = [ctx.tokenizer.decode(ro.tokens[i, end - int(ro.response_len[i]):end].tolist()) for i, end in enumerate(ends)]
+    right = (torch.tensor([is_correct(x, r) for x, r in zip(texts, batch.references)])
+             if batch.references[0] is not None else None)
+    if reward is None:
+        return Scores(right.float(), right)
+    values = reward.per_token(_value_step(ctx.device), lambda rows: microbatches(ro, rows, ctx.cfg.train.micro_batch_size),
+                              lambda role: [role.rows(ro.n)], ro.n, ro.seq, ctx.cfg.train.micro_batch_size, ctx.device)
+    pooled = None if ctx.rm_pooling == "last" else response_positions(ro.mask)
+    return Scores(pool_rewards(values, pooled, ro.last_index, ctx.rm_pooling), right)
+
+
+@dataclass
+class OldOutputs:
+    """[n, s] each: the reference's and the sampling policy's log-probs, the critic's values
+    (None without a critic)."""
+
+    ref_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: Optional[torch.Tensor]
+
+
+def old_outputs(ro: Rollout, roles: Roles, ctx: StepContext) -> OldOutputs:
+    """Reference log-probs; old log-probs recomputed by the training forward pass in the
+    first update epoch's microbatches (or the engine's); old values."""
+    cfg, mbs, dev = ctx.cfg, ctx.cfg.train.micro_batch_size, ctx.device
+    temp, limit = cfg.rollout.temperature, ctx.vocab_limit
+
+    def run(role: Role, step_fn, row_ranges) -> torch.Tensor:
+        return role.per_token(step_fn if role.here else None, lambda rows: microbatches(ro, rows, mbs),
+                              row_ranges, ro.n, ro.seq, mbs, dev)
+
+    def own_share(role):
+        return [role.rows(ro.n)]
+
+    def first_epoch(role):
+        return list(minibatch_rows(ro.n, cfg.ppo.minibatch_size, role))
+
+    def lp_step(role):
+        return _logprob_step(role, temp, limit, dev) if role.here else None
+
+    ref = run(roles.reference, lp_step(roles.reference), own_share)
+    if cfg.ppo.old_logprobs == "recompute":
+        old = run(roles.actor, lp_step(roles.actor), first_epoch)
+    else:
+        old = ro.rollout_logprobs * ro.mask
+    values = run(roles.critic, _value_step(dev), first_epoch) * ro.mask if roles.critic else None
+    return OldOutputs(ref, old, values)
+
+
+@dataclass
+class Targets:
+    """What the update trains towards, ``[n, s]`` unless noted."""
+
+    used_scores: torch.Tensor
+    """[n] scores after the EOS penalty and any baseline."""
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: Optional[torch.Tensor]
+    loss_weights: torch.Tensor
+    loss_counts: torch.Tensor
+    """[n]"""
+
+
+def targets(ro: Rollout, sc: Scores, old: OldOutputs, ctx: StepContext, kl_coef: float) -> Targets:
+    """Every rank, on the whole batch: groups stay whole and whitening covers every DP
+    rank's tokens."""
+    P, algo = ctx.cfg.ppo, ctx.algo
+    used = sc.scores.clone()
+    if P.missing_eos_penalty is not None:
+        used = torch.where(ro.finish == 2, torch.full_like(used, P.missing_eos_penalty), used)
+    if P.score_baseline == "loo":
+        used = A.leave_one_out(used, ctx.cfg.rollout.samples_per_prompt)
+    kl = A.kl_estimate(old.old_logprobs, old.ref_logprobs, algo.kl_estimator, P.kl_clamp_min, P.kl_clamp_max) * ro.mask
+    est = estimate_advantages(algo.advantage, AdvantageInputs(
+        scores=used, kl=kl, mask=ro.mask, values=old.old_values, kl_coef=kl_coef if algo.kl_in_reward else 0.0,
+        group_size=ctx.cfg.rollout.samples_per_prompt, gamma=P.gamma, lam=P.lam, whiten_rewards=P.whiten_rewards))
+    adv = A.masked_whiten(est.advantages, ro.mask) if algo.whiten_advantages else est.advantages
+    w, counts = loss_weights(ro.mask, algo.loss_aggregation, ctx.cfg.rollout.max_new_tokens)
+    return Targets(used, kl, adv, est.returns, w, counts)
+
+
+@dataclass
+class UpdateSums:
+    policy: Optional[PolicySums] = None
+    value: Optional[ValueSums] = None
+    first_ratio_dev: Optional[float] = None
+    empty_minibatches: int = 0
+
+
+def _epoch_order(n: int, group: int, seed: int, step: int, epoch: int) -> Optional[torch.Tensor]:
+    """Row order of an update epoch: the rollout's in the first (where the old log-probs
+    were recomputed), then a shuffle of whole prompt groups."""
+    if not epoch:
+        return None
+    g = torch.Generator().manual_seed(seed * 7919 + step * 31 + epoch)
+    groups = torch.randperm(n // group, generator=g)
+    return (groups.unsqueeze(-1) * group + torch.arange(group)).reshape(-1)
+
+
+def update(ro: Rollout, tg: Targets, old: OldOutputs, roles: Roles, ctx: StepContext, state: StepState) -> UpdateSums:
+    """Minibatches x epochs; each minibatch one optimizer step of each trained role."""
+    cfg, P, dev, mbs = ctx.cfg, ctx.cfg.ppo, ctx.device, ctx.cfg.train.micro_batch_size
+    train_actor = state.step >= P.critic_warmup_steps
+    per_token = {"old_logprobs": old.old_logprobs, "ref_logprobs": old.ref_logprobs, "advantages": tg.advantages,
+                 "loss_weights": tg.loss_weights, "loss_counts": tg.loss_counts}
+    if tg.returns is not None:
+        per_token.update(old_values=old.old_values, returns=tg.returns)
+    steps = []
+    if roles.actor.trainer is not None and train_actor:
+        steps.append((roles.actor, _actor_step(roles.actor, ctx.algo, P, state.kl_ctl.coef, cfg.rollout.temperature,
+                                               ctx.vocab_limit, dev), PolicySums))
+    if roles.critic is not None and roles.critic.trainer is not None:
+        steps.append((roles.critic, _critic_step(P.value_clip, P.value_loss_coef, dev), ValueSums))
+    out, applied = UpdateSums(), {role.name: False for role, _, _ in steps}
+    for epoch in range(P.ppo_epochs):
+        order = _epoch_order(ro.n, cfg.rollout.samples_per_prompt, cfg.train.seed, state.step, epoch)
+        ep_ro = ro if order is None else ro.permuted(order)
+        ep_extra = per_token if order is None else {k: v[order] for k, v in per_token.items()}
+        for mb in range(ro.n // P.minibatch_size):
+            if not minibatch_has_tokens(ep_ro.mask, mb, P.minibatch_size):
+                out.empty_minibatches += 1  # every response empty: nothing to learn from
+                continue
+            for role, step_fn, sums in steps:
+                rows = list(minibatch_rows(ro.n, P.minibatch_size, role))[mb]
+                st, skipped = role.update(step_fn, microbatches(ep_ro, rows, mbs, ep_extra), ro.seq, mbs,
+                                          state.step + 1, ctx.preempt, dev)
+                applied[role.name] |= not skipped
+                s = sums.of(st)
+                if sums is PolicySums:
+                    out.policy = s if out.policy is None else out.policy + s
+                    if out.first_ratio_dev is None:
+                        out.first_ratio_dev = s.ratio_dev / max(s.tokens, 1)
+                else:
+                    out.value = s if out.value is None else out.value + s
+    for role, _, _ in steps:
+        if applied[role.name]:  # as every recipe: a skipped update does not advance the schedule
+            role.trainer.scheduler.step(1)
+    if ctx.engine is not None and applied.get("actor"):
+        ctx.engine.update_weights()  # a no-op for the engine on the training weights
+    return out
+
+
+def step_metrics(ro: Rollout, sc: Scores, old: OldOutputs, tg: Targets, up: UpdateSums, roles: Roles,
+                 ctx: StepContext, times: Dict[str, float]) -> StepMetrics:
+    """Everything a step reports, from the whole batch (identical on every rank)."""
+    seq_kl = (A.kl_estimate(old.old_logprobs, old.ref_logprobs, "k1") * ro.mask).sum(-1)
+    step_s = sum(times.values())
+    m = StepMetrics(
+        score_mean=float(sc.scores.mean()), score_std=float(sc.scores.std()) if ro.n > 1 else 0.0,
+        reward_mean=float(tg.used_scores.mean()), kl=float(seq_kl.mean()), kl_coef=0.0,
+        response_length=float(ro.response_len.float().mean()), eos_rate=float((ro.finish == 0).float().mean()),
+        advantage_mean=float(A.masked_mean(tg.advantages, ro.mask)), times={k: round(v, 3) for k, v in times.items()},
+        tokens_per_s_generate=round(int(ro.response_len.sum()) / max(times["generate"], 1e-9)),
+        tokens_per_s_step=round(int((ro.tokens != ctx.tokenizer.pad_id).sum()) / max(round(step_s, 3), 1e-9)),
+        empty_minibatches=up.empty_minibatches)
+    m.times["step"] = round(step_s, 3)
+    if tg.returns is not None:
+        m.explained_variance = float(A.explained_variance(old.old_values, tg.returns, ro.mask))
+    if sc.right is not None:
+        m.train_accuracy = float(sc.right.float().mean())
+        if sc.right.any() and not sc.right.all():  # does the scorer still rank this step's samples?
+            m.score_correct, m.score_wrong = float(sc.scores[sc.right].mean()), float(sc.scores[~sc.right].mean())
+    if ctx.cfg.ppo.old_logprobs == "recompute":  # train/rollout mismatch of the sampling policy
+        diff = (ro.rollout_logprobs - old.old_logprobs).abs() * ro.mask
+        n = ro.mask.sum().clamp(min=1)
+        m.rollout_logprob_diff_mean, m.rollout_logprob_diff_max = float(diff.sum() / n), float(diff.max())
+        m.rollout_ratio_outside = float(((diff > math.log(2.0)).float() * ro.mask).sum() / n)
+    if up.policy is not None:
+        p, n = up.policy, max(up.policy.tokens, 1)
+        m.policy_loss, m.clip_fraction, m.approx_kl = p.loss / max(p.count, 1e-12), p.clipped / n, p.approx_kl / n
+        m.ratio_mean, m.entropy, m.first_minibatch_ratio_dev = p.ratio / n, p.entropy / n, up.first_ratio_dev
+        if not ctx.algo.kl_in_reward:
+            m.kl_loss = p.kl / n
+    if up.value is not None:
+        m.value_loss, m.value_clip_fraction = up.value.loss / max(up.value.tokens, 1), up.value.clipped / max(up.value.tokens, 1)
+    skipped = {r.name: r.trainer.guard.total for r in roles.trained() if r.trainer.guard.total}
+    m.skipped_updates = skipped or None
+    if roles.actor.trainer is not None:
+        m.actor_lr = roles.actor.trainer.optimizer.param_groups[0]["lr"]
+    return m
+
+
+def ppo_step(batch: PromptBatch, roles: Roles, ctx: StepContext, state: StepState) -> StepMetrics:
+    """One step of the algorithm on ``batch`` (collective over the whole job): every rank
+    calls it with the same batch and gets the same metrics; ``state`` advances by one step."""
+    times: Dict[str, float] = {}
+    with _phase("generate", times):
+        ro = generate(batch, roles.actor, ctx, state.step)
+    with _phase("score", times):
+        sc = score(ro, batch, roles.reward, ctx)
+    with _phase("logprobs", times):
+        old = old_outputs(ro, roles, ctx)
+    with _phase("advantages", times):
+        kl_coef = state.kl_ctl.coef
+        tg = targets(ro, sc, old, ctx, kl_coef)
+    with _phase("update", times):
+        up = update(ro, tg, old, roles, ctx, state)
+    m = step_metrics(ro, sc, old, tg, up, roles, ctx, times)
+    m.kl_coef = kl_coef
+    state.step += 1
+    state.consumed += batch.n // ctx.cfg.rollout.samples_per_prompt
+    state.kl_ctl.update(m.kl, ro.n)
+    return m
 
 
 # -- the recipe -------------------------------------------------------------------------------
+def build_roles(cfg: PPOConfig, log) -> Roles:
+    """Every role of the job on its layout, loaded (collective, the same order everywhere)."""
+    from megarlhf.parallel import build_layout
+
+    spans, inits = cfg.spans(), cfg.init_paths()
+    shapes = {key.split(".")[0]: m for key, m in cfg.resolved_models().items()}
+    for role in inits:
+        check_model(shapes[role], prefix=f"{role}.model")
+    layouts = {role: build_layout(getattr(cfg, role).parallel, *spans[role], seed=cfg.train.seed) for role in inits}
+    built = {role: build_role(role, layouts[role], shapes[role], inits[role],
+                              "causal" if role in ("actor", "reference") else "reward",
+                              frozen=role in ("reference", "reward"), say=log.say) for role in inits}
+    roles = Roles(**built)
+    for role in (r for r in (roles.critic, roles.reward) if r is not None):
+        if role.meta.model.vocab_size != roles.actor.meta.model.vocab_size:
+            raise ConfigError([f"{role.name}.init_from={role.init_from}: vocabulary {role.meta.model.vocab_size} "
+                               f"differs from the actor's {roles.actor.meta.model.vocab_size}: the roles "
+                               "must share the tokenizer"])
+    if roles.reward is not None and roles.reward.meta.kind != "reward":
+        raise ConfigError([f"reward.init_from={roles.reward.init_from} is a {roles.reward.meta.kind} model; "
+                           "the scorer must be a reward model"])
+    return roles
+
+
+def make_optimizers(roles: Roles, t: PPOTrainConfig, total_steps: int) -> None:
+    """The actor's and critic's optimizers and LR schedules (a constant schedule keeps its
+    floor at the peak)."""
+    from megarlhf.train.optim import OptimConfig
+
+    for role, lr in ((roles.actor, t.actor_lr), (roles.critic, t.critic_lr)):
+        if role is None:
+            continue
+        floor = lr if t.schedule.style == "constant" else 0.0
+        make_trainable(role, OptimConfig(lr=lr, min_lr=floor, weight_decay=t.weight_decay, adam_beta2=t.adam_beta2,
+                                         clip_grad=t.clip_grad), t.schedule, total_steps, t.distributed_optimizer,
+                       t.max_bad_steps)
+
+
+def load_prompts(cfg: PPOConfig, template, log):
+    from megarlhf.data.dataset import build_dataset
+    from megarlhf.data.load import DataError
+
+    data = build_dataset(cfg.data, "prompts", template)
+    for line in data.summary():
+        log.say(f"data: {line}")
+    rows = data.train
+    if cfg.score == "exact_match":
+        missing = sum(r is None for r in rows["reference"])
+        if missing:
+            raise DataError(f"score=exact_match: {missing} of {len(rows)} prompt rows of data.sources "
+                            f"({', '.join(src.path for src in cfg.data.sources)}) have no 'reference' "
+                            "answer to check responses against")
+    return rows
+
+
+@dataclass
+class Job:
+    """A set-up run: its roles, what every step shares, the state, the prompts."""
+
+    roles: Roles
+    ctx: StepContext
+    state: StepState
+    rows: Any
+    """The prompt rows (a ``datasets.Dataset`` with ``prompt_ids`` and ``reference``)."""
+    sampler: Any
+    total_steps: int
+    template: Any
+    meta_out: Any
+    """The metadata of the checkpoints the run writes."""
+
+    def checkpointed(self) -> Dict[str, tuple]:
+        return {r.name: (r.chunks, r.trainer.optimizer, r.trainer.scheduler) for r in self.roles.trained()}
+
+    def batch(self, idx) -> PromptBatch:
+        """The step's rows for prompt indices ``idx`` (each prompt's samples consecutive)."""
+        k = self.ctx.cfg.rollout.samples_per_prompt
+        return PromptBatch([list(self.rows[int(i)]["prompt_ids"]) for i in idx for _ in range(k)],
+                           [self.rows[int(i)].get("reference") for i in idx for _ in range(k)])
+
+
+def prepare(cfg: PPOConfig, log, preempt=None) -> Job:
+    """Roles, optimizers, prompts and the step context of a run, after the process groups
+    exist (collective over the job)."""
+    from megarlhf import platform
+    from megarlhf.data.sampler import ShardedSampler
+    from megarlhf.models.llama import model_sequence_multiple
+    from megarlhf.recipes.pairs_common import output_meta, tokenizer_of
+    from megarlhf.rollout.engine import MegatronEngine
+
+    R = cfg.rollout
+    roles = build_roles(cfg, log)
+    actor = roles.actor
+    tokenizer, template = tokenizer_of(actor.meta, actor.init_from, cfg.chat_template, log.say)
+    rows = load_prompts(cfg, template, log)
+    sampler = ShardedSampler(len(rows), R.prompts_per_step, 0, 1, seed=cfg.train.seed)
+    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
+    make_optimizers(roles, cfg.train, total_steps)
+    vocab_limit = min(actor.model.vocab_size, tokenizer.vocab_size)
+    ctx = StepContext(
+        cfg=cfg, algo=cfg.algorithm(), tokenizer=tokenizer, stop_ids=template.stop_ids(), vocab_limit=vocab_limit,
+        engine=MegatronEngine(actor.chunks, actor.mp, vocab_limit, max_batch=R.max_batch) if actor.here else None,
+        row_multiple=math.lcm(*(model_sequence_multiple(r.model, getattr(cfg, r.name).parallel) for r in roles.all())),
+        rm_pooling=roles.reward.meta.extra.get("reward_pooling", "last") if roles.reward else None,
+        device=platform.current().device, preempt=preempt)
+    state = StepState(0, 0, A.KLController(ctx.algo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon))
+    meta_out = output_meta(actor.model, "causal", tokenizer.path, template, actor.meta, recipe="ppo",
+                           init_from=os.path.abspath(actor.init_from))
+    return Job(roles, ctx, state, rows, sampler, total_steps, template, meta_out)
+
+
 def run(cfg: PPOConfig) -> dict:
     from megarlhf import platform
-    from megarlhf.algos import ppo as A
-    from megarlhf.algos.logprobs import vocab_start_of
-    from megarlhf.algos.preference import pool_rewards, response_positions
-    from megarlhf.data.dataset import build_dataset
-    from megarlhf.data.sampler import ShardedSampler
-    from megarlhf.data.task import is_correct
-    from megarlhf.models.checkpoint import load_model, read_meta, save_model
-    from megarlhf.models.llama import build_model, describe, model_sequence_multiple, padded_vocab
-    from megarlhf.parallel import (DistEnv, build_layout, destroy, init_distributed,
-                                   initialize_model_parallel)
+    from megarlhf.models.checkpoint import save_model
+    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
     from megarlhf.recipes.common import exact_match_eval
-    from megarlhf.recipes.pairs_common import output_meta, reduce_stats, tokenizer_of
-    from megarlhf.rollout.engine import MegatronEngine, SamplingParams
     from megarlhf.train.checkpoint import find_checkpoint, load_roles_state, save_roles_state
     from megarlhf.train.metrics import MetricsLog
-    from megarlhf.train.optim import OptimConfig, build_optimizer, build_optimizer_elsewhere, wrap_ddp
     from megarlhf.train.preemption import Preemption
-    from megarlhf.train.roles import is_writer, share_rows, shard_rows
-    from megarlhf.train.schedule import build_scheduler
-    from megarlhf.train.guard import BadSteps
-    from megarlhf.train.step import forward_only, train_step
 
-    t, P, R = cfg.train, cfg.ppo, cfg.rollout
+    t, R = cfg.train, cfg.rollout
     preempt = Preemption(t.preemption)  # signal handlers first: a signal only sets a flag
     env = DistEnv.from_environ()
     if env.world_size != cfg.world:  # the roles' ranks are laid out from cfg.world
         raise ConfigError([f"world={cfg.world} but the job has {env.world_size} processes "
                            f"({env.source}): set world={env.world_size}"])
     init_distributed(env)
-    plat = platform.current()
-    dev = plat.device
     initialize_model_parallel(ParallelConfig(), seed=t.seed)  # the RNG tracker; roles get their own groups
     log = MetricsLog(t.out_dir, cfg.log, dataclasses.asdict(cfg))
-    log.say(f"megarlhf ppo: {env.world_size} process(es) on {plat.describe()}, placement {cfg.placement}")
-
-    # -- roles: layouts (collective, same order everywhere), models, weights -----------------
-    spans = cfg.spans()
-    roles = cfg.roles()
-    layouts = {role: build_layout(getattr(cfg, role).parallel, *spans[role], seed=t.seed) for role in roles}
-    inits = {"actor": cfg.actor.init_from, "reference": cfg.reference.init_from or cfg.actor.init_from,
-             "critic": cfg.critic.init_from, "reward": cfg.reward.init_from}
-    inits = {role: inits[role] for role in roles}
-    metas = {role: read_meta(path) for role, path in inits.items()}
-    shapes = {key.split(".")[0]: m for key, m in cfg.resolved_models().items()}
-    for role in roles:
-        check_model(shapes[role], prefix=f"{role}.model")
-    tokenizer, template = tokenizer_of(metas["actor"], inits["actor"], cfg.chat_template, log.say)
-    for role in (r for r in ("critic", "reward") if r in roles):
-        if metas[role].model.vocab_size != metas["actor"].model.vocab_size:
-            raise ConfigError([f"{role}.init_from={inits[role]}: vocabulary {metas[role].model.vocab_size} "
-                               f"differs from the actor's {metas['actor'].model.vocab_size}: the roles "
-                               "must share the tokenizer"])
-    rm_pooling = metas["reward"].extra.get("reward_pooling", "last") if "reward" in roles else None
-    if "reward" in roles and metas["reward"].kind != "reward":
-        raise ConfigError([f"reward.init_from={inits['reward']} is a {metas['reward'].kind} model; "
-                           "the scorer must be a reward model"])
-    models: Dict[str, Optional[List[torch.nn.Module]]] = {}
-    for role in roles:
-        mp, meta = layouts[role], metas[role]
-        kind = "causal" if role in ("actor", "reference") else "reward"
-        chunks = build_model(shapes[role], mp, kind=kind) if mp is not None else []
-        skip = ("output_layer.",) if kind == "reward" and meta.kind == "causal" else ()
-        load_model(chunks, inits[role], skip_prefixes=skip)  # collective over the job
-        if mp is not None:
-            log.say(f"{role}: {describe(shapes[role], mp)} on ranks {mp.ranks[0]}-{mp.ranks[-1]} "
-                    f"from {inits[role]}{' (fresh value head)' if skip else ''}")
-        if role in ("reference", "reward"):
-            for c in chunks:
-                c.eval()
-                c.requires_grad_(False)
-        models[role] = chunks if mp is not None else None
-    actor_mp, critic_mp = layouts["actor"], layouts["critic"]
-    model_cfg = shapes["actor"]
-    # every role reads the same rows: padded to what each role's layout needs
-    row_multiple = math.lcm(*(model_sequence_multiple(shapes[role], getattr(cfg, role).parallel) for role in roles))
-
-    # -- prompts, optimizers, schedules, resume ------------------------------------------------
-    data = build_dataset(cfg.data, "prompts", template)
-    for line in data.summary():
-        log.say(f"data: {line}")
-    prompts_ds = data.train
-    if cfg.score == "exact_match":
-        missing = sum(r is None for r in prompts_ds["reference"])
-        if missing:
-            from megarlhf.data.load import DataError
-
-            raise DataError(f"score=exact_match: {missing} of {len(prompts_ds)} prompt rows of data.sources "
-                            f"({', '.join(src.path for src in cfg.data.sources)}) have no 'reference' "
-                            "answer to check responses against")
-    sampler = ShardedSampler(len(prompts_ds), R.prompts_per_step, 0, 1, seed=t.seed)
-    total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
-    trainable = {}
-    for role, lr in (("actor", t.actor_lr), ("critic", t.critic_lr)):
-        mp = layouts[role]
-        if mp is None:
-            build_optimizer_elsewhere()
-            continue
-        for c in models[role]:
-            c.config.calculate_per_token_loss = True
-        dist_opt = t.distributed_optimizer and mp.dp_size > 1
-        ddp = wrap_ddp(models[role], mp, dist_opt)
-        opt = build_optimizer(ddp, OptimConfig(lr=lr, min_lr=lr if t.schedule.style == "constant" else 0.0,
-                                               weight_decay=t.weight_decay, adam_beta2=t.adam_beta2,
-                                               clip_grad=t.clip_grad, use_distributed_optimizer=dist_opt), mp)
-        sched = build_scheduler(opt, t.schedule, lr, lr if t.schedule.style == "constant" else 0.0,
-                                total_steps, t.weight_decay)
-        trainable[role] = (ddp, opt, sched)
-    kl_ctl = A.KLController(P.kl_coef, P.kl_target, P.kl_horizon)
-    ckpt_roles = {role: (models[role], opt, sched) for role, (_, opt, sched) in trainable.items()}
-    meta_out = output_meta(model_cfg, "causal", tokenizer.path, template, metas["actor"], recipe="ppo",
-                           init_from=os.path.abspath(inits["actor"]))
-    step, consumed = 0, 0
+    log.say(f"megarlhf ppo: {env.world_size} process(es) on {platform.current().describe()}, algo {cfg.algo}, "
+            f"placement {cfg.placement}")
+    job = prepare(cfg, log, preempt)
+    actor, state, a = job.roles.actor, job.state, job.ctx.algo
     ckpt = find_checkpoint(t.out_dir, t.resume)
     if ckpt:
-        state = load_roles_state(ckpt, ckpt_roles)
-        step, consumed = state["step"], state["consumed_samples"]
-        kl_ctl.load_state_dict(state["kl_controller"])
-        log.say(f"resumed from {ckpt} at step {step} ({consumed} prompts consumed)")
-    log.say(f"training {total_steps} steps of {R.prompts_per_step} prompts x {R.samples_per_prompt} "
-            f"samples, minibatch {P.minibatch_size}, {P.ppo_epochs} PPO epoch(s)")
+        saved = load_roles_state(ckpt, job.checkpointed())
+        state.step, state.consumed = saved["step"], saved["consumed_samples"]
+        state.kl_ctl.load_state_dict(saved["kl_controller"])
+        log.say(f"resumed from {ckpt} at step {state.step} ({state.consumed} prompts consumed)")
+    log.say(f"training {job.total_steps} steps of {R.prompts_per_step} prompts x {R.samples_per_prompt} "
+            f"samples, minibatch {cfg.ppo.minibatch_size}, {cfg.ppo.ppo_epochs} epoch(s); advantages "
+            f"{a.advantage}, loss {a.policy_loss} ({a.loss_aggregation}), KL {a.kl_estimator} x {a.kl_coef} "
+            f"in the {'reward' if a.kl_in_reward else 'loss'}")
 
-    vstart = {role: vocab_start_of(layouts[role].tp_rank, padded_vocab(model_cfg, layouts[role].config.tp),
-                                   layouts[role].config.tp)
-              for role in ("actor", "reference") if layouts[role] is not None}
-    engine = MegatronEngine(models["actor"], actor_mp, min(model_cfg.vocab_size, tokenizer.vocab_size),
-                            max_batch=R.max_batch) if actor_mp is not None else None
-    stop_ids = template.stop_ids()
-
-    def evaluate(at_step: int) -> Optional[float]:
-        if not cfg.eval.prompts or actor_mp is None:
+    def evaluate(at_step: int, into=log) -> Optional[float]:
+        if not cfg.eval.prompts or not actor.here:
             return None
-        acc, n, secs = exact_match_eval(models["actor"], actor_mp, model_cfg, template, cfg.eval.prompts,
+        acc, n, secs = exact_match_eval(actor.chunks, actor.mp, actor.model, job.template, cfg.eval.prompts,
                                         cfg.eval.num_prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         log.say(f"step {at_step}: exact match on {n} prompts: {acc:.1%} (greedy, {secs:.1f} s)")
+        into.log(at_step, {"exact_match": acc}, echo=False)
         return acc
 
-    def forward_rows(role: str, step_fn, ro: Rollout, row_ranges, extra=None) -> torch.Tensor:
-        """Per-token ``[n, s]`` outputs of a role over its rows, shared with every rank."""
-        mp = layouts[role]
-        rows_all: List[int] = []
-        outs: List[torch.Tensor] = []
-        if mp is not None:
-            micro = []
-            for rows in row_ranges(mp):
-                micro += microbatches(ro, rows, t.micro_batch_size, extra)
-                rows_all += list(rows)
-            res = forward_only(models[role], mp, step_fn, micro, ro.seq, t.micro_batch_size)
-            outs = [o["values"] for o in res]
-        full = torch.zeros(ro.n, ro.seq, device=dev)
-        if is_writer(mp) and rows_all:  # one writer per replica: the sum counts each row once
-            full[torch.tensor(rows_all, device=dev)] = torch.cat(outs).to(dev)
-        torch.distributed.all_reduce(full)
-        return full.cpu()
+    def save() -> str:  # collective
+        return save_roles_state(t.out_dir, state.step, job.checkpointed(), {"consumed_samples": state.consumed,
+                                "kl_controller": state.kl_ctl.state_dict()}, job.meta_out, keep=t.keep_checkpoints)
 
-    def first_epoch_rows(mp):  # the minibatch order of the first update epoch
-        return list(minibatch_rows(n_seq, P.minibatch_size, mp))
-
-    @contextmanager
-    def phase(name: str, times: Dict[str, float]):
-        t0 = time.time()
-        yield
-        times[name] = time.time() - t0
-
-    n_seq = R.prompts_per_step * R.samples_per_prompt
-    history: List[Dict[str, float]] = []
-    result: Dict[str, object] = {}
-    if step == 0:
-        acc0 = evaluate(0)
-        if acc0 is not None:
-            result["initial_exact_match"] = acc0
-            log.log(0, {"exact_match": acc0}, echo=False)
-    batches = sampler.batches(consumed)
-    guards = {role: BadSteps(t.max_bad_steps, name=role) for role in trainable}
-    log.start_progress(total_steps, step)
-    while step < total_steps:
-        times: Dict[str, float] = {}
-        idx = next(batches)
-        prompts = [list(prompts_ds[int(i)]["prompt_ids"]) for i in idx for _ in range(R.samples_per_prompt)]
-        refs = [prompts_ds[int(i)].get("reference") for i in idx for _ in range(R.samples_per_prompt)]
-
-        # 1. generate: the actor's replicas sample their share; every rank gets every row
-        with phase("generate", times):
-            mine = shard_rows(n_seq, actor_mp)
-            out = None
-            if engine is not None and len(mine):
-                out = engine.generate(prompts[mine.start:mine.stop], SamplingParams(
-                    max_new_tokens=R.max_new_tokens, temperature=R.temperature, top_p=R.top_p,
-                    top_k=R.top_k, stop_ids=stop_ids, eos_id=tokenizer.eos_id,
-                    seed=t.seed * 100_003 + step), first_index=mine.start)
-            w = is_writer(actor_mp)
-            vals = _pad_responses(out, R.max_new_tokens) if w else None
-            resp = share_rows(n_seq, (R.max_new_tokens,), torch.long, mine, vals and vals[0], w, dev)
-            resp_len = share_rows(n_seq, (), torch.long, mine, vals and vals[1], w, dev)
-            finish = share_rows(n_seq, (), torch.long, mine, vals and vals[2], w, dev)
-            resp_lp = share_rows(n_seq, (R.max_new_tokens,), torch.float32, mine, vals and vals[3], w, dev)
-            ro = build_rollout(prompts, resp, resp_len, finish, resp_lp, tokenizer.pad_id, row_multiple)
-
-        # 2. score: the reward model on its own replicas (maybe its own ranks), or the rule
-        with phase("score", times):
-            texts = [tokenizer.decode(resp[i, :int(resp_len[i])].tolist()) for i in range(ro.n)]
-            right = (torch.tensor([is_correct(x, r) for x, r in zip(texts, refs)])
-                     if refs[0] is not None else None)
-            if cfg.score == "model":
-                values = forward_rows("reward", _value_step(dev), ro, lambda mp: [shard_rows(n_seq, mp)])
-                pooled = None if rm_pooling == "last" else response_positions(ro.mask)
-                scores = pool_rewards(values, pooled, ro.last_index, rm_pooling)
-            else:
-                scores = right.float()
-
-        # 3. reference log-probs, old log-probs (training forward, first-epoch microbatches), values
-        with phase("logprobs", times):
-            ref_lp = forward_rows("reference", _logprob_step(layouts["reference"], vstart.get("reference", 0), dev,
-                                                             R.temperature),
-                                  ro, lambda mp: [shard_rows(n_seq, mp)])
-            if P.old_logprobs == "recompute":
-                old_lp = forward_rows("actor", _logprob_step(actor_mp, vstart.get("actor", 0), dev, R.temperature), ro,
-                                      first_epoch_rows)
-            else:
-                old_lp = ro.rollout_logprobs * ro.mask
-            old_values = forward_rows("critic", _value_step(dev), ro, first_epoch_rows) * ro.mask
-
-        # 4. advantages (every rank, the whole batch: whitening covers every DP rank's tokens)
-        with phase("advantages", times):
-            no_eos = ro.finish == 2
-            used = scores.clone()
-            if P.missing_eos_penalty is not None:
-                used = torch.where(no_eos, torch.full_like(used, P.missing_eos_penalty), used)
-            if P.score_baseline == "loo":
-                used = A.leave_one_out(used, R.samples_per_prompt)
-            kl = A.kl_estimate(old_lp, ref_lp, P.kl_estimator, P.kl_clamp_min, P.kl_clamp_max) * ro.mask
-            rewards = A.token_rewards(kl, used, ro.mask, kl_ctl.coef)
-            if P.whiten_rewards:
-                rewards = A.masked_whiten(rewards, ro.mask, shift_mean=False)
-            adv, returns = A.gae(rewards, old_values, ro.mask, P.gamma, P.lam)
-            if P.whiten_advantages:
-                adv = A.masked_whiten(adv, ro.mask)
-            extra = {"old_logprobs": old_lp, "advantages": adv, "old_values": old_values, "returns": returns}
-
-        # 5. updates: minibatches x epochs (the first epoch in rollout order)
-        with phase("update", times):
-            train_actor = step >= P.critic_warmup_steps
-            actor_stats, critic_stats, first_dev = None, None, None
-            empty_minibatches = 0
-            for epoch in range(P.ppo_epochs):
-                order = None
-                if epoch:
-                    g = torch.Generator().manual_seed(t.seed * 7919 + step * 31 + epoch)
-                    order = torch.randperm(n_seq, generator=g)
-                ep_extra, ep_ro = extra, ro
-                if order is not None:
-                    ep_ro = dataclasses.replace(ro, **{k: getattr(ro, k)[order] for k in
-                                                       ("tokens", "labels", "mask", "last_index")})
-                    ep_extra = {k: v[order] for k, v in extra.items()}
-                for mb in range(n_seq // P.minibatch_size):
-                    if not minibatch_has_tokens(ep_ro.mask, mb, P.minibatch_size):
-                        empty_minibatches += 1  # every response empty: nothing to learn from
-                        continue
-                    for role, step_fn, enabled in (
-                            ("actor", _actor_step(actor_mp, vstart.get("actor", 0), P.clip, dev, R.temperature),
-                             train_actor),
-                            ("critic", _critic_step(P.value_clip, P.value_loss_coef, dev), True)):
-                        mp = layouts[role]
-                        if mp is None or not enabled:
-                            continue
-                        rows = list(minibatch_rows(n_seq, P.minibatch_size, mp))[mb]
-                        micro = microbatches(ep_ro, rows, t.micro_batch_size, ep_extra)
-                        ddp, opt, _ = trainable[role]
-                        res = train_step(ddp, opt, mp, step_fn, micro, ro.seq, t.micro_batch_size)
-                        guards[role].record(res["skipped"], step + 1, preempt)
-                        st = reduce_stats(res["outputs"], mp, dev).cpu()
-                        if role == "actor":
-                            actor_stats = st if actor_stats is None else actor_stats + st
-                            if first_dev is None:
-                                first_dev = float(st[5] / st[1])
-                        else:
-                            critic_stats = st if critic_stats is None else critic_stats + st
-            for role, (_, _, sched) in trainable.items():
-                if role == "critic" or train_actor:
-                    sched.step(1)
-
-        # 6. metrics (identical on every rank; logged by rank 0)
-        step += 1
-        consumed += R.prompts_per_step
-        seq_kl = (A.kl_estimate(old_lp, ref_lp, "k1") * ro.mask).sum(-1)
-        gen_tokens = int(ro.response_len.sum())
-        all_tokens = int((ro.tokens != tokenizer.pad_id).sum())
-        m: Dict[str, float] = {
-            "score_mean": float(scores.mean()), "score_std": float(scores.std()) if ro.n > 1 else 0.0,
-            "reward_mean": float(used.mean()), "kl": float(seq_kl.mean()), "kl_coef": kl_ctl.coef,
-            "response_length": float(ro.response_len.float().mean()),
-            "eos_rate": float((ro.finish == 0).float().mean()),
-            "advantage_mean": float(A.masked_mean(adv, ro.mask)),
-            "explained_variance": float(A.explained_variance(old_values, returns, ro.mask)),
-        }
-        if right is not None:
-            m["train_accuracy"] = float(right.float().mean())
-            if right.any() and not right.all():  # does the scorer still rank this step's samples?
-                m["score_correct"] = float(scores[right].mean())
-                m["score_wrong"] = float(scores[~right].mean())
-        if actor_stats is not None:
-            loss, n, clipped, akl, ratio, devsum, ent = actor_stats.tolist()
-            m.update(policy_loss=loss / n, clip_fraction=clipped / n, approx_kl=akl / n,
-                     ratio_mean=ratio / n, entropy=ent / n, first_minibatch_ratio_dev=first_dev)
-        if critic_stats is not None:
-            vl, n, vclip = critic_stats.tolist()
-            m.update(value_loss=vl / n, value_clip_fraction=vclip / n)
-        if empty_minibatches:
-            m["empty_minibatches"] = empty_minibatches
-        for role, g in guards.items():
-            if g.total:
-                m[f"skipped_updates/{role}"] = g.total
-        if "actor" in trainable:
-            m["actor_lr"] = trainable["actor"][1].param_groups[0]["lr"]
-        for name, secs in times.items():
-            m[f"time/{name}"] = round(secs, 3)
-        m["time/step"] = round(sum(times.values()), 3)
-        m["tokens_per_s/generate"] = round(gen_tokens / max(times["generate"], 1e-9))
-        m["tokens_per_s/step"] = round(all_tokens / max(m["time/step"], 1e-9))
-        kl_ctl.update(m["kl"], ro.n)
-        log.log(step, m)
-        history.append({"step": step, **m})
-        if t.eval_interval and step % t.eval_interval == 0 and step < total_steps:
-            acc = evaluate(step)
-            if acc is not None:
-                log.log(step, {"exact_match": acc}, echo=False)
-        preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_roles_state(
-            t.out_dir, step, ckpt_roles, {"consumed_samples": consumed, "kl_controller": kl_ctl.state_dict()},
-            meta_out, keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
+    result: Dict[str, Any] = {"history": []}
+    if state.step == 0 and (acc0 := evaluate(0)) is not None:
+        result["initial_exact_match"] = acc0
+    batches = job.sampler.batches(state.consumed)
+    log.start_progress(job.total_steps, state.step)
+    while state.step < job.total_steps:
+        m = ppo_step(job.batch(next(batches)), job.roles, job.ctx, state).as_log()
+        log.log(state.step, m)
+        result["history"].append({"step": state.step, **m})
+        if t.eval_interval and state.step % t.eval_interval == 0 and state.step < job.total_steps:
+            evaluate(state.step)
+        preempt.end_of_step(state.step, job.total_steps, t.save_interval, save, log)  # a signal on any rank stops all
     log.close()
 
-    result["steps"] = step
-    result["history"] = history
-    acc = evaluate(step)
+    acc = evaluate(state.step, MetricsLog(t.out_dir, dataclasses.replace(cfg.log, progress_bar=False, wandb=False)))
+    result.update(steps=state.step, final=os.path.join(t.out_dir, "final"))
     if acc is not None:
         result["exact_match"] = acc
-        MetricsLog(t.out_dir, dataclasses.replace(cfg.log, progress_bar=False, wandb=False)).log(
-            step, {"exact_match": acc}, echo=False)
-    save_roles_state(t.out_dir, step, ckpt_roles,
-                     {"consumed_samples": consumed, "kl_controller": kl_ctl.state_dict()},
-                     meta_out, keep=t.keep_checkpoints)
-    final = os.path.join(t.out_dir, "final")
-    save_model(models["actor"] or [], final, dataclasses.replace(
-        meta_out, extra={**meta_out.extra, "steps": step,
-                         **({"exact_match": acc} if acc is not None else {})}))
-    log.say(f"saved {final}")
-    result["final"] = final
+    save()
+    save_model(actor.chunks, result["final"], dataclasses.replace(job.meta_out, extra={
+        **job.meta_out.extra, "steps": state.step, **({"exact_match": acc} if acc is not None else {})}))
+    log.say(f"saved {result['final']}")
     destroy()
     return result
-
-
-def _pad_responses(out, max_new: int):
-    """Engine output -> (ids [n, max_new], lengths [n], finish codes [n], log-probs [n, max_new])."""
-    n = len(out.response_ids)
-    ids = torch.zeros(n, max_new, dtype=torch.long)
-    lps = torch.zeros(n, max_new)
-    for i, (r, lp) in enumerate(zip(out.response_ids, out.sample_logprobs)):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        lps[i, :len(lp)] = torch.tensor(lp)
-    lens = torch.tensor([len(r) for r in out.response_ids], dtype=torch.long)
-    codes = torch.tensor([{"eos": 0, "stop": 1, "length": 2}[f] for f in out.finish_reason], dtype=torch.long)
-    return ids, lens, codes, lps

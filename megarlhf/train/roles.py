@@ -10,14 +10,16 @@ replica writes (TP rank 0 of the last pipeline stage), so nothing is counted twi
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megarlhf.parallel import ModelParallel
 
-__all__ = ["Span", "placement_spans", "shard_rows", "share_rows", "is_writer"]
+__all__ = ["Span", "placement_spans", "shard_rows", "share_rows", "is_writer", "Trainer", "Role",
+           "build_role", "make_trainable"]
 
 Span = Tuple[int, int]  # first rank, number of ranks
 
@@ -61,3 +63,129 @@ def share_rows(n: int, tail: Tuple[int, ...], dtype: torch.dtype, rows: range,
         full[rows.start:rows.stop] = values.to(device=device, dtype=dtype)
     dist.all_reduce(full)
     return full.cpu()
+
+
+@dataclass
+class Trainer:
+    """What makes a role trainable: its DDP-wrapped chunks, optimizer, LR schedule and
+    skipped-update guard."""
+
+    ddp: List[torch.nn.Module]
+    optimizer: Any
+    scheduler: Any
+    guard: Any
+
+
+@dataclass
+class Role:
+    """One model of a multi-model job (actor, reference, critic, reward model) on its own
+    layout. On ranks outside the role's span ``mp`` is None and ``chunks`` empty: such a
+    rank still joins the job-wide collectives of :meth:`per_token` (every rank calls it)."""
+
+    name: str
+    mp: Optional[ModelParallel]
+    chunks: List[torch.nn.Module]
+    model: Any
+    """The role's ``ModelConfig`` (its checkpoint's shape, run as configured)."""
+    meta: Any
+    """The starting checkpoint's ``CheckpointMeta``."""
+    init_from: str
+    trainer: Optional[Trainer] = None
+
+    @property
+    def here(self) -> bool:
+        """Whether this rank holds part of the role's model."""
+        return self.mp is not None
+
+    @property
+    def vocab_start(self) -> int:
+        """First vocabulary id of this rank's slice of the output layer."""
+        from megarlhf.algos.logprobs import vocab_start_of
+        from megarlhf.models.llama import padded_vocab
+
+        tp = self.mp.config.tp
+        return vocab_start_of(self.mp.tp_rank, padded_vocab(self.model, tp), tp)
+
+    def rows(self, n: int) -> range:
+        """This rank's data-parallel share of ``n`` rows."""
+        return shard_rows(n, self.mp)
+
+    def per_token(self, step_fn: Callable, microbatches_of: Callable[[range], List[Any]],
+                  row_ranges: Callable[["Role"], List[range]], n: int, seq: int,
+                  micro_batch_size: int, device) -> torch.Tensor:
+        """Forward-only: the ``[n, seq]`` per-token outputs (``{"values": ...}`` of
+        ``step_fn``'s loss function) of the role over its rows, shared with every rank of the
+        job (collective over the job)."""
+        from megarlhf.train.step import forward_only
+
+        rows_all: List[int] = []
+        outs: List[torch.Tensor] = []
+        if self.here:
+            micro = []
+            for rows in row_ranges(self):
+                micro += microbatches_of(rows)
+                rows_all += list(rows)
+            res = forward_only(self.chunks, self.mp, step_fn, micro, seq, micro_batch_size)
+            outs = [o["values"] for o in res]
+        full = torch.zeros(n, seq, device=device)
+        if is_writer(self.mp) and rows_all:  # one writer per replica: the sum counts each row once
+            full[torch.tensor(rows_all, device=device)] = torch.cat(outs).to(device)
+        dist.all_reduce(full)
+        return full.cpu()
+
+    def update(self, step_fn: Callable, micro: List[Any], seq: int, micro_batch_size: int,
+               step: int, preempt, device) -> Tuple[torch.Tensor, bool]:
+        """One optimizer step over this rank's microbatches; returns the microbatches'
+        ``stats`` vectors summed over the role's ranks (the same on each of them), and
+        whether the update was skipped (a non-finite loss or gradient; counted by the guard,
+        which stops the run after too many in a row)."""
+        from megarlhf.recipes.pairs_common import reduce_stats
+        from megarlhf.train.step import train_step
+
+        t = self.trainer
+        res = train_step(t.ddp, t.optimizer, self.mp, step_fn, micro, seq, micro_batch_size)
+        t.guard.record(res["skipped"], step, preempt)
+        return reduce_stats(res["outputs"], self.mp, device).cpu(), res["skipped"]
+
+
+def build_role(name: str, mp: Optional[ModelParallel], model_cfg, init_from: str, kind: str,
+               frozen: bool, say: Callable[[str], None]) -> Role:
+    """The role's model on its layout, loaded from ``init_from`` (collective over the whole
+    job: ranks outside the role join the load). A reward-kind role from a causal checkpoint
+    gets a fresh scalar head; a frozen role is in eval mode without gradients."""
+    from megarlhf.models.checkpoint import load_model, read_meta
+    from megarlhf.models.llama import build_model, describe
+
+    meta = read_meta(init_from)
+    chunks = build_model(model_cfg, mp, kind=kind) if mp is not None else []
+    skip = ("output_layer.",) if kind == "reward" and meta.kind == "causal" else ()
+    load_model(chunks, init_from, skip_prefixes=skip)
+    if mp is not None:
+        say(f"{name}: {describe(model_cfg, mp)} on ranks {mp.ranks[0]}-{mp.ranks[-1]} "
+            f"from {init_from}{' (fresh value head)' if skip else ''}")
+    for c in chunks if frozen else ():
+        c.eval()
+        c.requires_grad_(False)
+    return Role(name, mp, chunks, model_cfg, meta, init_from)
+
+
+def make_trainable(role: Role, optim_cfg, schedule_cfg, total_steps: int, distributed_optimizer: bool,
+                   max_bad_steps: int) -> None:
+    """Give ``role`` its optimizer, LR schedule and guard (collective over the job: ranks
+    outside the role join megatron's parameter-group alignment)."""
+    import dataclasses
+
+    from megarlhf.train.guard import BadSteps
+    from megarlhf.train.optim import build_optimizer, build_optimizer_elsewhere, wrap_ddp
+    from megarlhf.train.schedule import build_scheduler
+
+    if not role.here:
+        build_optimizer_elsewhere()
+        return
+    for c in role.chunks:
+        c.config.calculate_per_token_loss = True
+    dist_opt = distributed_optimizer and role.mp.dp_size > 1
+    ddp = wrap_ddp(role.chunks, role.mp, dist_opt)
+    opt = build_optimizer(ddp, dataclasses.replace(optim_cfg, use_distributed_optimizer=dist_opt), role.mp)
+    sched = build_scheduler(opt, schedule_cfg, optim_cfg.lr, optim_cfg.min_lr, total_steps, optim_cfg.weight_decay)
+    role.trainer = Trainer(ddp, opt, sched, BadSteps(max_bad_steps, name=role.name))

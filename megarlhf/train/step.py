@@ -121,7 +121,9 @@ def _inject(actions: List[str], ddp_chunks, outputs) -> None:
 def forward_only(chunks: List[torch.nn.Module], mp: ModelParallel, forward_step_func: Callable,
                  microbatches: Sequence[Any], seq_length: int, micro_batch_size: int) -> List[Any]:
     """Run the forward pass only; returns whatever each microbatch's ``loss_fn`` returns
-    (on the last pipeline stage; an empty list elsewhere)."""
+    (on the last pipeline stage; an empty list elsewhere). Each chunk is back in the mode
+    it was in (a frozen role stays in eval mode)."""
+    modes = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()
     try:
@@ -136,5 +138,5 @@ def forward_only(chunks: List[torch.nn.Module], mp: ModelParallel, forward_step_
             collect_non_loss_data=True,
         )
     finally:
-        for chunk in chunks:
-            chunk.train()
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)

@@ -227,7 +227,7 @@ def test_degenerate_batches_stay_finite(case):
 
 
 def test_empty_minibatches_are_recognised():
-    from megarlhf.recipes.ppo import minibatch_has_tokens
+    from megarlhf.rollout.batch import minibatch_has_tokens
 
     mask = torch.zeros(6, 4)
     mask[4, 1] = 1

@@ -35,7 +35,7 @@ def test_padded_rows_satisfy_fp8_and_sequence_parallelism(tp, sp):
 
 def test_pair_rows_and_rollout_rows_use_the_multiple():
     from megarlhf.recipes.pairs_common import pair_microbatches
-    from megarlhf.recipes.ppo import build_rollout
+    from megarlhf.rollout.batch import build_rollout
 
     rows = [{"chosen_ids": list(range(3, 3 + n)), "chosen_mask": [1] * n, "rejected_ids": [3, 4, 5],
              "rejected_mask": [1, 1, 1]} for n in (9, 20)]
