@@ -17,9 +17,9 @@ __all__ = ["main", "COMMANDS"]
 
 
 def _demo() -> Tuple[type, Callable]:
-    from megarlhf.pipeline import PipelineConfig, run
+    from megarlhf.demo import DemoConfig, run
 
-    return PipelineConfig, run
+    return DemoConfig, run
 
 
 def _compare() -> Tuple[type, Callable]:
@@ -29,9 +29,9 @@ def _compare() -> Tuple[type, Callable]:
 
 
 def _smoke() -> Tuple[type, Callable]:
-    from megarlhf.demo import DemoConfig, run
+    from megarlhf.smoke import SmokeConfig, run
 
-    return DemoConfig, run
+    return SmokeConfig, run
 
 
 def _rm() -> Tuple[type, Callable]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from megarlhf.config import ModelConfig, preset
-from megarlhf.pipeline import PipelineConfig
+from megarlhf.demo import DemoConfig
 
 __all__ = ["CompareConfig", "run", "summarize", "ordering"]
 
@@ -44,7 +44,7 @@ def _large_rm() -> ModelConfig:
 
 
 @dataclass(frozen=True)
-class CompareConfig(PipelineConfig):
+class CompareConfig(DemoConfig):
     """The demo's stages plus a larger reward model and several seeds."""
 
     out_dir: str = "runs/compare"
@@ -126,7 +126,7 @@ def table(results: Dict[str, object]) -> str:
 def run(cfg: CompareConfig) -> Dict[str, object]:
     from megarlhf.data.chat import ChatTemplateConfig
     from megarlhf.models.checkpoint import read_meta
-    from megarlhf.pipeline import sample_pairs
+    from megarlhf.demo import sample_pairs
     from megarlhf.recipes.pairs_common import recorded_template
     from megarlhf.recipes import dpo, ppo, reward_model, sft
 

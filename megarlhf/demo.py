@@ -1,170 +1,222 @@
-"""A smoke test of a layout: a Llama trained for a few steps at TP=2 on CPU or GPU.
+"""The whole tiny pipeline on the built-in task, as the paper runs it at scale:
 
-    megarlhf smoke                      # spawns 2 processes (TP=2) itself
-    megarlhf smoke parallel.pipeline_model_parallel_size=2   # TP=2 x PP=2 on 4 processes
+    SFT -> preference pairs from the SFT policy's own samples -> reward model -> DPO and PPO
 
-It builds the tiny preset on megatron-core, trains it with megatron DDP, optimizer and
-pipeline schedules on a learnable synthetic sequence task, saves a distributed
-checkpoint, reloads it into a fresh model and checks the logits are unchanged, and prints
-what each step did.
+    megarlhf demo [key=value ...]        # e.g. out_dir=runs/demo ppo.train.max_steps=40
+
+Each stage is the ordinary recipe (``megarlhf sft``, ``pairs``, ``rm``, ``dpo``, ``ppo``)
+with its own config section here; the pipeline only wires one stage's output into the
+next stage's input under ``out_dir``. At the end it prints a table (exact match of SFT,
+DPO and PPO on the held-out problems, the reward model's held-out pair accuracy), writes
+``results.json`` and ``reward_curve.png`` in ``out_dir``, and prints the results path last.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, List
 
-import torch
+from megarlhf.data.dataset import DataConfig
+from megarlhf.data.load import SourceConfig
+from megarlhf.recipes.dpo import DPOConfig, DPOLossConfig
+from megarlhf.recipes.pairs_common import PairsTrainConfig
+from megarlhf.recipes.ppo import PPOConfig, PPOLossConfig, PPOTrainConfig, RolloutConfig
+from megarlhf.train.loop import EvalConfig
+from megarlhf.recipes.reward_model import RMConfig
+from megarlhf.recipes.sft import SFTConfig
+from megarlhf.train.metrics import LogConfig
+from megarlhf.train.schedule import ScheduleConfig
 
-from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, preset
-
-__all__ = ["DemoConfig", "run", "synthetic_batch"]
+__all__ = ["DemoConfig", "PairsConfig", "run", "sample_pairs"]
 
 
-def _tiny() -> ModelConfig:
-    return preset("tiny")
+@dataclass(frozen=True)
+class PairsConfig:
+    """Preference pairs sampled from the SFT policy (``megarlhf pairs``)."""
+
+    num_prompts: int = 2000
+    """Prompts of the task's prompt file used (its first rows)."""
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+
+
+def _quiet() -> LogConfig:
+    return LogConfig(interval=50, progress_bar=True)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo job."""
+    """Stage configs; paths between stages are filled in under ``out_dir``."""
 
-    model: ModelConfig = field(default_factory=_tiny)
-    """Model shape (default: the tiny preset, 4.9M parameters)."""
-    parallel: ParallelConfig = field(
-        default_factory=lambda: ParallelConfig(tensor_model_parallel_size=2))
-    """Layout (default TP=2; the data-parallel size is what the processes leave)."""
-    seed: int = 1234
-    """Seed of weights and data."""
-    steps: int = 20
-    """Optimizer steps."""
-    micro_batch_size: int = 4
-    """Sequences per microbatch."""
-    num_microbatches: int = 2
-    """Microbatches per step on each data-parallel rank (gradient accumulation)."""
-    seq_length: int = 64
-    """Tokens per sequence."""
-    lr: float = 1e-3
-    """AdamW learning rate (constant)."""
-    out_dir: str = "runs/smoke"
-    """Where the checkpoint is written."""
+    out_dir: str = "runs/demo"
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    rm: RMConfig = field(default_factory=lambda: RMConfig(
+        data=DataConfig(max_length=128, max_prompt_length=96, eval_size=300),
+        train=PairsTrainConfig(global_batch_size=32, micro_batch_size=16, seq_length=128, epochs=2.0,
+                         lr=5e-4, min_lr=5e-5), log=_quiet()))
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
+        data=DataConfig(max_length=128, max_prompt_length=96),
+        # RPO: plain DPO unlearns the arithmetic on pairs that differ in a digit or two
+        dpo=DPOLossConfig(nll_weight=1.0),
+        train=PairsTrainConfig(global_batch_size=32, micro_batch_size=16, seq_length=128, epochs=1.0, lr=1e-4,
+                         min_lr=0.0, schedule=ScheduleConfig(style="linear", warmup_ratio=0.1)),
+        eval=EvalConfig(num_prompts=500), log=_quiet()))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        data=DataConfig(max_length=96, max_prompt_length=96),
+        rollout=RolloutConfig(prompts_per_step=64, max_new_tokens=48, temperature=0.7, max_batch=64),
+        ppo=PPOLossConfig(minibatch_size=16),
+        train=PPOTrainConfig(max_steps=30, micro_batch_size=16, actor_lr=2e-5, critic_lr=1e-4),
+        eval=EvalConfig(num_prompts=500, at_start=True), log=dataclasses.replace(_quiet(), interval=5)))
 
     def world_size(self) -> int:
-        return self.parallel.tp * self.parallel.pp
+        return 1
 
-    def resolved_models(self) -> Dict[str, ModelConfig]:
-        return {"model": self.model}
+    def stages(self) -> Dict[str, object]:
+        """The stage configs with their inputs and outputs wired under ``out_dir``."""
+        o = self.out_dir
+        task = os.path.join(o, "sft", "task")
+        sft_ckpt = os.path.join(o, "sft", "checkpoint")
+        pairs = os.path.join(o, "pairs", "policy_pairs.jsonl")
+        rm_final = os.path.join(o, "rm", "final")
+        sft = dataclasses.replace(self.sft, train=dataclasses.replace(self.sft.train, out_dir=os.path.join(o, "sft")))
+        rm = dataclasses.replace(
+            self.rm, data=dataclasses.replace(self.rm.data, sources=[SourceConfig(path=pairs)]),
+            train=dataclasses.replace(self.rm.train, init_from=sft_ckpt, out_dir=os.path.join(o, "rm")))
+        dpo = dataclasses.replace(
+            self.dpo, data=dataclasses.replace(self.dpo.data, sources=[SourceConfig(path=pairs)]),
+            train=dataclasses.replace(self.dpo.train, init_from=sft_ckpt, out_dir=os.path.join(o, "dpo")),
+            eval=dataclasses.replace(self.dpo.eval, prompts=os.path.join(task, "eval.jsonl")))
+        ppo = dataclasses.replace(
+            self.ppo, actor=dataclasses.replace(self.ppo.actor, init_from=sft_ckpt),
+            critic=dataclasses.replace(self.ppo.critic, init_from=rm_final),
+            reward=dataclasses.replace(self.ppo.reward, init_from=rm_final),
+            data=dataclasses.replace(self.ppo.data, sources=[SourceConfig(path=os.path.join(task, "prompts.jsonl"))]),
+            train=dataclasses.replace(self.ppo.train, out_dir=os.path.join(o, "ppo")),
+            eval=dataclasses.replace(self.ppo.eval, prompts=os.path.join(task, "eval.jsonl")))
+        return {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo, "task": task, "pairs": pairs,
+                "sft_checkpoint": sft_ckpt}
 
     def validate(self) -> None:
-        from megarlhf.config import check_layout
+        from megarlhf.config import ConfigError
 
-        check_layout(self.model, self.parallel, self.world_size())
-        if self.steps < 1 or self.micro_batch_size < 1 or self.num_microbatches < 1:
-            raise ConfigError([f"steps={self.steps}, micro_batch_size={self.micro_batch_size} and "
-                               f"num_microbatches={self.num_microbatches} must be >= 1"])
-        if self.seq_length > self.model.max_position_embeddings:
-            raise ConfigError([f"seq_length={self.seq_length} exceeds model.max_position_embeddings="
-                               f"{self.model.max_position_embeddings}"])
-
-
-def synthetic_batch(n: int, seq_length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """``[n, seq_length]`` rows counting up from a random start, ``a, a+1, a+2, ...`` over
-    the first ``min(vocab, 512)`` ids: each token is predictable from the one before, so
-    the loss falls visibly within a few steps."""
-    span = min(vocab, 512)
-    start = torch.randint(0, span, (n, 1), generator=generator)
-    return (start + torch.arange(seq_length).unsqueeze(0)) % span
+        problems: List[str] = []
+        stages = self.stages()
+        for name in ("sft", "rm", "dpo", "ppo"):
+            try:
+                stages[name].validate()
+            except ConfigError as e:
+                problems += [f"{name}: {p}" for p in e.problems]
+        for name in ("sft", "rm", "dpo", "ppo"):
+            if stages[name].world_size() != 1:
+                problems.append(f"{name}.world must be 1 in the pipeline (one process, every stage in turn)")
+        if problems:
+            raise ConfigError(problems)
 
 
-def run(cfg: DemoConfig) -> dict:
-    from megarlhf import platform
-    from megarlhf.algos.logprobs import token_logprobs, vocab_start_of
-    from megarlhf.config import check_layout
-    from megarlhf.models.checkpoint import CheckpointMeta, load_model, save_model
-    from megarlhf.models.llama import build_model, describe, padded_vocab
-    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
-    from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
-    from megarlhf.train.step import forward_only, train_step
+def sample_pairs(cfg: PairsConfig, st: Dict[str, object]) -> None:
+    """``megarlhf pairs`` on the first ``cfg.num_prompts`` task prompts, from the SFT
+    checkpoint, into ``st["pairs"]``."""
+    from megarlhf.rollout.commands import pairs_main
 
-    env = DistEnv.from_environ()
-    check_layout(cfg.model, cfg.parallel, env.world_size)
-    init_distributed(env)
-    plat = platform.current()
-    mp = initialize_model_parallel(cfg.parallel, seed=cfg.seed)
-    say = print if env.rank == 0 else (lambda *a, **k: None)
-    say(f"megarlhf smoke: {env.world_size} process(es) ({env.source}) on {plat.describe()}")
-    say(f"model: {describe(cfg.model, mp)}")
+    os.makedirs(os.path.dirname(st["pairs"]), exist_ok=True)
+    prompts = os.path.join(os.path.dirname(st["pairs"]), "prompts.jsonl")
+    with open(os.path.join(st["task"], "prompts.jsonl")) as src, open(prompts, "w") as dst:
+        for i, line in enumerate(src):
+            if i >= cfg.num_prompts:
+                break
+            dst.write(line)
+    pairs_main(["--ckpt", st["sft_checkpoint"], "--prompts", prompts, "--out", st["pairs"],
+                "--samples-per-prompt", str(cfg.samples_per_prompt),
+                "--temperature", str(cfg.temperature), "--max-new-tokens", str(cfg.max_new_tokens)])
 
-    chunks = build_model(cfg.model, mp)
-    n_local = sum(p.numel() for c in chunks for p in c.parameters())
-    say(f"rank 0 holds {n_local / 1e6:.2f}M parameters "
-        f"({n_local / cfg.model.num_parameters(padded_vocab(cfg.model, mp.config.tp)):.0%} of the model)")
-    ddp = wrap_ddp(chunks, mp)
-    opt = build_optimizer(ddp, OptimConfig(lr=cfg.lr, clip_grad=1.0), mp)
 
-    mbs, s = cfg.micro_batch_size, cfg.seq_length
-    positions = torch.arange(s, device=plat.device).unsqueeze(0).expand(mbs, -1)
-    vstart = vocab_start_of(mp.tp_rank, padded_vocab(cfg.model, mp.config.tp), mp.config.tp)
-    # Every DP rank draws its own data; TP/PP ranks of one replica draw the same.
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * mp.dp_rank)
+def run(cfg: DemoConfig) -> Dict[str, object]:
+    from megarlhf.recipes import dpo, ppo, reward_model, sft
 
-    def forward_step(data_iter, model):
-        tokens = next(data_iter).to(plat.device)
-        logits = model(tokens, positions, attention_mask=None)
+    st = cfg.stages()
+    times: Dict[str, float] = {}
+    t0 = time.time()
+    print(f"== 1/5 SFT on the built-in task -> {st['sft_checkpoint']}", flush=True)
+    r_sft = sft.run(st["sft"])
+    times["sft"] = time.time() - t0
 
-        def loss_fn(output, non_loss_data=False):
-            lp = token_logprobs(output[:, :-1], tokens[:, 1:], mp.tp_group, vstart)
-            loss = -lp.mean()
-            return loss, {"loss": loss.detach().clone()}
-        return logits, loss_fn
+    t = time.time()
+    print(f"== 2/5 preference pairs from the SFT policy's samples -> {st['pairs']}", flush=True)
+    sample_pairs(cfg.pairs, st)
+    times["pairs"] = time.time() - t
 
-    losses = []
-    tokens_per_step = mbs * s * cfg.num_microbatches * mp.dp_size
-    for step in range(1, cfg.steps + 1):
-        batch = synthetic_batch(mbs * cfg.num_microbatches, s, cfg.model.vocab_size, gen)
-        microbatches = list(batch.split(mbs))
-        t0 = time.perf_counter()
-        res = train_step(ddp, opt, mp, forward_step, microbatches, s, mbs)
-        plat.synchronize()
-        dt = time.perf_counter() - t0
-        loss = torch.tensor(0.0, device=plat.device)
-        if mp.is_last_stage:
-            loss = torch.stack([o["loss"] for o in res["outputs"]]).mean()
-        # The loss lives on the last pipeline stage; share it for printing.
-        torch.distributed.all_reduce(loss, group=mp.pp_group)
-        torch.distributed.all_reduce(loss, group=mp.dp_group)
-        loss = loss.item() / mp.dp_size
-        losses.append(loss)
-        say(f"step {step:3d}  loss {loss:7.4f}  grad-norm {float(res['grad_norm']):7.4f}  "
-            f"{dt * 1000:7.1f} ms  {tokens_per_step / dt:8.0f} tokens/s")
+    t = time.time()
+    print("== 3/5 reward model", flush=True)
+    r_rm = reward_model.run(st["rm"])
+    times["rm"] = time.time() - t
+    t = time.time()
+    print("== 4/5 DPO", flush=True)
+    r_dpo = dpo.run(st["dpo"])
+    times["dpo"] = time.time() - t
+    t = time.time()
+    print("== 5/5 PPO", flush=True)
+    r_ppo = ppo.run(st["ppo"])
+    times["ppo"] = time.time() - t
+    times["total"] = time.time() - t0
 
-    ckpt = os.path.join(cfg.out_dir, "checkpoint")
-    save_model(chunks, ckpt, CheckpointMeta(model=cfg.model, kind="causal",
-                                            extra={"recipe": "demo", "steps": cfg.steps}))
-    say(f"saved a megatron distributed checkpoint to {ckpt} (loadable at any TP x PP)")
+    results = {
+        "sft_accuracy": r_sft.get("exact_match"),
+        "dpo_accuracy": r_dpo.get("exact_match"),
+        "ppo_accuracy": r_ppo.get("exact_match"),
+        "rm_pair_accuracy": (r_rm.get("eval") or {}).get("accuracy"),
+        "eval_problems": r_dpo.get("eval_prompts"),
+        "ppo_score_curve": [h["score_mean"] for h in r_ppo["history"]],
+        "ppo_train_accuracy_curve": [h.get("train_accuracy") for h in r_ppo["history"]],
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+    }
+    path = os.path.join(cfg.out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    png = os.path.join(cfg.out_dir, "reward_curve.png")
+    _plot(results, png)
+    print()
+    print("| stage | exact match (held-out) | other |")
+    print("|---|---:|---|")
+    print(f"| SFT | {_pct(results['sft_accuracy'])} | |")
+    print(f"| reward model | | held-out pair accuracy {_pct(results['rm_pair_accuracy'])} |")
+    print(f"| DPO | {_pct(results['dpo_accuracy'])} | |")
+    curve = results["ppo_score_curve"]
+    print(f"| PPO | {_pct(results['ppo_accuracy'])} | RM score {curve[0]:.2f} -> {curve[-1]:.2f} |")
+    print(f"time: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()))
+    print(f"reward curve: {png}")
+    print(path)
+    return results
 
-    # Reload into a fresh model and check that it computes the same logits.
-    probe = [synthetic_batch(mbs, s, cfg.model.vocab_size, torch.Generator().manual_seed(7))]
 
-    def logits_step(data_iter, model):
-        tokens = next(data_iter).to(plat.device)
-        out = model(tokens, positions, attention_mask=None)
-        return out, lambda output, non_loss_data=True: output.float()
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
 
-    before = forward_only(chunks, mp, logits_step, probe, s, mbs)
-    fresh = build_model(cfg.model, mp)
-    load_model(fresh, ckpt)
-    after = forward_only(fresh, mp, logits_step, probe, s, mbs)
-    diff = torch.tensor(0.0, device=plat.device)
-    if mp.is_last_stage:
-        diff = (before[0] - after[0]).abs().max()
-    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
-    say(f"reloaded the checkpoint into a fresh model: max |logit difference| = {diff.item():.2e}")
-    say(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {cfg.steps} steps")
-    result = {"losses": losses, "reload_max_abs_diff": diff.item(), "checkpoint": ckpt,
-              "config": dataclasses.asdict(cfg)}
-    destroy()
-    return result
+
+def _plot(results: Dict[str, object], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = list(range(1, len(results["ppo_score_curve"]) + 1))
+    lines = ax.plot(steps, results["ppo_score_curve"], label="reward-model score (mean)")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("score")
+    acc = results["ppo_train_accuracy_curve"]
+    if acc and acc[0] is not None:
+        ax2 = ax.twinx()
+        lines += ax2.plot(steps, acc, color="tab:orange", label="exact match of sampled answers")
+        ax2.set_ylabel("exact match")
+        ax2.set_ylim(0, 1)
+    ax.set_title("PPO on the built-in task")
+    ax.legend(lines, [l.get_label() for l in lines], loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -9,8 +9,11 @@ DPO (Rafailov et al. 2023), with ``h = (log pi(y_c) - log ref(y_c)) - (log pi(y_
   IPO (Azar et al. 2023)         ``(h - 1 / (2 beta))^2``
 Length normalisation (average instead of summed token log-probs) is applied to the
 sequence log-probs before these functions (:func:`sequence_logprobs`).
-RPO (Pang et al. 2024, TRL's ``rpo_alpha``) adds ``alpha`` times the chosen response's
-per-token negative log-likelihood (:func:`chosen_nll`) to each pair's DPO loss.
+RPO (Pang et al. 2024) adds ``alpha`` times the chosen response's per-token negative
+log-likelihood (:func:`chosen_nll`) to each pair's DPO loss: each pair's NLL is its own
+token mean, then pairs are averaged (Pang et al.'s normalisation). TRL's ``rpo_alpha``
+differs in that: it averages the NLL over all chosen tokens of the batch, so long
+responses weigh more there.
 """
 
 from __future__ import annotations

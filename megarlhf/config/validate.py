@@ -10,7 +10,7 @@ from megarlhf.config.model import ModelConfig
 from megarlhf.config.parallel import ParallelConfig
 
 __all__ = ["ConfigError", "check_model", "check_layout", "runtime_problems", "range_problems",
-           "parallel_problems", "loop_problems", "shared_process_problems", "fp8_shape_problems",
+           "parallel_problems", "shared_process_problems", "fp8_shape_problems",
            "ATTENTION_BACKENDS"]
 
 _DTYPES = ("float32", "bfloat16", "auto")
@@ -70,36 +70,6 @@ def parallel_problems(par: ParallelConfig, prefix: str = "parallel") -> List[str
     vpp = par.virtual_pipeline_model_parallel_size
     if vpp is not None and vpp < 1:
         p.append(f"{prefix}.virtual_pipeline_model_parallel_size={vpp} must be >= 1")
-    return p
-
-
-_SCHEDULES = ("cosine", "linear", "constant")
-
-
-def loop_problems(t: Any, prefix: str = "train") -> List[str]:
-    """Values of a training-loop config (``TrainConfig``, ``LoopConfig``, ``PPOTrainConfig``)
-    that cannot work; fields a loop does not have are not checked."""
-    def have(*names: str) -> List[str]:
-        return [n for n in names if hasattr(t, n)]
-
-    p = range_problems(t, prefix, positive=have("global_batch_size", "micro_batch_size", "seq_length",
-                                                "lr", "actor_lr", "critic_lr"),
-                       non_negative=have("epochs", "max_steps", "min_lr", "weight_decay", "clip_grad",
-                                         "save_interval", "keep_checkpoints", "eval_interval",
-                                         "max_bad_steps"))
-    if t.epochs == 0 and t.max_steps == 0:
-        p.append(f"{prefix}.epochs=0 and {prefix}.max_steps=0: nothing to train")
-    if hasattr(t, "min_lr") and hasattr(t, "lr") and t.min_lr > t.lr:
-        p.append(f"{prefix}.min_lr={t.min_lr} is above {prefix}.lr={t.lr}")
-    if not 0 <= t.adam_beta2 < 1:
-        p.append(f"{prefix}.adam_beta2={t.adam_beta2} must be in [0, 1)")
-    if not 0 <= t.seed < 2**32:
-        p.append(f"{prefix}.seed={t.seed} must be in [0, 2**32)")
-    s = t.schedule
-    if s.style not in _SCHEDULES:
-        p.append(f"{prefix}.schedule.style={s.style!r}: expected one of {', '.join(_SCHEDULES)}")
-    p += range_problems(s, f"{prefix}.schedule", fraction=("warmup_ratio",), non_negative=("warmup_steps",))
-    p += range_problems(t.preemption, f"{prefix}.preemption", non_negative=("max_requeues",))
     return p
 
 

@@ -286,29 +286,11 @@ def processes(argv: List[str]) -> int:
 
 # -- the models at work ----------------------------------------------------------------------------
 def _generate(engine, mp, prompts: List[List[int]], params, label: str) -> Tuple[List[List[int]], List[str]]:
-    """Responses to ``prompts``: each data-parallel replica answers a contiguous share
-    (sampling keyed by the prompt's index); every rank gets them all, in order."""
-    import torch.distributed as dist
-    from tqdm import tqdm
+    """Responses to ``prompts`` from every data-parallel replica; every rank gets them all."""
+    from megarlhf.rollout.engine import generate_everywhere
 
-    n = len(prompts)
-    per = -(-n // mp.dp_size)
-    lo = min(n, mp.dp_rank * per)
-    mine = prompts[lo:lo + per]
-    bar = tqdm(total=n, desc=label, disable=dist.get_rank() != 0, unit="seq")
-    out = engine.generate(mine, params, progress=lambda k: bar.update(k * mp.dp_size),
-                          first_index=lo) if mine else None
-    bar.close()
-    holder = mp.is_last_stage and mp.tp_rank == 0 and out is not None
-    parts: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (mp.dp_rank, out.response_ids, out.finish_reason) if holder else None)
-    ids: List[List[int]] = []
-    reasons: List[str] = []
-    for _, r_ids, r_fin in sorted((p for p in parts if p is not None), key=lambda p: p[0]):
-        ids += r_ids
-        reasons += r_fin
-    assert len(ids) == n, (len(ids), n)
-    return ids, reasons
+    out = generate_everywhere(engine, mp, prompts, params, label, unit="seq")
+    return out.response_ids, out.finish_reason
 
 
 @dataclass

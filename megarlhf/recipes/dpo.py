@@ -22,7 +22,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,9 @@ from megarlhf.algos.preference import LOSS_TYPES
 from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
 from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.data.dataset import DataConfig
-from megarlhf.recipes.pairs_common import LoopConfig
+from megarlhf.recipes.pairs_common import PairsTrainConfig
+from megarlhf.train.roles import replica_share
+from megarlhf.train.loop import EvalConfig
 from megarlhf.train.metrics import LogConfig
 from megarlhf.train.schedule import ScheduleConfig
 
@@ -53,19 +55,9 @@ class DPOLossConfig:
     reference: str = "precomputed"
     """``precomputed`` (one pass before training) or ``online`` (a frozen copy each step)."""
     nll_weight: float = 0.0
-    """RPO (TRL's ``rpo_alpha``): weight of the chosen response's per-token negative
-    log-likelihood added to each pair's loss (0: plain DPO, the paper's)."""
-
-
-@dataclass(frozen=True)
-class ExactMatchConfig:
-    """Greedy exact-match evaluation on verifiable prompts after training."""
-
-    prompts: Optional[str] = None
-    """JSONL of ``{prompt, reference}``; none: skip."""
-    num_prompts: int = 500
-    max_new_tokens: int = 48
-    batch_size: int = 128
+    """RPO (Pang et al. 2024): weight of the chosen response's negative log-likelihood,
+    each pair's own token mean, added to the pair's loss (0: plain DPO, the paper's). TRL's
+    ``rpo_alpha`` instead averages over all chosen tokens of the batch."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +72,10 @@ class DPOConfig:
     """How conversations are formatted: ``auto`` (default) is the starting checkpoint's own
     template; naming another is reported once at start."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
-    train: LoopConfig = field(default_factory=lambda: LoopConfig(
+    train: PairsTrainConfig = field(default_factory=lambda: PairsTrainConfig(
         lr=1e-4, min_lr=0.0, epochs=1.0, global_batch_size=32, micro_batch_size=8,
         schedule=ScheduleConfig(style="linear", warmup_ratio=0.1), out_dir="runs/dpo"))
-    eval: ExactMatchConfig = field(default_factory=ExactMatchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     world: int = 1
 
@@ -98,13 +90,13 @@ class DPOConfig:
         return {"model": self.model.apply(read_meta(self.train.init_from).model)}
 
     def validate(self) -> None:
-        from megarlhf.config import loop_problems, parallel_problems, range_problems
+        from megarlhf.config import parallel_problems, range_problems
         from megarlhf.data.dataset import data_problems
 
         problems = runtime_problems(self.model) + parallel_problems(self.parallel)
-        problems += loop_problems(self.train) + data_problems(self.data)
+        problems += self.train.problems() + data_problems(self.data)
         problems += range_problems(self, "", positive=("world",))
-        problems += range_problems(self.eval, "eval", positive=("num_prompts", "max_new_tokens", "batch_size"))
+        problems += self.eval.problems()
         problems += range_problems(self.log, "log", positive=("interval",))
         if problems:  # the checks below divide by these sizes
             raise ConfigError(problems)
@@ -210,8 +202,7 @@ def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, 
 
     seq_lp = sequence_logprobs_fn(mp, model_cfg, d.length_normalized)
     n = len(ds)
-    per = -(-n // mp.dp_size)
-    mine = list(range(mp.dp_rank * per, min(n, (mp.dp_rank + 1) * per)))
+    mine = list(replica_share(n, mp))
     micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id, multiple=sequence_multiple_of(chunks))
 
     def step(it, model):
@@ -238,7 +229,7 @@ def run(cfg: DPOConfig) -> dict:
     from megarlhf.models.checkpoint import read_meta, save_model
     from megarlhf.models.llama import build_model, check_row_length, describe
     from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
-    from megarlhf.recipes.common import exact_match_eval
+    from megarlhf.recipes.common import Evaluator
     from megarlhf.recipes.pairs_common import load_init, output_meta, pair_microbatches, reduce_stats, tokenizer_of
     from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
     from megarlhf.train.metrics import MetricsLog
@@ -310,6 +301,9 @@ def run(cfg: DPOConfig) -> dict:
     # -- loop --------------------------------------------------------------------------------
     forward_step = dpo_forward_step(mp, model_cfg, d, plat.device, ref_chunks)
     with_ref = ref_chunks is None
+    evaluate = Evaluator(chunks, mp, model_cfg, template, cfg.eval, cfg.eval.prompts, t.eval_interval, log.say)
+    if step == 0 and cfg.eval.at_start:
+        evaluate(0, log)
     batches = sampler.batches(consumed)
     guard = BadSteps(t.max_bad_steps)
     log.start_progress(total_steps, step)
@@ -330,17 +324,17 @@ def run(cfg: DPOConfig) -> dict:
                        **({"skipped_steps": guard.total} if guard.total else {}),
                        "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(tokens / dt),
                        "step_s": round(dt, 3)})
+        if evaluate.due(step, total_steps):
+            evaluate(step, log)
         preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
             t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
             keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
-    log.close()
 
     result: Dict[str, object] = {"steps": step}
     if eval_ds is not None:
         from megarlhf.train.step import forward_only
 
-        per = -(-len(eval_ds) // mp.dp_size)
-        mine = list(range(mp.dp_rank * per, min(len(eval_ds), (mp.dp_rank + 1) * per)))
+        mine = list(replica_share(len(eval_ds), mp))
         micro, seq = pair_microbatches(eval_ds, mine, t.micro_batch_size, t.seq_length,
                                        tokenizer.pad_id, with_ref=with_ref, multiple=multiple)
         outs = forward_only(chunks, mp, forward_step, micro, seq, 2 * t.micro_batch_size) \
@@ -348,13 +342,9 @@ def run(cfg: DPOConfig) -> dict:
         ev = _summary(reduce_stats(outs, mp, plat.device))
         log.say(f"held-out implicit-reward accuracy {ev['accuracy']:.1%} on {len(eval_ds)} pairs")
         result["eval_pairs"] = ev
-    if cfg.eval.prompts:
-        acc, n, secs = exact_match_eval(chunks, mp, model_cfg, template, cfg.eval.prompts,
-                                        cfg.eval.num_prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        log.say(f"exact match on {n} prompts ({cfg.eval.prompts}): {acc:.1%} (greedy, {secs:.1f} s)")
-        result.update(exact_match=acc, eval_prompts=n)
-        MetricsLog(t.out_dir, dataclasses.replace(cfg.log, progress_bar=False, wandb=False)).log(
-            step, {"exact_match": acc}, echo=False)
+    acc = evaluate(step, log)
+    if acc is not None:
+        result.update(exact_match=acc, eval_prompts=evaluate.last_n)
     save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},
                      meta, keep=t.keep_checkpoints)
     final = os.path.join(t.out_dir, "final")
@@ -362,6 +352,7 @@ def run(cfg: DPOConfig) -> dict:
         meta, extra={**meta.extra, "steps": step, **({"exact_match": result["exact_match"]}
                                                       if "exact_match" in result else {})}))
     log.say(f"saved {final}")
+    log.close()
     result["final"] = final
     destroy()
     return result

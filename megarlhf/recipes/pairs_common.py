@@ -6,22 +6,23 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megarlhf.parallel import ModelParallel
-from megarlhf.train.preemption import PreemptionConfig
+from megarlhf.train.loop import LoopConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["LoopConfig", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of", "recorded_template",
+__all__ = ["PairsTrainConfig", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of", "recorded_template",
            "make_template", "output_meta"]
 
 
 @dataclass(frozen=True)
-class LoopConfig:
-    """The optimisation loop of a pairwise recipe."""
+class PairsTrainConfig(LoopConfig):
+    """The optimisation loop (:class:`~megarlhf.train.loop.LoopConfig`) of a pairwise
+    recipe (reward model, DPO)."""
 
     global_batch_size: int = 64
     """Pairs per optimizer step (over all data-parallel ranks)."""
@@ -29,36 +30,21 @@ class LoopConfig:
     """Pairs per microbatch (2x rows: chosen and rejected in one forward)."""
     seq_length: int = 128
     """Tokens per row; at least ``data.max_length``."""
-    epochs: float = 1.0
-    max_steps: int = 0
-    """Stop after this many steps (0: from ``epochs``)."""
     lr: float = 1e-5
+    """Peak learning rate."""
     min_lr: float = 1e-6
+    """Floor of the decay schedule."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_ratio=0.03))
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0
     distributed_optimizer: bool = True
     """Shard optimizer states over data-parallel ranks when DP > 1."""
-    save_interval: int = 0
-    """Steps between checkpoints (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
-    resume: str = "auto"
-    """``auto``: continue from the newest complete checkpoint in ``out_dir`` if any;
-    ``never``; or a checkpoint folder."""
-    eval_interval: int = 0
-    """Steps between held-out evaluations (0: only at the end)."""
-    out_dir: str = "runs/job"
-    """Checkpoints (``checkpoints/``), the final model (``final/``), ``metrics.jsonl``."""
     init_from: str = "runs/sft/checkpoint"
     """The starting checkpoint (an SFT model)."""
-    max_bad_steps: int = 5
-    """Stop (after saving) when this many updates in a row were skipped for a NaN/Inf loss
-    or gradient (a skipped update changes nothing; 0: never stop)."""
-    seed: int = 1234
-    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
-    """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
+
+    POSITIVE: ClassVar[tuple] = ("global_batch_size", "micro_batch_size", "seq_length", "lr")
+    NON_NEGATIVE: ClassVar[tuple] = ("min_lr",)
+
+    def own_problems(self, prefix: str) -> List[str]:
+        return [f"{prefix}.min_lr={self.min_lr} is above {prefix}.lr={self.lr}"] if self.min_lr > self.lr else []
 
 
 def tokenizer_of(meta, ckpt_dir: str, chosen=None, say=None, require: bool = True):

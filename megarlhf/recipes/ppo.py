@@ -2,7 +2,7 @@
 relatives: GRPO, Dr. GRPO, RLOO and REINFORCE++ (``algo``; ``recipes/ppo_config.py``).
 
     megarlhf ppo --config examples/tiny/ppo.yaml [key=value ...]
-    megarlhf ppo --config examples/tiny/grpo.yaml
+    megarlhf ppo --config examples/tiny/ppo_grpo.yaml
 
 Set-up: each role is built on its own layout (``actor.parallel``, ``critic.parallel``,
 ...) with its own process groups: ``placement: colocated`` puts every role on every rank,
@@ -46,7 +46,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
@@ -690,7 +690,7 @@ def run(cfg: PPOConfig) -> dict:
     from megarlhf import platform
     from megarlhf.models.checkpoint import save_model
     from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
-    from megarlhf.recipes.common import exact_match_eval
+    from megarlhf.recipes.common import Evaluator
     from megarlhf.train.checkpoint import find_checkpoint, load_roles_state, save_roles_state
     from megarlhf.train.metrics import MetricsLog
     from megarlhf.train.preemption import Preemption
@@ -719,21 +719,15 @@ def run(cfg: PPOConfig) -> dict:
             f"{a.advantage}, loss {a.policy_loss} ({a.loss_aggregation}), KL {a.kl_estimator} x {a.kl_coef} "
             f"in the {'reward' if a.kl_in_reward else 'loss'}")
 
-    def evaluate(at_step: int, into=log) -> Optional[float]:
-        if not cfg.eval.prompts or not actor.here:
-            return None
-        acc, n, secs = exact_match_eval(actor.chunks, actor.mp, actor.model, job.template, cfg.eval.prompts,
-                                        cfg.eval.num_prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        log.say(f"step {at_step}: exact match on {n} prompts: {acc:.1%} (greedy, {secs:.1f} s)")
-        into.log(at_step, {"exact_match": acc}, echo=False)
-        return acc
+    evaluate = Evaluator(actor.chunks, actor.mp, actor.model, job.template, cfg.eval, cfg.eval.prompts,
+                         t.eval_interval, log.say)
 
     def save() -> str:  # collective
         return save_roles_state(t.out_dir, state.step, job.checkpointed(), {"consumed_samples": state.consumed,
                                 "kl_controller": state.kl_ctl.state_dict()}, job.meta_out, keep=t.keep_checkpoints)
 
     result: Dict[str, Any] = {"history": []}
-    if state.step == 0 and (acc0 := evaluate(0)) is not None:
+    if state.step == 0 and cfg.eval.at_start and (acc0 := evaluate(0, log)) is not None:
         result["initial_exact_match"] = acc0
     batches = job.sampler.batches(state.consumed)
     log.start_progress(job.total_steps, state.step)
@@ -741,12 +735,10 @@ def run(cfg: PPOConfig) -> dict:
         m = ppo_step(job.batch(next(batches)), job.roles, job.ctx, state).as_log()
         log.log(state.step, m)
         result["history"].append({"step": state.step, **m})
-        if t.eval_interval and state.step % t.eval_interval == 0 and state.step < job.total_steps:
-            evaluate(state.step)
+        if evaluate.due(state.step, job.total_steps):
+            evaluate(state.step, log)
         preempt.end_of_step(state.step, job.total_steps, t.save_interval, save, log)  # a signal on any rank stops all
-    log.close()
-
-    acc = evaluate(state.step, MetricsLog(t.out_dir, dataclasses.replace(cfg.log, progress_bar=False, wandb=False)))
+    acc = evaluate(state.step, log)
     result.update(steps=state.step, final=os.path.join(t.out_dir, "final"))
     if acc is not None:
         result["exact_match"] = acc
@@ -754,5 +746,6 @@ def run(cfg: PPOConfig) -> dict:
     save_model(actor.chunks, result["final"], dataclasses.replace(job.meta_out, extra={
         **job.meta_out.extra, "steps": state.step, **({"exact_match": acc} if acc is not None else {})}))
     log.say(f"saved {result['final']}")
+    log.close()
     destroy()
     return result

@@ -4,15 +4,14 @@ RLOO, REINFORCE++), checked before any process group exists."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 from megarlhf.algos.ppo import KL_ESTIMATORS
 from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, runtime_problems
 from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.data.dataset import DataConfig
-from megarlhf.recipes.dpo import ExactMatchConfig
 from megarlhf.train.metrics import LogConfig
-from megarlhf.train.preemption import PreemptionConfig
+from megarlhf.train.loop import EvalConfig, LoopConfig
 from megarlhf.train.schedule import ScheduleConfig
 
 __all__ = ["PPOConfig", "RoleConfig", "PPOLossConfig", "RolloutConfig", "PPOTrainConfig", "Algorithm",
@@ -102,36 +101,21 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class PPOTrainConfig:
-    """The loop."""
+class PPOTrainConfig(LoopConfig):
+    """The loop (:class:`~megarlhf.train.loop.LoopConfig`): a step is one rollout batch and
+    its updates; ``epochs`` are passes over the prompts."""
 
-    epochs: float = 1.0
-    """Passes over the prompts (sets the number of steps when ``max_steps`` is 0)."""
-    max_steps: int = 0
     micro_batch_size: int = 8
     """Sequences per forward pass of any role."""
     actor_lr: float = 1e-6
     critic_lr: float = 1e-6
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(style="constant",
-                                                                            warmup_ratio=0.1))
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(style="constant", warmup_ratio=0.1))
     distributed_optimizer: bool = True
     """Shard the actor's and critic's optimizer states over their data-parallel ranks
     when DP > 1."""
-    save_interval: int = 0
-    keep_checkpoints: int = 2
-    resume: str = "auto"
-    eval_interval: int = 0
-    """Steps between exact-match evaluations (0: at the start and the end only)."""
     out_dir: str = "runs/ppo"
-    max_bad_steps: int = 5
-    """Stop (after saving) when this many updates in a row were skipped for a NaN/Inf loss
-    or gradient (a skipped update changes nothing; 0: never stop)."""
-    seed: int = 1234
-    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
-    """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
+
+    POSITIVE: ClassVar[tuple] = ("micro_batch_size", "actor_lr", "critic_lr")
 
 
 @dataclass(frozen=True)
@@ -207,7 +191,7 @@ class PPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
-    eval: ExactMatchConfig = field(default_factory=ExactMatchConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(at_start=True))
     log: LogConfig = field(default_factory=LogConfig)
     world: int = 1
 
@@ -271,13 +255,13 @@ class PPOConfig:
             raise ConfigError(p)
 
     def _range_problems(self) -> List[str]:
-        from megarlhf.config import loop_problems, parallel_problems, range_problems
+        from megarlhf.config import parallel_problems, range_problems
         from megarlhf.data.dataset import data_problems
 
         p, r, ro = [], self.ppo, self.rollout
         for role in ROLES:
             p += parallel_problems(getattr(self, role).parallel, f"{role}.parallel")
-        p += loop_problems(self.train) + data_problems(self.data)
+        p += self.train.problems() + data_problems(self.data)
         p += range_problems(self, "", positive=("world",), non_negative=("reward_ranks",))
         p += range_problems(ro, "rollout", positive=("prompts_per_step", "samples_per_prompt",
                                                      "max_new_tokens", "max_batch", "temperature"),
@@ -291,7 +275,7 @@ class PPOConfig:
                             finite=("kl_clamp_min", "kl_clamp_max", "missing_eos_penalty"))
         if r.kl_clamp_min is not None and r.kl_clamp_max is not None and r.kl_clamp_min > r.kl_clamp_max:
             p.append(f"ppo.kl_clamp_min={r.kl_clamp_min} is above ppo.kl_clamp_max={r.kl_clamp_max}")
-        p += range_problems(self.eval, "eval", positive=("num_prompts", "max_new_tokens", "batch_size"))
+        p += self.eval.problems()
         p += range_problems(self.log, "log", positive=("interval",))
         return p
 

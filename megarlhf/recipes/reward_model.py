@@ -27,7 +27,8 @@ import torch
 from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
 from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.data.dataset import DataConfig
-from megarlhf.recipes.pairs_common import LoopConfig
+from megarlhf.recipes.pairs_common import PairsTrainConfig
+from megarlhf.train.roles import replica_share
 from megarlhf.train.metrics import LogConfig
 
 __all__ = ["RMConfig", "run", "evaluate_pairs", "eval_main"]
@@ -45,7 +46,7 @@ class RMConfig:
     chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
     """How conversations are formatted: ``auto`` (default) is the starting checkpoint's own
     template; naming another is reported once at start."""
-    train: LoopConfig = field(default_factory=lambda: LoopConfig(
+    train: PairsTrainConfig = field(default_factory=lambda: PairsTrainConfig(
         lr=1e-4, min_lr=1e-5, epochs=2.0, global_batch_size=32, micro_batch_size=8, out_dir="runs/rm"))
     margin: float = 0.0
     """Constant margin in the Bradley-Terry loss (0: the paper's plain loss)."""
@@ -67,11 +68,11 @@ class RMConfig:
         return {"model": self.model.apply(read_meta(self.train.init_from).model)}
 
     def validate(self) -> None:
-        from megarlhf.config import loop_problems, parallel_problems, range_problems
+        from megarlhf.config import parallel_problems, range_problems
         from megarlhf.data.dataset import data_problems
 
         problems = runtime_problems(self.model) + parallel_problems(self.parallel)
-        problems += loop_problems(self.train) + data_problems(self.data)
+        problems += self.train.problems() + data_problems(self.data)
         problems += range_problems(self, "", positive=("world",), finite=("margin",))
         problems += range_problems(self.log, "log", positive=("interval",))
         if problems:  # the checks below divide by these sizes
@@ -142,8 +143,7 @@ def evaluate_pairs(chunks, mp, ds, mbs: int, seq_length: int, pad_id: int, devic
     from megarlhf.train.step import forward_only
 
     n = len(ds)
-    per = -(-n // mp.dp_size)
-    mine = list(range(mp.dp_rank * per, min(n, (mp.dp_rank + 1) * per)))
+    mine = list(replica_share(n, mp))
     micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id, multiple=sequence_multiple_of(chunks))
     step = reward_forward_step(mp, device, pooling)
     outs = forward_only(chunks, mp, step, micro, seq, 2 * mbs) if micro else []

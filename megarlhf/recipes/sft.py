@@ -22,7 +22,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 
@@ -33,10 +33,10 @@ from megarlhf.data.dataset import DataConfig
 from megarlhf.data.task import TaskConfig
 from megarlhf.data.tokenizer import TokenizerConfig
 from megarlhf.train.metrics import LogConfig
-from megarlhf.train.preemption import PreemptionConfig
+from megarlhf.train.loop import EvalConfig, LoopConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["SFTConfig", "TrainConfig", "EvalConfig", "run"]
+__all__ = ["SFTConfig", "TrainConfig", "run"]
 
 
 def _tiny_model() -> ModelConfig:
@@ -45,8 +45,8 @@ def _tiny_model() -> ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The optimisation loop."""
+class TrainConfig(LoopConfig):
+    """The optimisation loop (:class:`~megarlhf.train.loop.LoopConfig`) of SFT."""
 
     global_batch_size: int = 32
     """Examples per optimizer step (over all data-parallel ranks)."""
@@ -56,48 +56,24 @@ class TrainConfig:
     """Tokens per row; at least ``data.max_length``."""
     packing: bool = True
     """Pack several examples per row (attention kept within each example)."""
-    epochs: float = 1.0
-    """Passes over the training data (``max_steps`` wins when set)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0: from ``epochs``)."""
     lr: float = 2e-3
+    """Peak learning rate."""
     min_lr: float = 1e-4
+    """Floor of the decay schedule."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_ratio=0.05))
-    weight_decay: float = 0.0
     adam_beta2: float = 0.98
-    clip_grad: float = 1.0
     out_dir: str = "runs/sft"
     """The model (``out_dir/checkpoint``), training checkpoints (``out_dir/checkpoints``),
     metrics (``metrics.jsonl``), task files."""
     init_from: Optional[str] = None
     """Start from this checkpoint instead of fresh weights (its shape; ``model``'s runtime
     fields)."""
-    save_interval: int = 0
-    """Steps between training checkpoints (0: only at the end and when stopped by a signal)."""
-    keep_checkpoints: int = 2
-    """Training checkpoints kept (older ones are deleted once a newer one is complete)."""
-    resume: str = "auto"
-    """``auto``: continue from the newest complete training checkpoint in ``out_dir`` if
-    any; ``never``; or a checkpoint folder."""
-    max_bad_steps: int = 5
-    """Stop (after saving) when this many updates in a row were skipped for a NaN/Inf loss
-    or gradient (a skipped update changes nothing; 0: never stop)."""
-    seed: int = 1234
-    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
-    """Checkpoint and stop on a signal (SLURM's warning before the time limit); requeue."""
 
+    POSITIVE: ClassVar[tuple] = ("global_batch_size", "micro_batch_size", "seq_length", "lr")
+    NON_NEGATIVE: ClassVar[tuple] = ("min_lr",)
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """Exact-match evaluation of greedy answers (verifiable prompts with references)."""
-
-    prompts: Optional[str] = None
-    """JSONL of ``{prompt, reference}``; default: the built-in task's held-out set when the
-    built-in task is the data (no ``data.sources``), else no evaluation."""
-    num_prompts: int = 500
-    """How many of them (at least 500 for the reported figure)."""
-    max_new_tokens: int = 48
-    batch_size: int = 128
+    def own_problems(self, prefix: str) -> List[str]:
+        return [f"{prefix}.min_lr={self.min_lr} is above {prefix}.lr={self.lr}"] if self.min_lr > self.lr else []
 
 
 @dataclass(frozen=True)
@@ -133,14 +109,14 @@ class SFTConfig:
         return {"model": with_runtime_of(read_meta(self.train.init_from).model, self.model)}
 
     def validate(self) -> None:
-        from megarlhf.config import loop_problems, parallel_problems, range_problems
+        from megarlhf.config import parallel_problems, range_problems
         from megarlhf.data.dataset import data_problems
         from megarlhf.data.task import task_problems
 
-        problems = parallel_problems(self.parallel) + loop_problems(self.train)
+        problems = parallel_problems(self.parallel) + self.train.problems()
         problems += data_problems(self.data) + task_problems(self.task)
         problems += range_problems(self, "", positive=("world",))
-        problems += range_problems(self.eval, "eval", positive=("num_prompts", "max_new_tokens", "batch_size"))
+        problems += self.eval.problems()
         problems += range_problems(self.log, "log", positive=("interval",))
         if problems:  # the checks below divide by these sizes
             raise ConfigError(problems)
@@ -193,7 +169,7 @@ def run(cfg: SFTConfig) -> dict:
     from megarlhf.models.checkpoint import load_model, read_meta, save_model
     from megarlhf.models.llama import build_model, describe
     from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
-    from megarlhf.recipes.common import exact_match_eval, lm_forward_step
+    from megarlhf.recipes.common import Evaluator, lm_forward_step
     from megarlhf.recipes.pairs_common import make_template, output_meta, recorded_template
     from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
     from megarlhf.train.metrics import MetricsLog
@@ -254,7 +230,7 @@ def run(cfg: SFTConfig) -> dict:
     optimizer = build_optimizer(ddp, OptimConfig(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                                                  adam_beta2=t.adam_beta2, clip_grad=t.clip_grad), mp)
     sampler = ShardedSampler(len(data.train), t.global_batch_size, mp.dp_rank, mp.dp_size,
-                             seed=cfg.data.seed)
+                             seed=cfg.train.seed)
     total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
     scheduler = build_scheduler(optimizer, t.schedule, t.lr, t.min_lr, total_steps, t.weight_decay)
     meta = output_meta(model_cfg, "causal", tok_path, template, init_meta, recipe="sft")
@@ -269,6 +245,11 @@ def run(cfg: SFTConfig) -> dict:
             f"left out of each epoch's last partial batch), "
             f"{'packed' if t.packing else 'padded'} rows of {t.seq_length} tokens")
 
+    # exact match: what the config names; the built-in task's own when it is the data
+    evaluate = Evaluator(chunks, mp, model_cfg, template, cfg.eval,
+                         cfg.eval.prompts or (builtin["eval"] if builtin_data else None), t.eval_interval, log.say)
+    if step == 0 and cfg.eval.at_start:
+        evaluate(0, log)
     ids_col, mask_col = data.train["input_ids"], data.train["loss_mask"]
     forward_step = lm_forward_step(mp, model_cfg, plat.device)
     batches = sampler.batches(consumed)
@@ -298,31 +279,23 @@ def run(cfg: SFTConfig) -> dict:
                        "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(n_tok / dt),
                        "step_s": round(dt, 3), "epoch": round(consumed / sampler.samples_per_epoch, 2)},
                 echo=step % cfg.log.interval == 0 or step in (1, total_steps))
+        if evaluate.due(step, total_steps):
+            evaluate(step, log)
         preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
             t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
             keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
     train_time = time.time() - t_loop
-    log.close()
     save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},
                      meta, keep=t.keep_checkpoints)
 
-    # -- evaluation (what the config names; the built-in task's own when it is the data) -----
-    eval_path = cfg.eval.prompts or (builtin["eval"] if builtin_data else None)
-    measured = {}
-    if eval_path:
-        accuracy, n_eval, eval_time = exact_match_eval(chunks, mp, model_cfg, template, eval_path,
-                                                       cfg.eval.num_prompts, cfg.eval.max_new_tokens,
-                                                       cfg.eval.batch_size)
-        log.say(f"exact match on {n_eval} held-out prompts ({eval_path}): {accuracy:.1%} "
-                f"(greedy, {eval_time:.1f} s)")
-        measured = {"exact_match": accuracy, "eval_prompts": n_eval}
+    accuracy = evaluate(total_steps, log)
+    measured = {"exact_match": accuracy, "eval_prompts": evaluate.last_n} if accuracy is not None else {}
     ckpt = os.path.join(t.out_dir, "checkpoint")
     save_model(chunks, ckpt, dataclasses.replace(meta, extra={
         **meta.extra, "steps": total_steps, "consumed_samples": consumed, **measured}))
     result = {"steps": total_steps, **measured, "train_seconds": round(train_time, 1),
               "total_seconds": round(time.time() - t_start, 1), "checkpoint": ckpt}
-    log.log(total_steps, {**({"exact_match": measured["exact_match"]} if measured else {}),
-                          "train_seconds": result["train_seconds"]}, echo=False)
+    log.log(total_steps, {"train_seconds": result["train_seconds"]}, echo=False)
     log.close()
     log.say(f"saved {ckpt}; training took {train_time:.0f} s, everything {result['total_seconds']:.0f} s")
     destroy()

@@ -22,7 +22,6 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 __all__ = ["generate_main", "pairs_main"]
 
@@ -122,36 +121,15 @@ def _read_prompts(path: str, template, tok=None) -> Tuple[List[Dict[str, Any]], 
 
 
 def _sample(setup: _Setup, ids: List[List[int]], params, label: str) -> Optional[Any]:
-    """This DP replica's share of ``ids``, gathered on rank 0 in input order."""
-    from tqdm import tqdm
+    """Responses to ``ids`` from every DP replica, on rank 0 in input order (None elsewhere)."""
+    from megarlhf.rollout.engine import generate_everywhere
 
-    mp = setup.mp
-    per = -(-len(ids) // mp.dp_size)
-    lo = mp.dp_rank * per
-    mine = ids[lo:lo + per]
-    for p in mine:
+    for p in ids:
         if len(p) + params.max_new_tokens > setup.meta.model.max_position_embeddings:
             raise ValueError(f"a prompt of {len(p)} tokens + {params.max_new_tokens} new tokens exceeds "
                              f"the model's max_position_embeddings={setup.meta.model.max_position_embeddings}")
-    bar = tqdm(total=len(ids), desc=label, disable=setup.rank != 0, unit="prompt")
-    out = setup.engine.generate(mine, params, progress=lambda n: bar.update(n * mp.dp_size),
-                                first_index=lo)
-    bar.close()
-    # Each replica's last-stage TP rank 0 holds the log-probs; gather those to rank 0.
-    holder = mp.is_last_stage and mp.tp_rank == 0
-    parts: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (mp.dp_rank, out) if holder else None)
-    if setup.rank != 0:
-        return None
-    merged = None
-    for _, part in sorted((p for p in parts if p is not None), key=lambda x: x[0]):
-        if merged is None:
-            merged = part
-        else:
-            for name in ("prompt_ids", "response_ids", "finish_reason", "sample_logprobs",
-                         "policy_logprobs"):
-                getattr(merged, name).extend(getattr(part, name))
-    return merged
+    out = generate_everywhere(setup.engine, setup.mp, ids, params, label)
+    return out if setup.rank == 0 else None
 
 
 def _write_jsonl(path: str, rows) -> None:

@@ -244,3 +244,30 @@ def _pick(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
     if zero.any():
         new = torch.where(zero, filt.argmax(-1), new)
     return new, filt.gather(-1, new[:, None])[:, 0], policy.gather(-1, new[:, None])[:, 0]
+
+
+def generate_everywhere(engine: "MegatronEngine", mp: ModelParallel, prompts: Sequence[Sequence[int]],
+                        params: SamplingParams, label: str = "generate", unit: str = "prompt") -> RolloutBatch:
+    """Responses to ``prompts``: each data-parallel replica answers a contiguous share
+    (sampling keyed by the prompt's index, so the layout does not change them); every rank
+    of the job gets them all, in input order (collective over the job)."""
+    from tqdm import tqdm
+
+    from megarlhf.train.roles import replica_share
+
+    mine = replica_share(len(prompts), mp)
+    bar = tqdm(total=len(prompts), desc=label, disable=dist.get_rank() != 0, unit=unit)
+    out = engine.generate(prompts[mine.start:mine.stop], params, progress=lambda k: bar.update(k * mp.dp_size),
+                          first_index=mine.start) if len(mine) else None
+    bar.close()
+    # each replica's last-stage TP rank 0 holds the log-probs
+    holder = mp.is_last_stage and mp.tp_rank == 0 and out is not None
+    parts: List[Optional[tuple]] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (mp.dp_rank, out) if holder else None)
+    merged = RolloutBatch([], [], [], [], [])
+    for _, part in sorted((p for p in parts if p is not None), key=lambda p: p[0]):
+        for name in ("prompt_ids", "response_ids", "finish_reason", "sample_logprobs", "policy_logprobs"):
+            getattr(merged, name).extend(getattr(part, name))
+    if len(merged.response_ids) != len(prompts):
+        raise RuntimeError(f"gathered {len(merged.response_ids)} responses for {len(prompts)} prompts")
+    return merged

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megarlhf.parallel import ModelParallel
 
-__all__ = ["Span", "placement_spans", "shard_rows", "share_rows", "is_writer", "Trainer", "Role",
+__all__ = ["Span", "placement_spans", "shard_rows", "replica_share", "share_rows", "is_writer", "Trainer", "Role",
            "build_role", "make_trainable"]
 
 Span = Tuple[int, int]  # first rank, number of ranks
@@ -48,6 +48,14 @@ def shard_rows(n: int, mp: Optional[ModelParallel]) -> range:
         raise ValueError(f"{n} rows cannot be split evenly over {mp.dp_size} data-parallel replicas")
     per = n // mp.dp_size
     return range(mp.dp_rank * per, (mp.dp_rank + 1) * per)
+
+
+def replica_share(n: int, mp: ModelParallel) -> range:
+    """This data-parallel replica's contiguous share of ``n`` items when they need not split
+    evenly (evaluation, generation commands): ``ceil(n / dp)`` each, the last ones shorter
+    or empty."""
+    per = -(-n // mp.dp_size)
+    return range(min(n, mp.dp_rank * per), min(n, (mp.dp_rank + 1) * per))
 
 
 def is_writer(mp: Optional[ModelParallel]) -> bool:
