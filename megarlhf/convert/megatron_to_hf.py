@@ -29,6 +29,7 @@ import torch
 from megarlhf.convert.hf_config import ConversionError, hf_config_from_model
 from megarlhf.convert.hf_to_megatron import split_qkv
 from megarlhf.data.tokenizer import TokenizerError, load_tokenizer
+from megarlhf.models.checkpoint import tokenizer_path
 from megarlhf.models.llama import ties_embeddings
 
 __all__ = ["convert_megatron_to_hf", "main", "parse_size"]
@@ -209,7 +210,7 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = N
 
     stored_dtype = str(stored["decoder.layers.mlp.linear_fc2.weight"].dtype).replace("torch.", "")
     source = meta.extra.get("hf_config")
-    ids = {} if source is not None else _token_ids(ckpt_dir, meta.tokenizer)
+    ids = {} if source is not None else _token_ids(ckpt_dir, meta)
     cfg = hf_config_from_model(m, meta.kind, dtype or stored_dtype, source=source, **ids)
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(cfg, fh, indent=2, sort_keys=True)
@@ -222,12 +223,10 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = N
     return summary
 
 
-def _token_ids(ckpt_dir: str, tokenizer: Optional[str]) -> Dict[str, int]:
+def _token_ids(ckpt_dir: str, meta) -> Dict[str, int]:
     """BOS, EOS and padding ids of the checkpoint's tokenizer (none if it records none)."""
-    if not tokenizer:
-        return {}
-    path = tokenizer if os.path.isabs(tokenizer) else os.path.join(ckpt_dir, tokenizer)
-    if not os.path.isfile(path):
+    path = tokenizer_path(meta, ckpt_dir)
+    if path is None or not os.path.isfile(path):
         return {}  # a reference that did not travel with the checkpoint: nothing is copied either
     try:
         tok = load_tokenizer(path)

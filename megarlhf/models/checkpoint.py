@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "write_meta",
     "read_meta",
+    "tokenizer_path",
     "model_sharded_state_dict",
     "save_model",
     "load_model",
@@ -85,6 +86,14 @@ def write_meta(ckpt_dir: str, meta: CheckpointMeta) -> None:
     with open(tmp, "w") as f:
         json.dump(meta.to_json(), f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(ckpt_dir, META_FILE))
+
+
+def tokenizer_path(meta: "CheckpointMeta", ckpt_dir: str) -> Optional[str]:
+    """The tokenizer a checkpoint records, as a path (relative ones are inside the
+    checkpoint folder); None when it records none."""
+    if not meta.tokenizer:
+        return None
+    return meta.tokenizer if os.path.isabs(meta.tokenizer) else os.path.join(ckpt_dir, meta.tokenizer)
 
 
 def read_meta(ckpt_dir: str) -> CheckpointMeta:

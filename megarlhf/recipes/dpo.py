@@ -28,13 +28,11 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.algos.preference import LOSS_TYPES
-from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
-from megarlhf.data.chat import ChatTemplateConfig
+from megarlhf.config import ConfigError
 from megarlhf.data.dataset import DataConfig
-from megarlhf.recipes.pairs_common import PairsTrainConfig
+from megarlhf.recipes.pairs_common import PairsJobConfig, PairsTrainConfig, pair_job_problems
 from megarlhf.train.roles import replica_share
 from megarlhf.train.loop import EvalConfig
-from megarlhf.train.metrics import LogConfig
 from megarlhf.train.schedule import ScheduleConfig
 
 __all__ = ["DPOConfig", "DPOLossConfig", "run"]
@@ -61,56 +59,20 @@ class DPOLossConfig:
 
 
 @dataclass(frozen=True)
-class DPOConfig:
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    model: RuntimeConfig = field(default_factory=RuntimeConfig)
-    """How the policy runs (precision, layers, FP8, recomputation); unset fields keep the
-    starting checkpoint's."""
+class DPOConfig(PairsJobConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=128, max_prompt_length=96,
                                                                 eval_size=0))
-    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
-    """How conversations are formatted: ``auto`` (default) is the starting checkpoint's own
-    template; naming another is reported once at start."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
     train: PairsTrainConfig = field(default_factory=lambda: PairsTrainConfig(
         lr=1e-4, min_lr=0.0, epochs=1.0, global_batch_size=32, micro_batch_size=8,
         schedule=ScheduleConfig(style="linear", warmup_ratio=0.1), out_dir="runs/dpo"))
     eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    world: int = 1
-
-    def world_size(self) -> int:
-        return self.world
-
-    def resolved_models(self) -> Dict[str, ModelConfig]:
-        """The model this job builds: the starting checkpoint's, run as ``model`` says
-        (reads the checkpoint's metadata; no process group needed)."""
-        from megarlhf.models.checkpoint import read_meta
-
-        return {"model": self.model.apply(read_meta(self.train.init_from).model)}
 
     def validate(self) -> None:
-        from megarlhf.config import parallel_problems, range_problems
-        from megarlhf.data.dataset import data_problems
+        from megarlhf.config import range_problems
 
-        problems = runtime_problems(self.model) + parallel_problems(self.parallel)
-        problems += self.train.problems() + data_problems(self.data)
-        problems += range_problems(self, "", positive=("world",))
-        problems += self.eval.problems()
-        problems += range_problems(self.log, "log", positive=("interval",))
-        if problems:  # the checks below divide by these sizes
-            raise ConfigError(problems)
-        t, d = self.train, self.dpo
-        if self.world % self.parallel.model_parallel_size:
-            problems.append(f"world={self.world} is not divisible by TP x PP = "
-                            f"{self.parallel.model_parallel_size}")
-        dp = max(1, self.world // self.parallel.model_parallel_size)
-        if t.global_batch_size % (dp * t.micro_batch_size):
-            problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                            f"DP={dp} x train.micro_batch_size={t.micro_batch_size}")
-        if t.seq_length < self.data.max_length:
-            problems.append(f"train.seq_length={t.seq_length} is shorter than data.max_length="
-                            f"{self.data.max_length}")
+        problems = pair_job_problems(self) + self.eval.problems()
+        d = self.dpo
         if d.loss_type not in LOSS_TYPES:
             problems.append(f"dpo.loss_type={d.loss_type!r}: expected one of {LOSS_TYPES}")
         if d.label_smoothing and d.loss_type != "sigmoid":
@@ -223,136 +185,84 @@ def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, 
 
 
 def run(cfg: DPOConfig) -> dict:
-    from megarlhf import platform
-    from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
-    from megarlhf.models.checkpoint import read_meta, save_model
-    from megarlhf.models.llama import build_model, check_row_length, describe
-    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
+    from megarlhf.models.checkpoint import save_model
+    from megarlhf.models.llama import build_model, describe
+    from megarlhf.parallel import destroy
     from megarlhf.recipes.common import Evaluator
-    from megarlhf.recipes.pairs_common import load_init, output_meta, pair_microbatches, reduce_stats, tokenizer_of
-    from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
-    from megarlhf.train.metrics import MetricsLog
-    from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
-    from megarlhf.train.preemption import Preemption
-    from megarlhf.train.schedule import build_scheduler
-    from megarlhf.train.step import train_step
-    from megarlhf.train.guard import BadSteps
+    from megarlhf.recipes.pairs_common import load_init, output_meta, pair_microbatches, reduce_stats, set_up_pairs
+    from megarlhf.train.job import make_trainable, resume, save_state, start_run, total_steps_of
+    from megarlhf.train.step import forward_only
 
     t, d = cfg.train, cfg.dpo
-    preempt = Preemption(t.preemption)  # signal handlers first: a signal only sets a flag
-    env = DistEnv.from_environ()
-    init_distributed(env)
-    plat = platform.current()
-    mp = initialize_model_parallel(cfg.parallel, seed=t.seed)
-    log = MetricsLog(t.out_dir, cfg.log, dataclasses.asdict(cfg))
-    log.say(f"megarlhf dpo: {env.world_size} process(es) on {plat.describe()}")
+    run_ = start_run("dpo", cfg, cfg.parallel)
+    mp, log, dev = run_.mp, run_.log, run_.device
 
     # -- tokenizer, data, policy, reference ----------------------------------------------------
-    init_meta = read_meta(t.init_from)
-    tokenizer, template = tokenizer_of(init_meta, t.init_from, cfg.chat_template, log.say)
-    data = build_dataset(cfg.data, "preference", template)
-    for line in data.summary():
-        log.say(f"data: {line}")
-    model_cfg = cfg.model.apply(init_meta.model)
-    check_layout(model_cfg, cfg.parallel, env.world_size)
-    multiple = check_row_length(t.seq_length, model_cfg, cfg.parallel)
-    chunks = build_model(model_cfg, mp, kind="causal")
-    load_init(chunks, t.init_from, "causal", init_meta.kind)
+    su = set_up_pairs(cfg, run_, "causal")
+    tokenizer, template, chunks, model_cfg, multiple = su.tokenizer, su.template, su.chunks, su.model_cfg, su.multiple
     log.say(f"policy: {describe(model_cfg, mp)} from {t.init_from}")
     ref_chunks = None
-    train_ds, eval_ds = data.train, data.eval
+    train_ds, eval_ds = su.data.train, su.data.eval
     if d.reference == "precomputed":
         t0 = time.time()
         train_ds = precompute_reference(chunks, mp, model_cfg, train_ds, d, t.micro_batch_size,
-                                        t.seq_length, tokenizer.pad_id, plat.device)
+                                        t.seq_length, tokenizer.pad_id, dev)
         if eval_ds is not None:
             eval_ds = precompute_reference(chunks, mp, model_cfg, eval_ds, d, t.micro_batch_size,
-                                           t.seq_length, tokenizer.pad_id, plat.device)
+                                           t.seq_length, tokenizer.pad_id, dev)
         log.say(f"reference log-probs precomputed for {len(train_ds)} pairs in {time.time() - t0:.1f} s")
     else:
         ref_chunks = build_model(model_cfg, mp, kind="causal")
-        load_init(ref_chunks, t.init_from, "causal", init_meta.kind)
+        load_init(ref_chunks, t.init_from, "causal", su.init_meta.kind)
         for c in ref_chunks:
             c.eval()
             c.requires_grad_(False)
-    for c in chunks:
-        c.config.calculate_per_token_loss = True  # losses are sums over pairs
-    use_dist_opt = t.distributed_optimizer and mp.dp_size > 1
-    ddp = wrap_ddp(chunks, mp, use_dist_opt)
-    optimizer = build_optimizer(ddp, OptimConfig(
-        lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta2=t.adam_beta2,
-        clip_grad=t.clip_grad, use_distributed_optimizer=use_dist_opt), mp)
     sampler = ShardedSampler(len(train_ds), t.global_batch_size, mp.dp_rank, mp.dp_size, seed=t.seed)
-    total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
-    scheduler = build_scheduler(optimizer, t.schedule, t.lr, t.min_lr, total_steps, t.weight_decay)
-    meta = output_meta(model_cfg, "causal", tokenizer.path, template, init_meta, recipe="dpo",
+    total_steps = total_steps_of(t, sampler.steps_per_epoch)
+    tr = make_trainable(chunks, mp, t, t.lr, t.min_lr, total_steps, t.distributed_optimizer)
+    meta = output_meta(model_cfg, "causal", tokenizer.path, template, su.init_meta, recipe="dpo",
                        init_from=os.path.abspath(t.init_from))
-
-    step, consumed = 0, 0
-    ckpt = find_checkpoint(t.out_dir, t.resume)
-    if ckpt:
-        state = load_train_state(ckpt, chunks, optimizer, scheduler)
-        step, consumed = state["step"], state["consumed_samples"]
-        log.say(f"resumed from {ckpt} at step {step} ({consumed} pairs consumed)")
+    step, consumed = resume(run_, t, chunks, tr, "pairs")
     log.say(f"training {total_steps} steps of {t.global_batch_size} pairs "
             f"({sampler.steps_per_epoch} per epoch), loss {d.loss_type}, beta {d.beta}")
 
     # -- loop --------------------------------------------------------------------------------
-    forward_step = dpo_forward_step(mp, model_cfg, d, plat.device, ref_chunks)
+    forward_step = dpo_forward_step(mp, model_cfg, d, dev, ref_chunks)
     with_ref = ref_chunks is None
     evaluate = Evaluator(chunks, mp, model_cfg, template, cfg.eval, cfg.eval.prompts, t.eval_interval, log.say)
     if step == 0 and cfg.eval.at_start:
         evaluate(0, log)
     batches = sampler.batches(consumed)
-    guard = BadSteps(t.max_bad_steps)
     log.start_progress(total_steps, step)
     while step < total_steps:
         micro, seq = pair_microbatches(train_ds, next(batches), t.micro_batch_size, t.seq_length,
                                        tokenizer.pad_id, with_ref=with_ref, multiple=multiple)
-        t0 = time.time()
-        res = train_step(ddp, optimizer, mp, forward_step, micro, seq, 2 * t.micro_batch_size)
-        if res["applied"]:
-            scheduler.step(1)
-        guard.record(res["skipped"], step + 1, preempt)
         step += 1
+        res = tr.step(mp, forward_step, micro, seq, 2 * t.micro_batch_size, step, run_.preempt)
         consumed += t.global_batch_size
-        stats = _summary(reduce_stats(res["outputs"], mp, plat.device))
         tokens = sum(int((m.tokens != tokenizer.pad_id).sum()) for m in micro) * mp.dp_size
-        dt = time.time() - t0
-        log.log(step, {**stats, "lr": optimizer.param_groups[0]["lr"],
-                       **({"skipped_steps": guard.total} if guard.total else {}),
-                       "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(tokens / dt),
-                       "step_s": round(dt, 3)})
+        log.log(step, {**_summary(reduce_stats(res["outputs"], mp, dev)), **tr.record(res, tokens)})
         if evaluate.due(step, total_steps):
             evaluate(step, log)
-        preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
-            t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
-            keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
+        run_.preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_state(
+            t, step, consumed, chunks, tr, meta), log)  # collective; a signal on any rank stops every rank
 
     result: Dict[str, object] = {"steps": step}
     if eval_ds is not None:
-        from megarlhf.train.step import forward_only
-
-        mine = list(replica_share(len(eval_ds), mp))
-        micro, seq = pair_microbatches(eval_ds, mine, t.micro_batch_size, t.seq_length,
-                                       tokenizer.pad_id, with_ref=with_ref, multiple=multiple)
-        outs = forward_only(chunks, mp, forward_step, micro, seq, 2 * t.micro_batch_size) \
-            if micro else []
-        ev = _summary(reduce_stats(outs, mp, plat.device))
+        micro, seq = pair_microbatches(eval_ds, list(replica_share(len(eval_ds), mp)), t.micro_batch_size,
+                                       t.seq_length, tokenizer.pad_id, with_ref=with_ref, multiple=multiple)
+        outs = forward_only(chunks, mp, forward_step, micro, seq, 2 * t.micro_batch_size) if micro else []
+        ev = result["eval_pairs"] = _summary(reduce_stats(outs, mp, dev))
         log.say(f"held-out implicit-reward accuracy {ev['accuracy']:.1%} on {len(eval_ds)} pairs")
-        result["eval_pairs"] = ev
     acc = evaluate(step, log)
     if acc is not None:
         result.update(exact_match=acc, eval_prompts=evaluate.last_n)
-    save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},
-                     meta, keep=t.keep_checkpoints)
-    final = os.path.join(t.out_dir, "final")
-    save_model(chunks, final, dataclasses.replace(
-        meta, extra={**meta.extra, "steps": step, **({"exact_match": result["exact_match"]}
-                                                      if "exact_match" in result else {})}))
-    log.say(f"saved {final}")
+    save_state(t, step, consumed, chunks, tr, meta)
+    result["final"] = os.path.join(t.out_dir, "final")
+    save_model(chunks, result["final"], dataclasses.replace(
+        meta, extra={**meta.extra, "steps": step, **({"exact_match": acc} if acc is not None else {})}))
+    log.say(f"saved {result['final']}")
     log.close()
-    result["final"] = final
     destroy()
     return result

@@ -11,11 +11,14 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megarlhf.config import ParallelConfig, RuntimeConfig
+from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.parallel import ModelParallel
+from megarlhf.train.metrics import LogConfig
 from megarlhf.train.loop import LoopConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["PairsTrainConfig", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of", "recorded_template",
+__all__ = ["PairsTrainConfig", "PairsSetup", "set_up_pairs", "PairsJobConfig", "pair_job_problems", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of", "recorded_template",
            "make_template", "output_meta"]
 
 
@@ -47,6 +50,57 @@ class PairsTrainConfig(LoopConfig):
         return [f"{prefix}.min_lr={self.min_lr} is above {prefix}.lr={self.lr}"] if self.min_lr > self.lr else []
 
 
+@dataclass(frozen=True)
+class PairsJobConfig:
+    """What the reward model's and DPO's configs share: one model from ``train.init_from``
+    on one layout over ``world`` processes."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """How the model runs (precision, layers, FP8, recomputation); unset fields keep the
+    starting checkpoint's."""
+    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
+    """How conversations are formatted: ``auto`` (default) is the starting checkpoint's own
+    template; naming another is reported once at start."""
+    log: LogConfig = field(default_factory=LogConfig)
+    world: int = 1
+    """Processes started when launched without torchrun/srun."""
+
+    def world_size(self) -> int:
+        return self.world
+
+    def resolved_models(self) -> Dict[str, Any]:
+        """The model this job builds: the starting checkpoint's, run as ``model`` says
+        (reads the checkpoint's metadata; no process group needed)."""
+        from megarlhf.models.checkpoint import read_meta
+
+        return {"model": self.model.apply(read_meta(self.train.init_from).model)}
+
+
+def pair_job_problems(cfg, finite: Tuple[str, ...] = ()) -> List[str]:
+    """The checks the reward model and DPO share: ranges of every section (``finite``:
+    top-level fields that must be finite numbers), then, when those hold, how batches and
+    rows fit the layout."""
+    from megarlhf.config import parallel_problems, range_problems, runtime_problems
+    from megarlhf.data.dataset import data_problems
+
+    p = runtime_problems(cfg.model) + parallel_problems(cfg.parallel) + cfg.train.problems()
+    p += data_problems(cfg.data) + range_problems(cfg, "", positive=("world",), finite=finite)
+    p += range_problems(cfg.log, "log", positive=("interval",))
+    if p:  # the checks below divide by these sizes
+        return p
+    t, mp_size = cfg.train, cfg.parallel.model_parallel_size
+    if cfg.world % mp_size:
+        p.append(f"world={cfg.world} is not divisible by TP x PP = {mp_size}")
+    dp = max(1, cfg.world // mp_size)
+    if t.global_batch_size % (dp * t.micro_batch_size):
+        p.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                 f"DP={dp} x train.micro_batch_size={t.micro_batch_size}")
+    if t.seq_length < cfg.data.max_length:
+        p.append(f"train.seq_length={t.seq_length} is shorter than data.max_length={cfg.data.max_length}")
+    return p
+
+
 def tokenizer_of(meta, ckpt_dir: str, chosen=None, say=None, require: bool = True):
     """The tokenizer recorded in a checkpoint and the chat template conversations are
     formatted with: ``chosen`` (a ChatTemplateConfig) when it names one, else the
@@ -54,10 +108,11 @@ def tokenizer_of(meta, ckpt_dir: str, chosen=None, say=None, require: bool = Tru
     checkpoint's, once. Without any template: an error naming the fix (``require``), or
     None (token ids only)."""
     from megarlhf.data.tokenizer import load_tokenizer
+    from megarlhf.models.checkpoint import tokenizer_path
 
-    if not meta.tokenizer:
+    path = tokenizer_path(meta, ckpt_dir)
+    if path is None:
         raise ValueError(f"{ckpt_dir}: the checkpoint records no tokenizer (set tokenizer.path)")
-    path = meta.tokenizer if os.path.isabs(meta.tokenizer) else os.path.join(ckpt_dir, meta.tokenizer)
     tok = load_tokenizer(path)
     return tok, make_template(tok, chosen, recorded_template(meta), ckpt_dir, say=say, require=require,
                               generation_config=meta.extra.get("generation_config"))
@@ -110,6 +165,45 @@ def output_meta(model_cfg, kind: str, tokenizer: str, template, init_meta=None, 
     return CheckpointMeta(model=model_cfg, kind=kind, tokenizer=os.path.abspath(tokenizer),
                           chat_template=template.name,
                           extra={**carried, "chat_template_config": dataclasses.asdict(template.cfg), **extra})
+
+
+@dataclass
+class PairsSetup:
+    """What a pairwise recipe starts from: the starting checkpoint's metadata, tokenizer
+    and chat template, the tokenized pairs, the model (loaded) and the row multiple."""
+
+    init_meta: Any
+    tokenizer: Any
+    template: Any
+    data: Any
+    model_cfg: Any
+    chunks: List[torch.nn.Module]
+    multiple: int
+    """Rows are padded to a multiple of this (:func:`~megarlhf.models.llama.check_row_length`)."""
+    fresh_head: bool
+
+
+def set_up_pairs(cfg, run, kind: str) -> PairsSetup:
+    """Tokenizer and template from ``train.init_from``, the preference data, and the model
+    (``kind``: ``causal`` for DPO's policy, ``reward`` for a reward model: a fresh scalar
+    head when the checkpoint is causal) on the run's layout."""
+    from megarlhf.config import check_layout
+    from megarlhf.data.dataset import build_dataset
+    from megarlhf.models.checkpoint import read_meta
+    from megarlhf.models.llama import build_model, check_row_length
+
+    t, log = cfg.train, run.log
+    init_meta = read_meta(t.init_from)
+    tokenizer, template = tokenizer_of(init_meta, t.init_from, cfg.chat_template, log.say)
+    data = build_dataset(cfg.data, "preference", template)
+    for line in data.summary():
+        log.say(f"data: {line}")
+    model_cfg = cfg.model.apply(init_meta.model)
+    check_layout(model_cfg, cfg.parallel, run.env.world_size)
+    multiple = check_row_length(t.seq_length, model_cfg, cfg.parallel)
+    chunks = build_model(model_cfg, run.mp, kind=kind)
+    fresh = bool(load_init(chunks, t.init_from, kind, init_meta.kind))
+    return PairsSetup(init_meta, tokenizer, template, data, model_cfg, chunks, multiple, fresh)
 
 
 def load_init(chunks, ckpt_dir: str, kind: str, init_kind: str) -> List[str]:

@@ -53,12 +53,12 @@ import torch
 from megarlhf.algos import ppo as A
 from megarlhf.algos.advantages import AdvantageInputs, estimate_advantages
 from megarlhf.algos.policy_losses import loss_weights, policy_token_loss
-from megarlhf.config import ConfigError, ParallelConfig, check_model
+from megarlhf.config import ConfigError, check_model
 from megarlhf.recipes.ppo_config import (ALGORITHMS, Algorithm, PPOConfig, PPOLossConfig, PPOTrainConfig,
                                          RoleConfig, RolloutConfig)
 from megarlhf.rollout.batch import (Rollout, build_rollout, microbatches, minibatch_has_tokens,
                                     pad_responses)
-from megarlhf.train.roles import Role, build_role, is_writer, make_trainable, share_rows, shard_rows
+from megarlhf.train.roles import Role, build_role, is_writer, make_role_trainable, share_rows, shard_rows
 
 __all__ = ["PPOConfig", "RoleConfig", "PPOLossConfig", "RolloutConfig", "PPOTrainConfig", "ALGORITHMS",
            "Roles", "PromptBatch", "StepContext", "StepState", "StepMetrics", "ppo_step", "run"]
@@ -601,17 +601,10 @@ def build_roles(cfg: PPOConfig, log) -> Roles:
 
 
 def make_optimizers(roles: Roles, t: PPOTrainConfig, total_steps: int) -> None:
-    """The actor's and critic's optimizers and LR schedules (a constant schedule keeps its
-    floor at the peak)."""
-    from megarlhf.train.optim import OptimConfig
-
+    """The actor's and critic's optimizers and LR schedules."""
     for role, lr in ((roles.actor, t.actor_lr), (roles.critic, t.critic_lr)):
-        if role is None:
-            continue
-        floor = lr if t.schedule.style == "constant" else 0.0
-        make_trainable(role, OptimConfig(lr=lr, min_lr=floor, weight_decay=t.weight_decay, adam_beta2=t.adam_beta2,
-                                         clip_grad=t.clip_grad), t.schedule, total_steps, t.distributed_optimizer,
-                       t.max_bad_steps)
+        if role is not None:
+            make_role_trainable(role, t, lr, total_steps)
 
 
 def load_prompts(cfg: PPOConfig, template, log):
@@ -687,25 +680,20 @@ def prepare(cfg: PPOConfig, log, preempt=None) -> Job:
 
 
 def run(cfg: PPOConfig) -> dict:
-    from megarlhf import platform
     from megarlhf.models.checkpoint import save_model
-    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
+    from megarlhf.parallel import DistEnv, destroy
     from megarlhf.recipes.common import Evaluator
     from megarlhf.train.checkpoint import find_checkpoint, load_roles_state, save_roles_state
-    from megarlhf.train.metrics import MetricsLog
-    from megarlhf.train.preemption import Preemption
+    from megarlhf.train.job import start_run
 
     t, R = cfg.train, cfg.rollout
-    preempt = Preemption(t.preemption)  # signal handlers first: a signal only sets a flag
     env = DistEnv.from_environ()
     if env.world_size != cfg.world:  # the roles' ranks are laid out from cfg.world
         raise ConfigError([f"world={cfg.world} but the job has {env.world_size} processes "
                            f"({env.source}): set world={env.world_size}"])
-    init_distributed(env)
-    initialize_model_parallel(ParallelConfig(), seed=t.seed)  # the RNG tracker; roles get their own groups
-    log = MetricsLog(t.out_dir, cfg.log, dataclasses.asdict(cfg))
-    log.say(f"megarlhf ppo: {env.world_size} process(es) on {platform.current().describe()}, algo {cfg.algo}, "
-            f"placement {cfg.placement}")
+    # megatron's global layout only seeds the RNG tracker: each role gets its own groups
+    run_ = start_run("ppo", cfg, detail=f", algo {cfg.algo}, placement {cfg.placement}")
+    log, preempt = run_.log, run_.preempt
     job = prepare(cfg, log, preempt)
     actor, state, a = job.roles.actor, job.state, job.ctx.algo
     ckpt = find_checkpoint(t.out_dir, t.resume)

@@ -18,34 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
 
-from megarlhf.config import ConfigError, ModelConfig, ParallelConfig, RuntimeConfig, check_layout, runtime_problems
-from megarlhf.data.chat import ChatTemplateConfig
+from megarlhf.config import ConfigError, ParallelConfig, check_layout
 from megarlhf.data.dataset import DataConfig
-from megarlhf.recipes.pairs_common import PairsTrainConfig
+from megarlhf.recipes.pairs_common import PairsJobConfig, PairsTrainConfig, pair_job_problems
 from megarlhf.train.roles import replica_share
-from megarlhf.train.metrics import LogConfig
 
 __all__ = ["RMConfig", "run", "evaluate_pairs", "eval_main"]
 
 
 @dataclass(frozen=True)
-class RMConfig:
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    model: RuntimeConfig = field(default_factory=RuntimeConfig)
-    """How the model runs (precision, layers, FP8, recomputation); unset fields keep the
-    starting checkpoint's."""
+class RMConfig(PairsJobConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=128, max_prompt_length=96,
                                                                 eval_size=200))
     """Preference pairs (``data.eval_size`` of them held out for pair accuracy)."""
-    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
-    """How conversations are formatted: ``auto`` (default) is the starting checkpoint's own
-    template; naming another is reported once at start."""
     train: PairsTrainConfig = field(default_factory=lambda: PairsTrainConfig(
         lr=1e-4, min_lr=1e-5, epochs=2.0, global_batch_size=32, micro_batch_size=8, out_dir="runs/rm"))
     margin: float = 0.0
@@ -53,42 +43,11 @@ class RMConfig:
     pooling: str = "last"
     """Where the reward is read: ``last`` (the last token; the paper's), ``min`` or
     ``mean`` over the response's tokens. Saved with the model; PPO and rm-eval use it."""
-    log: LogConfig = field(default_factory=LogConfig)
-    world: int = 1
-    """Processes started when launched without torchrun/srun."""
-
-    def world_size(self) -> int:
-        return self.world
-
-    def resolved_models(self) -> Dict[str, ModelConfig]:
-        """The model this job builds: the starting checkpoint's, run as ``model`` says
-        (reads the checkpoint's metadata; no process group needed)."""
-        from megarlhf.models.checkpoint import read_meta
-
-        return {"model": self.model.apply(read_meta(self.train.init_from).model)}
 
     def validate(self) -> None:
-        from megarlhf.config import parallel_problems, range_problems
-        from megarlhf.data.dataset import data_problems
-
-        problems = runtime_problems(self.model) + parallel_problems(self.parallel)
-        problems += self.train.problems() + data_problems(self.data)
-        problems += range_problems(self, "", positive=("world",), finite=("margin",))
-        problems += range_problems(self.log, "log", positive=("interval",))
-        if problems:  # the checks below divide by these sizes
-            raise ConfigError(problems)
-        t = self.train
-        if self.world % self.parallel.model_parallel_size:
-            problems.append(f"world={self.world} is not divisible by TP x PP = "
-                            f"{self.parallel.model_parallel_size}")
-        dp = max(1, self.world // self.parallel.model_parallel_size)
-        if t.global_batch_size % (dp * t.micro_batch_size):
-            problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                            f"DP={dp} x train.micro_batch_size={t.micro_batch_size}")
-        if t.seq_length < self.data.max_length:
-            problems.append(f"train.seq_length={t.seq_length} is shorter than data.max_length="
-                            f"{self.data.max_length}")
         from megarlhf.algos.preference import POOLINGS
+
+        problems = pair_job_problems(self, finite=("margin",))
         if self.pooling not in POOLINGS:
             problems.append(f"pooling={self.pooling!r}: expected one of {', '.join(POOLINGS)}")
         if not self.data.sources:
@@ -170,112 +129,64 @@ def evaluate_pairs(chunks, mp, ds, mbs: int, seq_length: int, pad_id: int, devic
 
 
 def run(cfg: RMConfig) -> dict:
-    from megarlhf import platform
-    from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
-    from megarlhf.models.checkpoint import read_meta, save_model
-    from megarlhf.models.llama import build_model, check_row_length, describe
-    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
-    from megarlhf.recipes.pairs_common import load_init, output_meta, pair_microbatches, reduce_stats, tokenizer_of
-    from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
-    from megarlhf.train.metrics import MetricsLog
-    from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
-    from megarlhf.train.preemption import Preemption
-    from megarlhf.train.schedule import build_scheduler
-    from megarlhf.train.step import train_step
-    from megarlhf.train.guard import BadSteps
+    from megarlhf.models.checkpoint import save_model
+    from megarlhf.models.llama import describe
+    from megarlhf.parallel import destroy
+    from megarlhf.recipes.pairs_common import output_meta, pair_microbatches, reduce_stats, set_up_pairs
+    from megarlhf.train.job import make_trainable, resume, save_state, start_run, total_steps_of
 
     t = cfg.train
-    preempt = Preemption(t.preemption)  # signal handlers first: a signal only sets a flag
-    env = DistEnv.from_environ()
-    init_distributed(env)
-    plat = platform.current()
-    mp = initialize_model_parallel(cfg.parallel, seed=t.seed)
-    log = MetricsLog(t.out_dir, cfg.log, dataclasses.asdict(cfg))
-    log.say(f"megarlhf rm: {env.world_size} process(es) on {plat.describe()}")
+    run_ = start_run("rm", cfg, cfg.parallel)
+    mp, log, dev = run_.mp, run_.log, run_.device
 
     # -- tokenizer, data, model ----------------------------------------------------------------
-    init_meta = read_meta(t.init_from)
-    tokenizer, template = tokenizer_of(init_meta, t.init_from, cfg.chat_template, log.say)
-    data = build_dataset(cfg.data, "preference", template)
-    for line in data.summary():
-        log.say(f"data: {line}")
-    model_cfg = cfg.model.apply(init_meta.model)
-    check_layout(model_cfg, cfg.parallel, env.world_size)
-    multiple = check_row_length(t.seq_length, model_cfg, cfg.parallel)
-    chunks = build_model(model_cfg, mp, kind="reward")
-    fresh = load_init(chunks, t.init_from, "reward", init_meta.kind)
+    su = set_up_pairs(cfg, run_, "reward")
+    tokenizer, data, chunks, model_cfg, multiple = su.tokenizer, su.data, su.chunks, su.model_cfg, su.multiple
     log.say(f"model: {describe(model_cfg, mp)}; reward head "
-            f"{'initialised fresh' if fresh else 'loaded'} from {t.init_from}")
-    for c in chunks:  # losses are sums over pairs; megatron divides by the global count
-        c.config.calculate_per_token_loss = True
-    use_dist_opt = t.distributed_optimizer and mp.dp_size > 1
-    ddp = wrap_ddp(chunks, mp, use_dist_opt)
-    optimizer = build_optimizer(ddp, OptimConfig(
-        lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta2=t.adam_beta2,
-        clip_grad=t.clip_grad, use_distributed_optimizer=use_dist_opt), mp)
+            f"{'initialised fresh' if su.fresh_head else 'loaded'} from {t.init_from}")
     sampler = ShardedSampler(len(data.train), t.global_batch_size, mp.dp_rank, mp.dp_size, seed=t.seed)
-    total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
-    scheduler = build_scheduler(optimizer, t.schedule, t.lr, t.min_lr, total_steps, t.weight_decay)
-    meta = output_meta(model_cfg, "reward", tokenizer.path, template, init_meta, recipe="rm",
+    total_steps = total_steps_of(t, sampler.steps_per_epoch)
+    tr = make_trainable(chunks, mp, t, t.lr, t.min_lr, total_steps, t.distributed_optimizer)
+    meta = output_meta(model_cfg, "reward", tokenizer.path, su.template, su.init_meta, recipe="rm",
                        reward_pooling=cfg.pooling, init_from=os.path.abspath(t.init_from))
-
-    # -- resume ------------------------------------------------------------------------------
-    step, consumed = 0, 0
-    ckpt = find_checkpoint(t.out_dir, t.resume)
-    if ckpt:
-        state = load_train_state(ckpt, chunks, optimizer, scheduler)
-        step, consumed = state["step"], state["consumed_samples"]
-        log.say(f"resumed from {ckpt} at step {step} ({consumed} pairs consumed)")
+    step, consumed = resume(run_, t, chunks, tr, "pairs")
     log.say(f"training {total_steps} steps of {t.global_batch_size} pairs "
             f"({sampler.steps_per_epoch} per epoch)")
 
+    def evaluate(at_step: int, echo: bool = True) -> Dict[str, float]:
+        ev = evaluate_pairs(chunks, mp, data.eval, t.micro_batch_size, t.seq_length, tokenizer.pad_id, dev,
+                            pooling=cfg.pooling)
+        log.log(at_step, {f"eval_{k}": v for k, v in ev.items()}, echo=echo)
+        return ev
+
     # -- loop --------------------------------------------------------------------------------
-    forward_step = reward_forward_step(mp, plat.device, cfg.pooling)
+    forward_step = reward_forward_step(mp, dev, cfg.pooling)
     batches = sampler.batches(consumed)
-    guard = BadSteps(t.max_bad_steps)
     log.start_progress(total_steps, step)
     while step < total_steps:
-        indices = next(batches)
-        micro, seq = pair_microbatches(data.train, indices, t.micro_batch_size, t.seq_length,
+        micro, seq = pair_microbatches(data.train, next(batches), t.micro_batch_size, t.seq_length,
                                        tokenizer.pad_id, margin=cfg.margin, multiple=multiple)
-        t0 = time.time()
-        res = train_step(ddp, optimizer, mp, forward_step, micro, seq, 2 * t.micro_batch_size)
-        if res["applied"]:
-            scheduler.step(1)
-        guard.record(res["skipped"], step + 1, preempt)
         step += 1
+        res = tr.step(mp, forward_step, micro, seq, 2 * t.micro_batch_size, step, run_.preempt)
         consumed += t.global_batch_size
-        stats = _summary(reduce_stats(res["outputs"], mp, plat.device))
         tokens = sum(int((m.tokens != tokenizer.pad_id).sum()) for m in micro) * mp.dp_size
-        dt = time.time() - t0
-        log.log(step, {**stats, "lr": optimizer.param_groups[0]["lr"],
-                       **({"skipped_steps": guard.total} if guard.total else {}),
-                       "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(tokens / dt),
-                       "step_s": round(dt, 3)})
-        if data.eval is not None and t.eval_interval and step % t.eval_interval == 0:
-            ev = evaluate_pairs(chunks, mp, data.eval, t.micro_batch_size, t.seq_length,
-                                tokenizer.pad_id, plat.device, pooling=cfg.pooling)
-            log.log(step, {f"eval_{k}": v for k, v in ev.items()})
-        preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
-            t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
-            keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
-    log.close()
+        log.log(step, {**_summary(reduce_stats(res["outputs"], mp, dev)), **tr.record(res, tokens)})
+        if data.eval is not None and t.eval_interval and step % t.eval_interval == 0 and step < total_steps:
+            evaluate(step)
+        run_.preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_state(
+            t, step, consumed, chunks, tr, meta), log)  # collective; a signal on any rank stops every rank
 
     result: Dict[str, object] = {"steps": step}
     if data.eval is not None:
-        ev = evaluate_pairs(chunks, mp, data.eval, t.micro_batch_size, t.seq_length,
-                            tokenizer.pad_id, plat.device, pooling=cfg.pooling)
-        log.log(step, {f"eval_{k}": v for k, v in ev.items()}, echo=False)
+        ev = result["eval"] = evaluate(step, echo=False)
         log.say(f"held-out pair accuracy {ev['accuracy']:.1%} on {len(data.eval)} pairs "
                 f"(loss {ev['loss']:.4f}, margin {ev['margin']:.3f})")
-        result["eval"] = ev
-    save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},
-                     meta, keep=t.keep_checkpoints)
-    final = os.path.join(t.out_dir, "final")
-    save_model(chunks, final, dataclasses.replace(meta, extra={**meta.extra, "steps": step}))
-    log.say(f"saved {final}")
-    result["final"] = final
+    save_state(t, step, consumed, chunks, tr, meta)
+    result["final"] = os.path.join(t.out_dir, "final")
+    save_model(chunks, result["final"], dataclasses.replace(meta, extra={**meta.extra, "steps": step}))
+    log.say(f"saved {result['final']}")
+    log.close()
     destroy()
     return result
 

@@ -159,43 +159,31 @@ def _sources_or_builtin(cfg: SFTConfig, builtin: dict) -> DataConfig:
 
 
 def run(cfg: SFTConfig) -> dict:
-    from megarlhf import platform
     from megarlhf.data.batch import pack_examples, pad_examples
     from megarlhf.data.builtin import prepare_builtin_task
     from megarlhf.data.chat import read_hf_chat_template
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.data.tokenizer import load_tokenizer
-    from megarlhf.models.checkpoint import load_model, read_meta, save_model
+    from megarlhf.models.checkpoint import load_model, read_meta, save_model, tokenizer_path
     from megarlhf.models.llama import build_model, describe
-    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
+    from megarlhf.parallel import destroy
     from megarlhf.recipes.common import Evaluator, lm_forward_step
     from megarlhf.recipes.pairs_common import make_template, output_meta, recorded_template
-    from megarlhf.train.checkpoint import find_checkpoint, load_train_state, save_train_state
-    from megarlhf.train.metrics import MetricsLog
-    from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
-    from megarlhf.train.preemption import Preemption
-    from megarlhf.train.schedule import build_scheduler
-    from megarlhf.train.step import train_step
-    from megarlhf.train.guard import BadSteps
+    from megarlhf.train.job import make_trainable, resume, save_state, start_run, total_steps_of
 
     t_start = time.time()
-    preempt = Preemption(cfg.train.preemption)  # signal handlers first: a signal only sets a flag
-    env = DistEnv.from_environ()
-    init_distributed(env)
-    plat = platform.current()
-    mp = initialize_model_parallel(cfg.parallel, seed=cfg.train.seed)
-    log = MetricsLog(cfg.train.out_dir, cfg.log, dataclasses.asdict(cfg))
-    log.say(f"megarlhf sft: {env.world_size} process(es) on {plat.describe()}")
+    t = cfg.train
+    run_ = start_run("sft", cfg, cfg.parallel)
+    mp, log = run_.mp, run_.log
 
     # -- tokenizer, chat template and data --------------------------------------------------
-    init_meta = read_meta(cfg.train.init_from) if cfg.train.init_from else None
-    tok_path = cfg.tokenizer.path or (init_meta and init_meta.tokenizer and
-                                      _resolve(cfg.train.init_from, init_meta.tokenizer))
+    init_meta = read_meta(t.init_from) if t.init_from else None
+    tok_path = cfg.tokenizer.path or (init_meta and tokenizer_path(init_meta, t.init_from))
     builtin_data = not cfg.data.sources
     builtin = None
     if builtin_data or not tok_path:
-        builtin = prepare_builtin_task(os.path.join(cfg.train.out_dir, "task"), cfg.task)
+        builtin = prepare_builtin_task(os.path.join(t.out_dir, "task"), cfg.task)
     tok_path = tok_path or builtin["tokenizer"]
     tokenizer = load_tokenizer(tok_path, cfg.tokenizer)
     # The model's own template (from its checkpoint, or beside a Hugging Face tokenizer), a
@@ -218,28 +206,16 @@ def run(cfg: SFTConfig) -> dict:
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError([f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
                            f"tokenizer's {tokenizer.vocab_size} ({tok_path})"])
-    check_layout(model_cfg, cfg.parallel, env.world_size)
+    check_layout(model_cfg, cfg.parallel, run_.env.world_size)
     chunks = build_model(model_cfg, mp)
-    if cfg.train.init_from:
-        load_model(chunks, cfg.train.init_from)
+    if t.init_from:
+        load_model(chunks, t.init_from)
     log.say(f"model: {describe(model_cfg, mp)}")
-    for c in chunks:  # the loss is a sum over tokens; megatron divides by the global count
-        c.config.calculate_per_token_loss = True
-    ddp = wrap_ddp(chunks, mp)
-    t = cfg.train
-    optimizer = build_optimizer(ddp, OptimConfig(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                                                 adam_beta2=t.adam_beta2, clip_grad=t.clip_grad), mp)
-    sampler = ShardedSampler(len(data.train), t.global_batch_size, mp.dp_rank, mp.dp_size,
-                             seed=cfg.train.seed)
-    total_steps = t.max_steps or max(1, int(t.epochs * sampler.steps_per_epoch))
-    scheduler = build_scheduler(optimizer, t.schedule, t.lr, t.min_lr, total_steps, t.weight_decay)
+    sampler = ShardedSampler(len(data.train), t.global_batch_size, mp.dp_rank, mp.dp_size, seed=t.seed)
+    total_steps = total_steps_of(t, sampler.steps_per_epoch)
+    tr = make_trainable(chunks, mp, t, t.lr, t.min_lr, total_steps)
     meta = output_meta(model_cfg, "causal", tok_path, template, init_meta, recipe="sft")
-    step, consumed = 0, 0
-    resume_from = find_checkpoint(t.out_dir, t.resume)
-    if resume_from:
-        state = load_train_state(resume_from, chunks, optimizer, scheduler)
-        step, consumed = state["step"], state["consumed_samples"]
-        log.say(f"resumed from {resume_from} at step {step} ({consumed} examples consumed)")
+    step, consumed = resume(run_, t, chunks, tr, "examples")
     log.say(f"training {total_steps} steps of {t.global_batch_size} examples "
             f"({sampler.steps_per_epoch} steps per epoch, {sampler.dropped_per_epoch} examples "
             f"left out of each epoch's last partial batch), "
@@ -251,42 +227,31 @@ def run(cfg: SFTConfig) -> dict:
     if step == 0 and cfg.eval.at_start:
         evaluate(0, log)
     ids_col, mask_col = data.train["input_ids"], data.train["loss_mask"]
-    forward_step = lm_forward_step(mp, model_cfg, plat.device)
+    forward_step = lm_forward_step(mp, model_cfg, run_.device)
     batches = sampler.batches(consumed)
-    guard = BadSteps(t.max_bad_steps)
     log.start_progress(total_steps, step)
     t_loop = time.time()
     while step < total_steps:
         step += 1
         examples = [(ids_col[i], mask_col[i]) for i in next(batches)]
         if t.packing:
-            batch = pack_examples(examples, t.seq_length, tokenizer.pad_id,
-                                  row_multiple=t.micro_batch_size)
+            batch = pack_examples(examples, t.seq_length, tokenizer.pad_id, row_multiple=t.micro_batch_size)
         else:
             rows = -(-len(examples) // t.micro_batch_size) * t.micro_batch_size
             batch = pad_examples(examples, t.seq_length, tokenizer.pad_id, rows=rows)
-        micro = _split(batch, t.micro_batch_size)
-        t0 = time.time()
-        res = train_step(ddp, optimizer, mp, forward_step, micro, t.seq_length, t.micro_batch_size)
-        if res["applied"]:
-            scheduler.step(1)
-        guard.record(res["skipped"], step, preempt)
+        res = tr.step(mp, forward_step, _split(batch, t.micro_batch_size), t.seq_length, t.micro_batch_size,
+                      step, run_.preempt)
         consumed += t.global_batch_size
         loss_sum, n_tok = _global_loss(res["outputs"], mp)
-        dt = time.time() - t0
-        log.log(step, {"loss": loss_sum / max(n_tok, 1), "lr": optimizer.param_groups[0]["lr"],
-                       **({"skipped_steps": guard.total} if guard.total else {}),
-                       "grad_norm": float(res["grad_norm"] or 0.0), "tokens_per_s": round(n_tok / dt),
-                       "step_s": round(dt, 3), "epoch": round(consumed / sampler.samples_per_epoch, 2)},
+        log.log(step, {"loss": loss_sum / max(n_tok, 1), **tr.record(res, n_tok),
+                       "epoch": round(consumed / sampler.samples_per_epoch, 2)},
                 echo=step % cfg.log.interval == 0 or step in (1, total_steps))
         if evaluate.due(step, total_steps):
             evaluate(step, log)
-        preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_train_state(
-            t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed}, meta,
-            keep=t.keep_checkpoints), log)  # collective; a signal on any rank stops every rank
+        run_.preempt.end_of_step(step, total_steps, t.save_interval, lambda: save_state(
+            t, step, consumed, chunks, tr, meta), log)  # collective; a signal on any rank stops every rank
     train_time = time.time() - t_loop
-    save_train_state(t.out_dir, step, chunks, optimizer, scheduler, {"consumed_samples": consumed},
-                     meta, keep=t.keep_checkpoints)
+    save_state(t, step, consumed, chunks, tr, meta)
 
     accuracy = evaluate(total_steps, log)
     measured = {"exact_match": accuracy, "eval_prompts": evaluate.last_n} if accuracy is not None else {}
@@ -300,10 +265,6 @@ def run(cfg: SFTConfig) -> dict:
     log.say(f"saved {ckpt}; training took {train_time:.0f} s, everything {result['total_seconds']:.0f} s")
     destroy()
     return result
-
-
-def _resolve(ckpt_dir: str, ref: str) -> str:
-    return ref if os.path.isabs(ref) else os.path.join(ckpt_dir, ref)
 
 
 def _split(batch, mbs: int) -> List:

@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from megarlhf.parallel import ModelParallel
 
-__all__ = ["Span", "placement_spans", "shard_rows", "replica_share", "share_rows", "is_writer", "Trainer", "Role",
-           "build_role", "make_trainable"]
+__all__ = ["Span", "placement_spans", "shard_rows", "replica_share", "share_rows", "is_writer", "Role", "build_role",
+           "make_role_trainable"]
 
 Span = Tuple[int, int]  # first rank, number of ranks
 
@@ -74,17 +74,6 @@ def share_rows(n: int, tail: Tuple[int, ...], dtype: torch.dtype, rows: range,
 
 
 @dataclass
-class Trainer:
-    """What makes a role trainable: its DDP-wrapped chunks, optimizer, LR schedule and
-    skipped-update guard."""
-
-    ddp: List[torch.nn.Module]
-    optimizer: Any
-    scheduler: Any
-    guard: Any
-
-
-@dataclass
 class Role:
     """One model of a multi-model job (actor, reference, critic, reward model) on its own
     layout. On ranks outside the role's span ``mp`` is None and ``chunks`` empty: such a
@@ -98,7 +87,8 @@ class Role:
     meta: Any
     """The starting checkpoint's ``CheckpointMeta``."""
     init_from: str
-    trainer: Optional[Trainer] = None
+    trainer: Any = None
+    """A :class:`~megarlhf.train.job.Trainable` where this rank trains the role."""
 
     @property
     def here(self) -> bool:
@@ -148,11 +138,9 @@ class Role:
         whether the update was skipped (a non-finite loss or gradient; counted by the guard,
         which stops the run after too many in a row)."""
         from megarlhf.recipes.pairs_common import reduce_stats
-        from megarlhf.train.step import train_step
 
-        t = self.trainer
-        res = train_step(t.ddp, t.optimizer, self.mp, step_fn, micro, seq, micro_batch_size)
-        t.guard.record(res["skipped"], step, preempt)
+        res = self.trainer.step(self.mp, step_fn, micro, seq, micro_batch_size, step, preempt,
+                                advance_schedule=False)
         return reduce_stats(res["outputs"], self.mp, device).cpu(), res["skipped"]
 
 
@@ -177,23 +165,16 @@ def build_role(name: str, mp: Optional[ModelParallel], model_cfg, init_from: str
     return Role(name, mp, chunks, model_cfg, meta, init_from)
 
 
-def make_trainable(role: Role, optim_cfg, schedule_cfg, total_steps: int, distributed_optimizer: bool,
-                   max_bad_steps: int) -> None:
-    """Give ``role`` its optimizer, LR schedule and guard (collective over the job: ranks
-    outside the role join megatron's parameter-group alignment)."""
-    import dataclasses
-
-    from megarlhf.train.guard import BadSteps
-    from megarlhf.train.optim import build_optimizer, build_optimizer_elsewhere, wrap_ddp
-    from megarlhf.train.schedule import build_scheduler
+def make_role_trainable(role: Role, t, lr: float, total_steps: int) -> None:
+    """Give ``role`` its optimizer and LR schedule from loop config ``t`` (a constant
+    schedule keeps its floor at the peak). Collective over the job: ranks outside the role
+    join megatron's parameter-group alignment."""
+    from megarlhf.train.job import make_trainable
+    from megarlhf.train.optim import build_optimizer_elsewhere
 
     if not role.here:
         build_optimizer_elsewhere()
         return
-    for c in role.chunks:
-        c.config.calculate_per_token_loss = True
-    dist_opt = distributed_optimizer and role.mp.dp_size > 1
-    ddp = wrap_ddp(role.chunks, role.mp, dist_opt)
-    opt = build_optimizer(ddp, dataclasses.replace(optim_cfg, use_distributed_optimizer=dist_opt), role.mp)
-    sched = build_scheduler(opt, schedule_cfg, optim_cfg.lr, optim_cfg.min_lr, total_steps, optim_cfg.weight_decay)
-    role.trainer = Trainer(ddp, opt, sched, BadSteps(max_bad_steps, name=role.name))
+    floor = lr if t.schedule.style == "constant" else 0.0
+    role.trainer = make_trainable(role.chunks, role.mp, t, lr, floor, total_steps, t.distributed_optimizer,
+                                  name=role.name)
