@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -104,7 +105,7 @@ def test_dpo_nll_term_adds_the_chosen_per_token_nll(sft_like, tmp_path):
 def final_weights(out_dir):
     from safetensors.torch import load_file
 
-    hf = os.path.join(out_dir, "hf")
+    hf = os.path.join(tempfile.mkdtemp(prefix="hf", dir=out_dir), "model")  # a run may be read twice
     subprocess.run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--ckpt",
                     os.path.join(out_dir, "final"), "--out", hf], check=True, capture_output=True,
                    env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -47,11 +47,18 @@ def rows(out):
 CONSTANT_LR = ["train.schedule.style=constant", "train.schedule.warmup_ratio=0"]
 
 
-@pytest.mark.parametrize("fault", ["nan_grad", "inf_grad", "nan_loss"])
-def test_a_non_finite_step_is_skipped_and_changes_nothing(sft_like, tmp_path, fault):
-    """Five steps whose last one is poisoned end with the weights of four clean steps."""
-    clean, poisoned = tmp_path / "clean", tmp_path / "poisoned"
+@pytest.fixture(scope="module")
+def four_clean_steps(sft_like, tmp_path_factory):
+    """The reference every poisoned run is compared with (one run for all faults)."""
+    clean = tmp_path_factory.mktemp("clean")
     ok(*rm_args(sft_like, clean, "train.max_steps=4", *CONSTANT_LR))
+    return clean
+
+
+@pytest.mark.parametrize("fault", ["nan_grad", "inf_grad", "nan_loss"])
+def test_a_non_finite_step_is_skipped_and_changes_nothing(sft_like, four_clean_steps, tmp_path, fault):
+    """Five steps whose last one is poisoned end with the weights of four clean steps."""
+    clean, poisoned = four_clean_steps, tmp_path / "poisoned"
     ok(*rm_args(sft_like, poisoned, "train.max_steps=5", *CONSTANT_LR), faults=f"{fault}@train_step=5")
     last = rows(poisoned)[-1]
     assert last["step"] == 5 and last["skipped_steps"] == 1 and last["grad_norm"] != last["grad_norm"]
