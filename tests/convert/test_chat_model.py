@@ -64,8 +64,14 @@ def transformers_answers(hf_dir, max_new):
     return out
 
 
-def test_text_prompts_get_the_models_own_template_and_answers(hf_chat, tmp_path):
-    ckpt = convert(hf_chat, tmp_path / "mg")
+@pytest.fixture(scope="module")
+def mg_chat(hf_chat, tmp_path_factory):
+    """The chat model converted once (the tests only read it)."""
+    return convert(hf_chat, tmp_path_factory.mktemp("mg_chat") / "mg")
+
+
+def test_text_prompts_get_the_models_own_template_and_answers(hf_chat, mg_chat, tmp_path):
+    ckpt = mg_chat
     meta = read_meta(str(ckpt))
     assert meta.chat_template == "jinja" and meta.extra["chat_template_config"]["jinja"] == CHATML
     prompts = tmp_path / "p.jsonl"
@@ -107,10 +113,10 @@ def test_without_a_template_text_is_refused_and_token_ids_still_work(hf_chat, tm
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_sft_trains_the_templates_answers_and_the_export_comes_back_as_it_came_in(hf_chat, tmp_path):
+def test_sft_trains_the_templates_answers_and_the_export_comes_back_as_it_came_in(hf_chat, mg_chat, tmp_path):
     from transformers import AutoTokenizer
 
-    ckpt = convert(hf_chat, tmp_path / "mg")
+    ckpt = mg_chat
     data = tmp_path / "chat.jsonl"
     convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {i}"}]
              for i, q in enumerate(QUESTIONS)]
