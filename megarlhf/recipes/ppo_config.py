@@ -207,8 +207,12 @@ class PPOConfig:
     def roles(self) -> tuple:
         """The models this job builds: no critic for a critic-free algorithm, no reward
         model when a rule scores."""
+        from megarlhf.algos.advantages import ESTIMATORS
+
         drop = set()
-        if self.algo in ALGORITHMS and not self.algorithm().needs_critic:
+        # an unknown algorithm or estimator keeps the critic: validate() names the key
+        advantage = self.algorithm().advantage if self.algo in ALGORITHMS else None
+        if advantage in ESTIMATORS and not ESTIMATORS[advantage].needs_critic:
             drop.add("critic")
         if self.score != "model":
             drop.add("reward")

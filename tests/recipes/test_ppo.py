@@ -144,6 +144,13 @@ def test_export_to_transformers_generates(colocated, tmp_path):
     (["rollout.prompts_per_step=12", "ppo.minibatch_size=8"], "must divide"),
     (["critic.model.recompute_granularity=always"], "critic.model.recompute_granularity"),
     (["reward.model.fp8=hybrid", "reward.model.transformer_impl=local"], "reward.model.fp8"),
+    (["algo=ppo2"], "algo='ppo2'"),
+    (["ppo.advantage=gea"], "ppo.advantage='gea'"),
+    (["ppo.policy_loss=clip"], "ppo.policy_loss='clip'"),
+    (["ppo.loss_aggregation=mean"], "ppo.loss_aggregation='mean'"),
+    (["algo=grpo"], "samples_per_prompt >= 2"),
+    (["algo=rloo", "rollout.samples_per_prompt=2", "ppo.critic_warmup_steps=3"], "has no critic"),
+    (["ppo.policy_loss=dual_clip", "ppo.dual_clip=0.5"], "ppo.dual_clip=0.5 must be > 1"),
 ])
 def test_config_errors_name_the_fields(overrides, message):
     from megarlhf.config import ConfigError, load_config
