@@ -190,7 +190,8 @@ def run(cfg: DPOConfig) -> dict:
     from megarlhf.models.llama import build_model, describe
     from megarlhf.parallel import destroy
     from megarlhf.recipes.common import Evaluator
-    from megarlhf.recipes.pairs_common import load_init, output_meta, pair_microbatches, reduce_stats, set_up_pairs
+    from megarlhf.recipes.pairs_common import load_init, output_meta, pair_microbatches, set_up_pairs
+    from megarlhf.train.step import reduce_stats
     from megarlhf.train.job import make_trainable, resume, save_state, start_run, total_steps_of
     from megarlhf.train.step import forward_only
 

@@ -9,16 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megarlhf.config import ParallelConfig, RuntimeConfig
 from megarlhf.data.chat import ChatTemplateConfig
-from megarlhf.parallel import ModelParallel
 from megarlhf.train.metrics import LogConfig
 from megarlhf.train.loop import LoopConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["PairsTrainConfig", "PairsSetup", "set_up_pairs", "PairsJobConfig", "pair_job_problems", "pair_microbatches", "reduce_stats", "load_init", "tokenizer_of", "recorded_template",
+__all__ = ["PairsTrainConfig", "PairsSetup", "set_up_pairs", "PairsJobConfig", "pair_job_problems", "pair_microbatches", "load_init", "tokenizer_of", "recorded_template",
            "make_template", "output_meta"]
 
 
@@ -240,31 +238,3 @@ def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad
         margins = [margin] * len(rows) if margin else None
         out.append(pair_batch(pairs, seq_length, pad_id, refs, margins, num_pairs=mbs))
     return out, seq_length
-
-
-def reduce_stats(outputs: List[Dict[str, torch.Tensor]], mp: ModelParallel, device) -> torch.Tensor:
-    """Sum each microbatch's ``stats`` vector, then over pipeline stages (only the last holds
-    them) and data-parallel replicas; the same result on every rank."""
-    total = None
-    for o in outputs:
-        total = o["stats"].double() if total is None else total + o["stats"].double()
-    n = _stats_len(outputs, mp, device)
-    if total is None:
-        total = torch.zeros(n, dtype=torch.float64, device=device)
-    total = total.to(device)
-    if mp.config.pp > 1:
-        dist.all_reduce(total, group=mp.pp_group)
-    dist.all_reduce(total, group=mp.dp_group)
-    return total
-
-
-def _stats_len(outputs, mp: ModelParallel, device) -> int:
-    """The stats vector's length, known on the last stage and shared along the pipeline."""
-    n = torch.tensor([len(outputs[0]["stats"]) if outputs else 0], device=device)
-    if mp.config.pp > 1:
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=mp.pp_group)
-    return int(n.item())
-
-
-def config_dict(cfg) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -56,7 +56,7 @@ from megarlhf.algos.policy_losses import loss_weights, policy_token_loss
 from megarlhf.config import ConfigError, check_model
 from megarlhf.recipes.ppo_config import (ALGORITHMS, Algorithm, PPOConfig, PPOLossConfig, PPOTrainConfig,
                                          RoleConfig, RolloutConfig)
-from megarlhf.rollout.batch import (Rollout, build_rollout, microbatches, minibatch_has_tokens,
+from megarlhf.rollout.batch import (FINISH_CODES, Rollout, build_rollout, microbatches, minibatch_has_tokens,
                                     pad_responses)
 from megarlhf.train.roles import Role, build_role, is_writer, make_role_trainable, share_rows, shard_rows
 
@@ -132,9 +132,6 @@ class _Sums:
     @classmethod
     def of(cls, vector: torch.Tensor):
         return cls(*vector.tolist())
-
-    def vector(self) -> torch.Tensor:
-        return torch.tensor([getattr(self, f.name) for f in dataclasses.fields(self)], dtype=torch.float64)
 
     def __add__(self, other):
         return type(self)(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
@@ -369,14 +366,16 @@ def score(ro: Rollout, batch: PromptBatch, reward: Optional[Role], ctx: StepCont
     from megarlhf.algos.preference import pool_rewards, response_positions
     from megarlhf.data.task import is_correct
 
-    ends = (ro.last_index + 1).tolist()
-    texts = [ctx.tokenizer.decode(ro.tokens[i, end - int(ro.response_len[i]):end].tolist()) for i, end in enumerate(ends)]
-    right = (torch.tensor([is_correct(x, r) for x, r in zip(texts, batch.references)])
-             if batch.references[0] is not None else None)
+    right = None
+    if batch.references[0] is not None:  # prompts with answers: is each response right?
+        ends = (ro.last_index + 1).tolist()
+        texts = [ctx.tokenizer.decode(ro.tokens[i, end - int(ro.response_len[i]):end].tolist())
+                 for i, end in enumerate(ends)]
+        right = torch.tensor([is_correct(x, r) for x, r in zip(texts, batch.references)])
     if reward is None:
         return Scores(right.float(), right)
-    values = reward.per_token(_value_step(ctx.device), lambda rows: microbatches(ro, rows, ctx.cfg.train.micro_batch_size),
-                              lambda role: [role.rows(ro.n)], ro.n, ro.seq, ctx.cfg.train.micro_batch_size, ctx.device)
+    values = reward.per_token(_value_step(ctx.device), ro, [reward.rows(ro.n)], ctx.cfg.train.micro_batch_size,
+                              ctx.device)
     pooled = None if ctx.rm_pooling == "last" else response_positions(ro.mask)
     return Scores(pool_rewards(values, pooled, ro.last_index, ctx.rm_pooling), right)
 
@@ -395,27 +394,21 @@ def old_outputs(ro: Rollout, roles: Roles, ctx: StepContext) -> OldOutputs:
     """Reference log-probs; old log-probs recomputed by the training forward pass in the
     first update epoch's microbatches (or the engine's); old values."""
     cfg, mbs, dev = ctx.cfg, ctx.cfg.train.micro_batch_size, ctx.device
-    temp, limit = cfg.rollout.temperature, ctx.vocab_limit
 
-    def run(role: Role, step_fn, row_ranges) -> torch.Tensor:
-        return role.per_token(step_fn if role.here else None, lambda rows: microbatches(ro, rows, mbs),
-                              row_ranges, ro.n, ro.seq, mbs, dev)
-
-    def own_share(role):
-        return [role.rows(ro.n)]
+    def lp_step(role):  # a role's step exists only where the role is
+        return _logprob_step(role, cfg.rollout.temperature, ctx.vocab_limit, dev) if role.here else None
 
     def first_epoch(role):
         return list(minibatch_rows(ro.n, cfg.ppo.minibatch_size, role))
 
-    def lp_step(role):
-        return _logprob_step(role, temp, limit, dev) if role.here else None
-
-    ref = run(roles.reference, lp_step(roles.reference), own_share)
+    ref = roles.reference.per_token(lp_step(roles.reference), ro, [roles.reference.rows(ro.n)], mbs, dev)
     if cfg.ppo.old_logprobs == "recompute":
-        old = run(roles.actor, lp_step(roles.actor), first_epoch)
+        old = roles.actor.per_token(lp_step(roles.actor), ro, first_epoch(roles.actor), mbs, dev)
     else:
         old = ro.rollout_logprobs * ro.mask
-    values = run(roles.critic, _value_step(dev), first_epoch) * ro.mask if roles.critic else None
+    values = None
+    if roles.critic is not None:
+        values = roles.critic.per_token(_value_step(dev), ro, first_epoch(roles.critic), mbs, dev) * ro.mask
     return OldOutputs(ref, old, values)
 
 
@@ -439,7 +432,7 @@ def targets(ro: Rollout, sc: Scores, old: OldOutputs, ctx: StepContext, kl_coef:
     P, algo = ctx.cfg.ppo, ctx.algo
     used = sc.scores.clone()
     if P.missing_eos_penalty is not None:
-        used = torch.where(ro.finish == 2, torch.full_like(used, P.missing_eos_penalty), used)
+        used = torch.where(ro.finish == FINISH_CODES["length"], torch.full_like(used, P.missing_eos_penalty), used)
     if P.score_baseline == "loo":
         used = A.leave_one_out(used, ctx.cfg.rollout.samples_per_prompt)
     kl = A.kl_estimate(old.old_logprobs, old.ref_logprobs, algo.kl_estimator, P.kl_clamp_min, P.kl_clamp_max) * ro.mask
@@ -484,6 +477,7 @@ def update(ro: Rollout, tg: Targets, old: OldOutputs, roles: Roles, ctx: StepCon
     if roles.critic is not None and roles.critic.trainer is not None:
         steps.append((roles.critic, _critic_step(P.value_clip, P.value_loss_coef, dev), ValueSums))
     out, applied = UpdateSums(), {role.name: False for role, _, _ in steps}
+    rows_of = {role.name: list(minibatch_rows(ro.n, P.minibatch_size, role)) for role, _, _ in steps}
     for epoch in range(P.ppo_epochs):
         order = _epoch_order(ro.n, cfg.rollout.samples_per_prompt, cfg.train.seed, state.step, epoch)
         ep_ro = ro if order is None else ro.permuted(order)
@@ -493,9 +487,8 @@ def update(ro: Rollout, tg: Targets, old: OldOutputs, roles: Roles, ctx: StepCon
                 out.empty_minibatches += 1  # every response empty: nothing to learn from
                 continue
             for role, step_fn, sums in steps:
-                rows = list(minibatch_rows(ro.n, P.minibatch_size, role))[mb]
-                st, skipped = role.update(step_fn, microbatches(ep_ro, rows, mbs, ep_extra), ro.seq, mbs,
-                                          state.step + 1, ctx.preempt, dev)
+                micro = microbatches(ep_ro, rows_of[role.name][mb], mbs, ep_extra)
+                st, skipped = role.update(step_fn, micro, ro.seq, mbs, state.step + 1, ctx.preempt, dev)
                 applied[role.name] |= not skipped
                 s = sums.of(st)
                 if sums is PolicySums:
@@ -513,14 +506,14 @@ def update(ro: Rollout, tg: Targets, old: OldOutputs, roles: Roles, ctx: StepCon
 
 
 def step_metrics(ro: Rollout, sc: Scores, old: OldOutputs, tg: Targets, up: UpdateSums, roles: Roles,
-                 ctx: StepContext, times: Dict[str, float]) -> StepMetrics:
+                 ctx: StepContext, kl_coef: float, times: Dict[str, float]) -> StepMetrics:
     """Everything a step reports, from the whole batch (identical on every rank)."""
     seq_kl = (A.kl_estimate(old.old_logprobs, old.ref_logprobs, "k1") * ro.mask).sum(-1)
     step_s = sum(times.values())
     m = StepMetrics(
         score_mean=float(sc.scores.mean()), score_std=float(sc.scores.std()) if ro.n > 1 else 0.0,
-        reward_mean=float(tg.used_scores.mean()), kl=float(seq_kl.mean()), kl_coef=0.0,
-        response_length=float(ro.response_len.float().mean()), eos_rate=float((ro.finish == 0).float().mean()),
+        reward_mean=float(tg.used_scores.mean()), kl=float(seq_kl.mean()), kl_coef=kl_coef,
+        response_length=float(ro.response_len.float().mean()), eos_rate=float((ro.finish == FINISH_CODES["eos"]).float().mean()),
         advantage_mean=float(A.masked_mean(tg.advantages, ro.mask)), times={k: round(v, 3) for k, v in times.items()},
         tokens_per_s_generate=round(int(ro.response_len.sum()) / max(times["generate"], 1e-9)),
         tokens_per_s_step=round(int((ro.tokens != ctx.tokenizer.pad_id).sum()) / max(round(step_s, 3), 1e-9)),
@@ -567,8 +560,7 @@ def ppo_step(batch: PromptBatch, roles: Roles, ctx: StepContext, state: StepStat
         tg = targets(ro, sc, old, ctx, kl_coef)
     with _phase("update", times):
         up = update(ro, tg, old, roles, ctx, state)
-    m = step_metrics(ro, sc, old, tg, up, roles, ctx, times)
-    m.kl_coef = kl_coef
+    m = step_metrics(ro, sc, old, tg, up, roles, ctx, kl_coef, times)
     state.step += 1
     state.consumed += batch.n // ctx.cfg.rollout.samples_per_prompt
     state.kl_ctl.update(m.kl, ro.n)

@@ -98,7 +98,8 @@ def evaluate_pairs(chunks, mp, ds, mbs: int, seq_length: int, pad_id: int, devic
     """Pair accuracy (and loss, margin) of a reward model on a tokenized pair dataset, split
     over data-parallel replicas; with ``subsets``, also the accuracy per ``subset``."""
     from megarlhf.models.llama import sequence_multiple_of
-    from megarlhf.recipes.pairs_common import pair_microbatches, reduce_stats
+    from megarlhf.recipes.pairs_common import pair_microbatches
+    from megarlhf.train.step import reduce_stats
     from megarlhf.train.step import forward_only
 
     n = len(ds)
@@ -133,7 +134,8 @@ def run(cfg: RMConfig) -> dict:
     from megarlhf.models.checkpoint import save_model
     from megarlhf.models.llama import describe
     from megarlhf.parallel import destroy
-    from megarlhf.recipes.pairs_common import output_meta, pair_microbatches, reduce_stats, set_up_pairs
+    from megarlhf.recipes.pairs_common import output_meta, pair_microbatches, set_up_pairs
+    from megarlhf.train.step import reduce_stats
     from megarlhf.train.job import make_trainable, resume, save_state, start_run, total_steps_of
 
     t = cfg.train

@@ -13,7 +13,7 @@ import torch
 
 from megarlhf.parallel import ModelParallel
 
-__all__ = ["Run", "start_run", "Trainable", "make_trainable", "total_steps_of", "resume"]
+__all__ = ["Run", "start_run", "Trainable", "make_trainable", "total_steps_of", "resume", "save_state"]
 
 
 @dataclass

@@ -108,26 +108,21 @@ class Role:
         """This rank's data-parallel share of ``n`` rows."""
         return shard_rows(n, self.mp)
 
-    def per_token(self, step_fn: Callable, microbatches_of: Callable[[range], List[Any]],
-                  row_ranges: Callable[["Role"], List[range]], n: int, seq: int,
-                  micro_batch_size: int, device) -> torch.Tensor:
-        """Forward-only: the ``[n, seq]`` per-token outputs (``{"values": ...}`` of
-        ``step_fn``'s loss function) of the role over its rows, shared with every rank of the
-        job (collective over the job)."""
+    def per_token(self, step_fn: Callable, ro, rows: List[range], micro_batch_size: int, device) -> torch.Tensor:
+        """Forward-only: the ``[n, s]`` per-token outputs (``{"values": ...}`` of ``step_fn``'s
+        loss function) of the role over this rank's ``rows`` of rollout batch ``ro``, shared
+        with every rank of the job (collective over the job; ranks outside the role only
+        join the sum)."""
+        from megarlhf.rollout.batch import microbatches
         from megarlhf.train.step import forward_only
 
-        rows_all: List[int] = []
-        outs: List[torch.Tensor] = []
+        full = torch.zeros(ro.n, ro.seq, device=device)
         if self.here:
-            micro = []
-            for rows in row_ranges(self):
-                micro += microbatches_of(rows)
-                rows_all += list(rows)
-            res = forward_only(self.chunks, self.mp, step_fn, micro, seq, micro_batch_size)
-            outs = [o["values"] for o in res]
-        full = torch.zeros(n, seq, device=device)
-        if is_writer(self.mp) and rows_all:  # one writer per replica: the sum counts each row once
-            full[torch.tensor(rows_all, device=device)] = torch.cat(outs).to(device)
+            micro = [m for r in rows for m in microbatches(ro, r, micro_batch_size)]
+            res = forward_only(self.chunks, self.mp, step_fn, micro, ro.seq, micro_batch_size)
+            rows_all = [i for r in rows for i in r]
+            if is_writer(self.mp) and rows_all:  # one writer per replica: the sum counts each row once
+                full[torch.tensor(rows_all, device=device)] = torch.cat([o["values"] for o in res]).to(device)
         dist.all_reduce(full)
         return full.cpu()
 
@@ -137,7 +132,7 @@ class Role:
         ``stats`` vectors summed over the role's ranks (the same on each of them), and
         whether the update was skipped (a non-finite loss or gradient; counted by the guard,
         which stops the run after too many in a row)."""
-        from megarlhf.recipes.pairs_common import reduce_stats
+        from megarlhf.train.step import reduce_stats
 
         res = self.trainer.step(self.mp, step_fn, micro, seq, micro_batch_size, step, preempt,
                                 advance_schedule=False)

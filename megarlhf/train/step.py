@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+import torch.distributed as dist
 
 from megarlhf.parallel import ModelParallel
 from megarlhf.train import faults
 
-__all__ = ["train_step", "forward_only", "all_finite"]
+__all__ = ["train_step", "forward_only", "all_finite", "reduce_stats"]
 
 
 def _iterators(microbatches: Sequence[Any], n_chunks: int):
@@ -140,3 +141,27 @@ def forward_only(chunks: List[torch.nn.Module], mp: ModelParallel, forward_step_
     finally:
         for chunk, mode in zip(chunks, modes):
             chunk.train(mode)
+
+
+def reduce_stats(outputs: List[Dict[str, torch.Tensor]], mp: ModelParallel, device) -> torch.Tensor:
+    """Sum each microbatch's ``stats`` vector, then over pipeline stages (only the last holds
+    them) and data-parallel replicas; the same result on every rank."""
+    total = None
+    for o in outputs:
+        total = o["stats"].double() if total is None else total + o["stats"].double()
+    n = _stats_len(outputs, mp, device)
+    if total is None:
+        total = torch.zeros(n, dtype=torch.float64, device=device)
+    total = total.to(device)
+    if mp.config.pp > 1:
+        dist.all_reduce(total, group=mp.pp_group)
+    dist.all_reduce(total, group=mp.dp_group)
+    return total
+
+
+def _stats_len(outputs, mp: ModelParallel, device) -> int:
+    """The stats vector's length, known on the last stage and shared along the pipeline."""
+    n = torch.tensor([len(outputs[0]["stats"]) if outputs else 0], device=device)
+    if mp.config.pp > 1:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=mp.pp_group)
+    return int(n.item())
