@@ -56,6 +56,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from megarlhf import helper_process
+
 __all__ = [
     "Platform",
     "current",
@@ -453,17 +455,6 @@ def job_problems(cfg, hw: "Optional[Hardware]" = None) -> "list[str]":
 _INSTALLED: Dict[str, bool] = {}
 
 
-def _die_with_parent() -> None:
-    """In a helper process: ask Linux to SIGKILL it when its parent dies."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 _writer_manager = None
 
 
@@ -485,7 +476,7 @@ def checkpoint_writer_dies_with_parent() -> None:
     if getattr(filesystem_async, "_results_queue", "absent") is not None:
         return  # already created by megatron, or a version without it
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_die_with_parent)
+    manager.start(initializer=helper_process.die_with_parent)
     filesystem_async._results_queue = manager.Queue()
     _writer_manager = manager
 
