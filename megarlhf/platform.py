@@ -56,8 +56,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from megarlhf import helper_process
-
 __all__ = [
     "Platform",
     "current",
@@ -81,7 +79,6 @@ __all__ = [
     "models_problems",
     "job_problems",
     "find_c_compiler",
-    "checkpoint_writer_dies_with_parent",
     "tune_cpu_allocator",
     "allocator_tuning_wanted",
 ]
@@ -453,32 +450,6 @@ def job_problems(cfg, hw: "Optional[Hardware]" = None) -> "list[str]":
 # --------------------------------------------------------------------------------------
 
 _INSTALLED: Dict[str, bool] = {}
-
-
-_writer_manager = None
-
-
-def checkpoint_writer_dies_with_parent() -> None:
-    """megatron's checkpoint writer collects results through a ``multiprocessing`` manager:
-    a spawned server process that outlives a SIGKILLed rank (OOM killer, node failure
-    drills) and keeps the job's output pipes open. Start that manager ourselves, with a
-    server that Linux kills when the rank dies. Idempotent; other systems keep megatron's."""
-    global _writer_manager
-    import sys
-
-    if _writer_manager is not None or not sys.platform.startswith("linux"):
-        return
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:
-        return  # already created by megatron, or a version without it
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=helper_process.die_with_parent)
-    filesystem_async._results_queue = manager.Queue()
-    _writer_manager = manager
 
 
 def _is_cuda_device(value) -> bool:

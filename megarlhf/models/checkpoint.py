@@ -144,6 +144,27 @@ def model_sharded_state_dict(chunks: Sequence[torch.nn.Module],
     return out
 
 
+def synchronous_writer_queue() -> None:
+    """Before a ``dist_checkpointing.save``: hand megatron's checkpoint writer a plain
+    in-process queue for its results.
+
+    megatron collects each rank's write results through a queue made by a spawned
+    ``multiprocessing`` manager: a server process that must import torch to unpickle the
+    first results (~2 s, during which the save waits, on every saving rank) and that
+    outlives a SIGKILLed rank, keeping the job's output pipes open. Our saves are
+    synchronous: the writer puts its results and reads them back in the saving process
+    itself (``FileSystemWriterAsync.write_preloaded_data_multiproc`` then
+    ``retrieve_write_results``), so a ``queue.Queue`` carries them with no process at all.
+    An asynchronous save would need megatron's cross-process queue: it would fail loudly
+    ("results_queue should not be empty"), not silently. Idempotent."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:  # not yet made
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str, meta: CheckpointMeta) -> None:
     """Collective: every rank of the job calls it. Rank 0 writes the metadata."""
     from megatron.core import dist_checkpointing
@@ -151,7 +172,7 @@ def save_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str, meta: Checkpoin
     os.makedirs(ckpt_dir, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    platform.checkpoint_writer_dies_with_parent()
+    synchronous_writer_queue()
     dist_checkpointing.save(model_sharded_state_dict(chunks), ckpt_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_meta(ckpt_dir, meta)

@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from megarlhf import platform
 from megarlhf.models.checkpoint import (EXTRA_STATE, CheckpointError, CheckpointMeta, is_checkpoint,
-                                        load_sharded, model_sharded_state_dict, write_meta)
+                                        load_sharded, model_sharded_state_dict,
+                                        synchronous_writer_queue, write_meta)
 from megarlhf.models.integrity import check_metadata, verify_checkpoint, write_manifest
 from megarlhf.train import faults
 
@@ -176,7 +177,7 @@ def save_roles_state(out_dir: str, step: int, roles: Dict[str, Role], train: Dic
     world = dist.get_world_size() if dist.is_initialized() else 1
     state["train"] = {"step": step, "world_size": world, "layout": _layout_key(roles), **train,
                       **_schedulers(roles)}
-    platform.checkpoint_writer_dies_with_parent()
+    synchronous_writer_queue()
     dist_checkpointing.save(state, tmp)
     _barrier()
     if _rank() == 0:
