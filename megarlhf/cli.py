@@ -2,8 +2,8 @@
 
 Every command reads a YAML config (optional; built-in defaults otherwise) plus dotted
 overrides into a typed config, validates it, and runs. Run outside torchrun/srun, a
-command that needs several processes starts them itself (torchrun on this machine);
-under torchrun or ``srun`` it runs as the rank it is given.
+command that needs several processes starts them itself on this machine
+(:mod:`megarlhf.launch`); under torchrun or ``srun`` it runs as the rank it is given.
 """
 
 from __future__ import annotations
@@ -75,17 +75,15 @@ def _in_distributed_env() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
-def _relaunch(world_size: int, argv: List[str]) -> int:
-    """Re-run this command under torchrun with ``world_size`` local processes."""
-    import subprocess
+def _relaunch(world_size: int, argv: List[str], load: Callable[[], object]) -> int:
+    """Run this command as ``world_size`` ranks on this machine (:mod:`megarlhf.launch`):
+    ``load`` imports what the ranks need once, here, before they are forked."""
+    from megarlhf import launch
 
-    env = dict(os.environ)
-    cpus = os.cpu_count() or 1
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // world_size)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={world_size}", "-m", "megarlhf.cli", *argv]
-    print(f"megarlhf: starting {world_size} processes: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.call(cmd, env=env)
+    load()
+    print(f"megarlhf: starting {world_size} processes on this machine: megarlhf {' '.join(argv)}",
+          flush=True)
+    return launch.run(world_size, lambda: main(argv))
 
 
 # Commands that take flags rather than a config (they act on a checkpoint).
@@ -126,7 +124,7 @@ def _flag_command(name: str, argv: List[str]) -> int:
                 _check_checkpoint_layout(argv, tp, pp)  # before any process starts
                 world = tp * pp
             if world > 1:
-                return _relaunch(world, [name, *argv])
+                return _relaunch(world, [name, *argv], lambda: importlib.import_module(module))
         return getattr(importlib.import_module(module), func)(argv)
     except (ConfigError, DataError, CheckpointError, ValueError) as e:
         print(f"megarlhf {name}: {e}", file=sys.stderr)
@@ -209,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return code
     world = cfg.world_size() if hasattr(cfg, "world_size") else 1
     if world > 1 and not _in_distributed_env():
-        return _relaunch(world, argv)
+        return _relaunch(world, argv, COMMANDS[args.command][0])
     from megarlhf.data.chat import ChatTemplateError
     from megarlhf.data.load import DataError
     from megarlhf.data.tokenizer import TokenizerError

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megarlhf import platform
 from megarlhf.config.parallel import ParallelConfig
+from megarlhf.launch import LAUNCHER_ENV
 
 __all__ = [
     "DistEnv",
@@ -81,7 +82,7 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    source: str  # "torchrun", "slurm" or "single"
+    source: str  # "torchrun", "local" (megarlhf.launch), "slurm" or "single"
 
     @classmethod
     def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "DistEnv":
@@ -93,7 +94,7 @@ class DistEnv:
                 local_rank=int(env.get("LOCAL_RANK", "0")),
                 master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                 master_port=int(env.get("MASTER_PORT", "29500")),
-                source="torchrun",
+                source=env.get(LAUNCHER_ENV, "torchrun"),
             )
         if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
             nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")

@@ -1,5 +1,5 @@
 """Shared test fixtures: tiny Hugging Face Llama models made with transformers, their
-megatron conversions, and a torchrun launcher for multi-process (gloo) tests."""
+megatron conversions, and a launcher for multi-process (gloo) tests."""
 
 import json
 import os
@@ -20,12 +20,13 @@ settings.load_profile("megarlhf")
 VOCAB = 1101  # not divisible by 2: the padded vocabulary differs between TP=1 and TP=2
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
-    """Run ``script`` under torchrun with ``nproc`` gloo processes, one thread each.
+def launch(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run ``script`` as ``nproc`` gloo ranks, one thread each, with megarlhf's local launcher
+    (``python -m megarlhf.launch``: the script's imports load once, then the ranks fork).
     Returns the combined output; raises with its tail on failure."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(REPO / script), *map(str, args)]
+    cmd = [sys.executable, "-m", "megarlhf.launch", f"--nproc-per-node={nproc}",
+           str(REPO / script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -6,7 +6,7 @@ import pytest
 
 from megarlhf.config import ConfigError, ParallelConfig, check_layout, preset
 from megarlhf.parallel import DistEnv, expand_slurm_nodelist
-from tests.conftest import torchrun
+from tests.conftest import launch
 
 
 def test_torchrun_environment():
@@ -104,7 +104,7 @@ def test_fp8_amax_reduction_spans_each_models_own_ranks(tmp_path, scoped):
     reward model's ranks would never join the policy's reduction: a hang), and the
     globals are restored afterwards. Without the scoping the reduction spans the job."""
     out = tmp_path / "amax"
-    torchrun("tests/amax_worker.py", 2, *(["--scoped"] if scoped else []), "--out", out)
+    launch("tests/amax_worker.py", 2, *(["--scoped"] if scoped else []), "--out", out)
     r = [json.loads((tmp_path / f"amax.rank{rank}.json").read_text()) for rank in (0, 1)]
     own = {"policy": [0], "scorer": [1]}
     for rank, role in ((0, "policy"), (1, "scorer")):
@@ -120,3 +120,8 @@ def test_fp8_amax_reduction_spans_each_models_own_ranks(tmp_path, scoped):
         shared = r[rank]["shared"]["seen"]
         assert shared[0] == {"tp_only": False, "ranks": [0, 1], "sum": 2.0}
         assert shared[1]["ranks"] == ([0, 1] if scoped else [rank])
+
+
+def test_ranks_of_the_local_launcher_say_so():
+    env = DistEnv.from_environ({"RANK": "1", "WORLD_SIZE": "2", "MEGARLHF_LAUNCHER": "local"})
+    assert (env.rank, env.world_size, env.source) == (1, 2, "local")

@@ -3,7 +3,7 @@
 import torch
 
 from megarlhf.algos.logprobs import token_entropy, token_logprobs, vocab_start_of
-from tests.conftest import torchrun
+from tests.conftest import launch
 
 
 def test_matches_log_softmax():
@@ -37,5 +37,5 @@ def test_vocab_start():
 
 
 def test_vocab_parallel_values_and_gradients_match():
-    out = torchrun("tests/algos/logprobs_worker.py", 2)
+    out = launch("tests/algos/logprobs_worker.py", 2)
     assert "rank 0 ok" in out and "rank 1 ok" in out

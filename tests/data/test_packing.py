@@ -1,8 +1,8 @@
 """Packed and padded batches of the same examples give the same loss and gradients."""
 
-from tests.conftest import torchrun
+from tests.conftest import launch
 
 
 def test_packed_equals_padded_at_tp2():
-    out = torchrun("tests/data/packing_worker.py", 2, "2")
+    out = launch("tests/data/packing_worker.py", 2, "2")
     assert "rank 0 ok" in out and "rank 1 ok" in out

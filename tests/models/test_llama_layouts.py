@@ -4,7 +4,7 @@ layout, and trains identically at every layout (torchrun, gloo, fp32)."""
 import pytest
 import torch
 
-from tests.conftest import VOCAB, hf_reference, torchrun
+from tests.conftest import VOCAB, hf_reference, launch
 
 WORKER = "tests/models/llama_worker.py"
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -12,7 +12,7 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 def forward(ckpt, tokens, tmp_path, tp, pp, *extra):
     out = tmp_path / f"fwd_tp{tp}_pp{pp}.pt"
-    torchrun(WORKER, tp * pp, "--ckpt", ckpt, "--tp", tp, "--pp", pp, "--inputs", tokens,
+    launch(WORKER, tp * pp, "--ckpt", ckpt, "--tp", tp, "--pp", pp, "--inputs", tokens,
              "--out", out, *extra)
     return torch.load(out)
 
@@ -40,7 +40,7 @@ def test_virtual_pipeline_matches(hf_causal, mg_causal, tokens, tmp_path):
 
 def train(ckpt, tokens, tmp_path, tp, pp, *extra):
     out = tmp_path / f"train_tp{tp}_pp{pp}{'_'.join(extra)}.pt"
-    torchrun(WORKER, tp * pp, "--ckpt", ckpt, "--tp", tp, "--pp", pp, "--inputs", tokens,
+    launch(WORKER, tp * pp, "--ckpt", ckpt, "--tp", tp, "--pp", pp, "--inputs", tokens,
              "--mode", "train", "--steps", 5, "--out", out, *extra)
     return torch.load(out)
 
@@ -71,7 +71,7 @@ def test_layout_on_a_subset_of_ranks(hf_causal, mg_causal, tokens, tmp_path, tp,
     something else) computes the same logits: how PPO roles share one job."""
     ref = hf_reference(hf_causal, torch.load(tokens))
     out = tmp_path / "fwd.pt"
-    torchrun(WORKER, nproc, "--ckpt", mg_causal, "--tp", tp, "--pp", pp, "--inputs", tokens,
+    launch(WORKER, nproc, "--ckpt", mg_causal, "--tp", tp, "--pp", pp, "--inputs", tokens,
              "--out", out, "--span", span)
     got = torch.load(out)
     assert (got["logits"][..., :VOCAB] - ref["logits"]).abs().max() < 1e-5
@@ -81,7 +81,7 @@ def test_training_on_a_subset_of_ranks_matches(mg_causal, tokens, tmp_path, tp1_
     """TP=2 x DP=... on ranks 1-2 of a 3-process job: the TP=1 trajectory (grad norms too,
     so the optimizer really uses the layout's model-parallel group)."""
     out = tmp_path / "train.pt"
-    torchrun(WORKER, 3, "--ckpt", mg_causal, "--tp", 2, "--inputs", tokens, "--mode", "train",
+    launch(WORKER, 3, "--ckpt", mg_causal, "--tp", 2, "--inputs", tokens, "--mode", "train",
              "--steps", 5, "--out", out, "--span", "1:2")
     got = torch.load(out)
     ref = tp1_trajectory

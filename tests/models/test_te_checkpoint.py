@@ -9,7 +9,7 @@ import json
 import torch
 
 from megarlhf.models.checkpoint import read_meta
-from tests.conftest import convert, torchrun
+from tests.conftest import convert, launch
 from tests.tools.test_convert import assert_bit_identical, export
 
 WORKER = "tests/models/te_like_worker.py"
@@ -17,7 +17,7 @@ WORKER = "tests/models/te_like_worker.py"
 
 def test_converted_checkpoint_loads_into_te_layers_and_back(hf_causal, mg_causal, tokens, tmp_path):
     saved, tp = tmp_path / "te_ckpt", 2  # TP=2: the extra state of tensor-parallel layers too
-    torchrun(WORKER, tp, "--ckpt", mg_causal, "--tp", tp, "--inputs", tokens, "--save", saved,
+    launch(WORKER, tp, "--ckpt", mg_causal, "--tp", tp, "--inputs", tokens, "--save", saved,
              "--out", tmp_path / "r.pt")
     r = torch.load(tmp_path / "r_rank0.pt")
     assert r["carriers"] == r["restored"] > 0

@@ -13,7 +13,7 @@ from megarlhf.config import preset
 from megarlhf.convert.hf_config import model_config_from_hf, read_hf_config
 from megarlhf.models.checkpoint import CheckpointMeta, read_meta
 from megarlhf.models.llama import padded_vocab
-from tests.conftest import VOCAB, hf_reference, run_tool, torchrun
+from tests.conftest import VOCAB, hf_reference, launch, run_tool
 
 WORKER = "tests/models/llama_worker.py"
 
@@ -24,7 +24,7 @@ def hf_parameters(hf_dir) -> int:
 
 
 def run(ckpt, tokens, out, tp=1, pp=1, *extra):
-    torchrun(WORKER, tp * pp, "--ckpt", ckpt, "--tp", tp, "--pp", pp, "--inputs", tokens, "--out", out,
+    launch(WORKER, tp * pp, "--ckpt", ckpt, "--tp", tp, "--pp", pp, "--inputs", tokens, "--out", out,
              *extra)
     return torch.load(out)
 
@@ -90,7 +90,7 @@ def test_training_at_pp2_keeps_the_copy_equal_to_the_embedding(mg_tied, tokens, 
         got = torch.load(trained_pp2 / "train.pt")
     else:
         out = tmp_path / "train.pt"
-        torchrun(WORKER, 3, "--ckpt", mg_tied, "--pp", 2, "--inputs", tokens, *TRAIN, "--check-tied",
+        launch(WORKER, 3, "--ckpt", mg_tied, "--pp", 2, "--inputs", tokens, *TRAIN, "--check-tied",
                  "--span", "1:2", "--out", out)
         got = torch.load(out)
     assert got["embedding_moved"] > 0  # it really trained the shared matrix

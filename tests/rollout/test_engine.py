@@ -5,12 +5,12 @@ and length endings on ragged prompts; padded ids never produced."""
 import pytest
 import torch
 
-from tests.conftest import torchrun
+from tests.conftest import launch
 
 
 def generate(ckpt, tmp_path, tp, pp):
     out = tmp_path / f"gen_{tp}_{pp}.pt"
-    torchrun("tests/rollout/engine_worker.py", tp * pp, ckpt, tp, pp, out)
+    launch("tests/rollout/engine_worker.py", tp * pp, ckpt, tp, pp, out)
     return torch.load(out, weights_only=False)
 
 

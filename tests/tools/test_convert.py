@@ -13,7 +13,7 @@ from megarlhf.config import preset
 from megarlhf.convert.hf_config import hf_config_from_model, model_config_from_hf
 from megarlhf.data.tokenizer import train_sentencepiece
 from megarlhf.models.checkpoint import read_meta, write_meta
-from tests.conftest import VOCAB, convert, hf_reference, make_hf_llama, run_tool, torchrun
+from tests.conftest import VOCAB, convert, hf_reference, launch, make_hf_llama, run_tool
 
 WORKER = "tests/models/llama_worker.py"
 
@@ -59,10 +59,10 @@ def test_reward_round_trip_is_bit_identical(hf_reward, mg_reward, tmp_path):
 
 def test_export_from_tp2_pp2_checkpoint_loads_in_transformers(mg_causal, tokens, tmp_path):
     trained = tmp_path / "trained"
-    torchrun(WORKER, 4, "--ckpt", mg_causal, "--tp", 2, "--pp", 2, "--inputs", tokens,
+    launch(WORKER, 4, "--ckpt", mg_causal, "--tp", 2, "--pp", 2, "--inputs", tokens,
              "--mode", "train", "--steps", 2, "--save", trained, "--out", tmp_path / "t.pt")
     assert len(list(trained.glob("__*.distcp"))) >= 4  # written by 4 ranks
-    torchrun(WORKER, 4, "--ckpt", trained, "--tp", 2, "--pp", 2, "--inputs", tokens,
+    launch(WORKER, 4, "--ckpt", trained, "--tp", 2, "--pp", 2, "--inputs", tokens,
              "--out", tmp_path / "fwd.pt")
     megatron_logits = torch.load(tmp_path / "fwd.pt")["logits"][..., :VOCAB]
     out = export(trained, tmp_path / "hf", "--max-shard-size", "300KB")
@@ -77,7 +77,7 @@ def test_bin_weights_llama2_rope_and_tied_embeddings(tmp_path, tokens):
     assert list(hf.glob("*.bin")) and not list(hf.glob("*.safetensors"))
     mg = convert(hf, tmp_path / "mg")
     out = tmp_path / "fwd.pt"
-    torchrun(WORKER, 2, "--ckpt", mg, "--tp", 2, "--inputs", tokens, "--out", out)
+    launch(WORKER, 2, "--ckpt", mg, "--tp", 2, "--inputs", tokens, "--out", out)
     ref = hf_reference(hf, torch.load(tokens))
     assert (torch.load(out)["logits"][..., :VOCAB] - ref["logits"]).abs().max() < 1e-5
 

@@ -6,7 +6,7 @@ checkpoint format keeps Adam's step per param group: tests/train/fused_adam_mirr
 import pytest
 import torch
 
-from tests.conftest import torchrun
+from tests.conftest import launch
 
 
 @pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["--tp", "2", "--dtype", "bfloat16"]),
@@ -17,8 +17,8 @@ from tests.conftest import torchrun
                               "te_fused_adam_distributed_optimizer"])
 def test_resume_is_bit_exact(tmp_path, nproc, extra):
     out = str(tmp_path)
-    torchrun("tests/train/resume_worker.py", nproc, "--out", out, *extra)
-    torchrun("tests/train/resume_worker.py", nproc, "--out", out, "--resume", *extra)
+    launch("tests/train/resume_worker.py", nproc, "--out", out, *extra)
+    launch("tests/train/resume_worker.py", nproc, "--out", out, "--resume", *extra)
     for rank in range(nproc):
         full = torch.load(tmp_path / f"final_full_rank{rank}.pt")
         resumed = torch.load(tmp_path / f"final_resumed_rank{rank}.pt")
