@@ -76,13 +76,16 @@ def _in_distributed_env() -> bool:
 
 
 def _relaunch(world_size: int, argv: List[str], load: Callable[[], object]) -> int:
-    """Run this command as ``world_size`` ranks on this machine (:mod:`megarlhf.launch`):
-    ``load`` imports what the ranks need once, here, before they are forked."""
+    """Run this command as ``world_size`` ranks on this machine: forked from this process
+    once ``load`` has imported what they need (:mod:`megarlhf.launch`), or under torchrun
+    where forking is not safe (a GPU machine)."""
     from megarlhf import launch
 
-    load()
     print(f"megarlhf: starting {world_size} processes on this machine: megarlhf {' '.join(argv)}",
           flush=True)
+    if not launch.forking_is_safe():
+        return launch.torchrun(world_size, ["-m", "megarlhf.cli", *argv])
+    load()
     return launch.run(world_size, lambda: main(argv))
 
 

@@ -23,7 +23,10 @@ What a launcher must do, it does:
 
 On clusters ``srun`` starts the ranks (``slurm/*.sh``) and this module is not used; under
 ``torchrun`` neither. It forks a parent that has run no torch operation (no thread pool
-started yet): each rank sets its own thread count.
+started yet): each rank sets its own thread count. On a machine with a GPU the ranks are
+started by torchrun instead (:func:`torchrun`): CUDA cannot be used in a process forked
+from one that has touched it, and checking a job's kernels before launch does
+(:func:`forking_is_safe`).
 
 ``python -m megarlhf.launch --nproc-per-node N script.py ARGS`` runs any script the same way
 (its top-level imports run once in the parent; each rank runs it as ``__main__``).
@@ -41,7 +44,8 @@ from typing import Callable, List, Optional
 
 import torch.multiprocessing as tmp
 
-__all__ = ["run", "main", "GRACE_S", "FORWARDED_SIGNALS", "LAUNCHER_ENV"]
+__all__ = ["run", "torchrun", "forking_is_safe", "main", "GRACE_S", "FORWARDED_SIGNALS",
+           "LAUNCHER_ENV"]
 
 LAUNCHER_ENV = "MEGARLHF_LAUNCHER"
 """``local`` in the ranks this module starts (:class:`megarlhf.parallel.DistEnv` reports it);
@@ -127,6 +131,26 @@ def run(world_size: int, entry: Callable[[], Optional[int]], threads: Optional[i
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def forking_is_safe() -> bool:
+    """Ranks may be forked from this process: no GPU here (a forked child cannot use CUDA
+    once its parent has initialised it)."""
+    from megarlhf import platform
+
+    return not platform.has_gpu()
+
+
+def torchrun(world_size: int, python_args: List[str]) -> int:
+    """``python -m torch.distributed.run --standalone`` with ``world_size`` local ranks
+    running ``python_args`` (e.g. ``["-m", "megarlhf.cli", "ppo", ...]``); returns its exit
+    code. Each rank imports everything itself."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(default_threads(world_size)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={world_size}", *python_args]
+    return subprocess.call(cmd, env=env)
 
 
 def _script_entry(script: str, args: List[str]) -> Callable[[], Optional[int]]:

@@ -76,3 +76,22 @@ def test_threads_default_to_the_cores_shared_between_ranks(monkeypatch):
     assert (launch.default_threads(2), launch.default_threads(16)) == (4, 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launch.default_threads(2) == 3
+
+
+def test_a_gpu_machine_starts_its_ranks_with_torchrun_and_they_train_alike(tmp_path):
+    """Where forking is not safe (CUDA), the command's ranks run under torchrun: the same
+    smoke job then gives the same losses as forked ranks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    runs = {}
+    for name, safe in (("torchrun", False), ("forked", True)):
+        args = ["smoke", "steps=2", f"out_dir={tmp_path / name}"]
+        code = ("import sys; from megarlhf import cli, launch; "
+                f"launch.forking_is_safe = lambda: {safe}; sys.exit(cli.main({args!r}))")
+        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-3000:]
+        runs[name] = (out, [line.split("loss")[1].split()[0] for line in out.splitlines()
+                            if line.lstrip().startswith("step") and "loss" in line])
+    assert "(torchrun) on CPU" in runs["torchrun"][0] and "(local) on CPU" in runs["forked"][0]
+    assert len(runs["forked"][1]) == 2 and runs["torchrun"][1] == runs["forked"][1]
