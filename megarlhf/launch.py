@@ -106,8 +106,10 @@ def run(world_size: int, entry: Callable[[], Optional[int]], threads: Optional[i
                 pass
 
     # A signal that arrives while the ranks are being forked waits (blocked) until their
-    # pids are known, then is forwarded; each rank unblocks its own copy of the mask.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    # pids are known, then is forwarded; each rank unblocks its own copy of the mask. Once
+    # forked, the launcher receives what it forwards even if it was started with those
+    # signals blocked (a mask is inherited from whatever started it).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS) - set(FORWARDED_SIGNALS)
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
         ctx = tmp.start_processes(_rank_main, args=(world_size, _free_port(), threads, entry),

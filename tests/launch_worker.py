@@ -26,8 +26,9 @@ def main() -> int:
     got = []
     if a.mode == "signal":
         signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
-        print(f"rank {rank} ready", flush=True)
-        deadline = time.time() + 60
+        sys.stdout.write(f"rank {rank} ready\n")  # one write: lines of two ranks never interleave
+        sys.stdout.flush()
+        deadline = time.time() + 30
         while not got and time.time() < deadline:
             time.sleep(0.05)
         record["signal"] = got[0] if got else None

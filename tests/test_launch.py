@@ -9,17 +9,19 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from megarlhf import launch
 from tests.conftest import REPO
 
 WORKER = str(REPO / "tests/launch_worker.py")
 
 
-def start(tmp_path, mode, nproc=2, threads="1"):
+def start(tmp_path, mode, nproc=2, threads="1", **popen):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=threads)
     return subprocess.Popen([sys.executable, "-m", "megarlhf.launch", f"--nproc-per-node={nproc}",
                              WORKER, "--mode", mode, "--out", str(tmp_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def finish(proc, timeout=120):
@@ -57,11 +59,14 @@ def test_a_ranks_exit_code_is_the_jobs(tmp_path):
     assert rc == 75, out
 
 
-def test_signals_to_the_launcher_reach_every_rank(tmp_path):
-    proc = start(tmp_path, "signal")
+@pytest.mark.parametrize("inherited_mask", [(), (signal.SIGUSR1,)], ids=["plain", "started_blocked"])
+def test_signals_to_the_launcher_reach_every_rank(tmp_path, inherited_mask):
+    """Also when whatever started the launcher had the signal blocked (a mask is inherited)."""
+    proc = start(tmp_path, "signal",
+                 preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, inherited_mask))
     ready = 0
     for line in proc.stdout:
-        ready += "ready" in line
+        ready += line.count("ready")
         if ready == 2:
             break
     proc.send_signal(signal.SIGUSR1)
