@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -32,6 +33,20 @@ def launch(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}")
     return out
+
+
+def megarlhf(*args, threads: Optional[str] = None, env_extra: Optional[dict] = None,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """``megarlhf ARGS`` run from the repository as a new process would run it (see
+    tests/cli_fork.py: forked from a server that has imported the commands once), with
+    ``OMP_NUM_THREADS=threads`` (unset: the command shares the cores between its ranks)."""
+    from tests.cli_fork import run_cli
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    env.pop("OMP_NUM_THREADS", None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
+    return run_cli(list(args), env, str(REPO), timeout)
 
 
 def run_tool(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

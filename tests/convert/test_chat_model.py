@@ -5,15 +5,12 @@ SFT trains exactly the template's assistant tokens; exported, it comes back as i
 in."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megarlhf.models.checkpoint import read_meta
-from tests.conftest import REPO, VOCAB, convert, make_hf_llama
+from tests.conftest import VOCAB, convert, make_hf_llama, megarlhf
 from tests.data.test_chat_jinja import CHATML, make_tokenizer
 from tests.tools.test_convert import all_tensors, export
 
@@ -21,9 +18,7 @@ QUESTIONS = ("What is 2+2?", "And 3+3?", "The answer is 4", "You are")
 
 
 def cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "megarlhf.cli", *map(str, args)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return megarlhf(*args, threads="1", timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,18 @@ exemplars, IFEval rule checks, best-of-N with a reward model and RM pair accurac
 same results at TP=2 (and the reward model at PP=2), and errors before processes start."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from megarlhf.eval import metrics as M
 from megarlhf.models.checkpoint import read_meta, write_meta
-from tests.conftest import REPO
+from tests.conftest import megarlhf
 from tests.recipes.conftest import sft_like  # noqa: F401  (the fixture)
 
 
 def cli(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "megarlhf.cli", *map(str, args)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return megarlhf(*args, threads="1", timeout=timeout)
 
 
 def ok(res):

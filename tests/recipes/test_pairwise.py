@@ -13,14 +13,11 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, megarlhf
 
 
 def cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("OMP_NUM_THREADS", None)
-    res = subprocess.run([sys.executable, "-m", "megarlhf.cli", *map(str, args)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=timeout)
+    res = megarlhf(*args, timeout=timeout)
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
     return res.stdout + res.stderr
 

@@ -5,23 +5,17 @@ during a checkpoint write leaves the previous one in place, and a damaged checkp
 refused by name with the previous one offered."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import megarlhf
 from tests.recipes.test_pairwise import assert_same_final_weights, common
 
 
 def run(*args, faults="", env_extra=None, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(REPO), MEGARLHF_FAULTS=faults, **(env_extra or {}))
-    env.pop("OMP_NUM_THREADS", None)
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "megarlhf.cli", *map(str, args)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=timeout)
+    res = megarlhf(*args, env_extra={"MEGARLHF_FAULTS": faults, **(env_extra or {})}, timeout=timeout)
     return res.returncode, res.stdout + res.stderr, time.time() - t0
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from megarlhf.models.checkpoint import read_meta
-from tests.conftest import REPO
+from tests.conftest import REPO, megarlhf
 
 SHORT = ["task.num_sft=256", "task.num_eval=32", "task.num_preference=16", "task.num_prompts=16",
          "train.global_batch_size=32", "train.micro_batch_size=4", "train.max_steps=4",
@@ -17,11 +17,7 @@ SHORT = ["task.num_sft=256", "task.num_eval=32", "task.num_preference=16", "task
 
 
 def sft(out_dir, *overrides):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("OMP_NUM_THREADS", None)
-    res = subprocess.run([sys.executable, "-m", "megarlhf.cli", "sft", f"train.out_dir={out_dir}",
-                          *SHORT, *overrides], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+    res = megarlhf("sft", f"train.out_dir={out_dir}", *SHORT, *overrides)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-5000:]
     return out

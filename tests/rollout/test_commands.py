@@ -1,23 +1,18 @@
 """`megarlhf generate` and `megarlhf pairs` as commands (one process and relaunched at TP=2)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from megarlhf.data.task import TaskConfig, write_task_files
 from megarlhf.data.tokenizer import train_sentencepiece
 from megarlhf.models.checkpoint import read_meta, write_meta
-from tests.conftest import REPO
+from tests.conftest import megarlhf
 
 
 def cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "megarlhf.cli", *map(str, args)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return megarlhf(*args, threads="1", timeout=300)
 
 
 def rows(path):
