@@ -1,5 +1,5 @@
-"""``megarlhf ARGS`` for tests, in a process forked from a server that has imported the
-commands once.
+"""``megarlhf ARGS`` (and ``python -m megarlhf.launch``, the converters) for tests, in a
+process forked from a server that has imported the commands once.
 
 A fresh ``python -m megarlhf.cli`` spends ~3-4 s importing torch, megatron-core, datasets
 and the recipe before it does anything; the suite runs about 150 commands. Here a
@@ -23,7 +23,8 @@ from typing import Dict, List
 
 PRELOAD = ["megarlhf.cli", "megarlhf.recipes.sft", "megarlhf.recipes.reward_model", "megarlhf.recipes.dpo",
            "megarlhf.recipes.ppo", "megarlhf.rollout.commands", "megarlhf.eval.run", "megarlhf.demo",
-           "megarlhf.compare", "megarlhf.smoke", "megarlhf.launch", "datasets"]
+           "megarlhf.compare", "megarlhf.smoke", "megarlhf.launch", "megarlhf.convert.hf_to_megatron",
+           "megarlhf.convert.megatron_to_hf", "datasets"]
 
 _ctx = None
 
@@ -36,8 +37,12 @@ def _context():
     return _ctx
 
 
-def _command(argv: List[str], env: Dict[str, str], cwd: str, out_path: str, err_path: str) -> None:
-    """In the forked child: become ``megarlhf ARGV`` started with ``env`` in ``cwd``."""
+def _command(entry: str, argv: List[str], env: Dict[str, str], cwd: str, out_path: str,
+             err_path: str) -> None:
+    """In the forked child: become ``python ENTRY ARGV`` started with ``env`` in ``cwd``
+    (``ENTRY``: ``-m megarlhf.cli``, ``-m megarlhf.launch`` or a script's path)."""
+    import runpy
+
     import torch
 
     os.setpgrp()  # a timeout stops the command and every rank it started
@@ -50,24 +55,34 @@ def _command(argv: List[str], env: Dict[str, str], cwd: str, out_path: str, err_
         os.close(target)
     # a fresh interpreter's thread count: $OMP_NUM_THREADS, else every core
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
-    from megarlhf import cli
+    if entry.startswith("-m "):
+        import importlib
 
-    code = cli.main(argv)
+        code = importlib.import_module(entry[3:]).main(argv)
+    else:
+        sys.argv = [entry, *argv]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(entry)))
+        try:
+            runpy.run_path(entry, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
     sys.stdout.flush()
     sys.stderr.flush()
     raise SystemExit(code)
 
 
-def run_cli(argv: List[str], env: Dict[str, str], cwd: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``megarlhf *argv`` with ``env`` in ``cwd``: a CompletedProcess (returncode, stdout,
-    stderr); raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds (the command's
-    process group is killed first)."""
+def run_cli(argv: List[str], env: Dict[str, str], cwd: str, timeout: float = 600,
+            entry: str = "-m megarlhf.cli") -> subprocess.CompletedProcess:
+    """``python ENTRY *argv`` (by default ``megarlhf *argv``) with ``env`` in ``cwd``: a
+    CompletedProcess (returncode, stdout, stderr); raises ``subprocess.TimeoutExpired`` after
+    ``timeout`` seconds (the command's process group is killed first)."""
     argv = [str(a) for a in argv]
     with tempfile.TemporaryDirectory(prefix="megarlhf-cli-") as tmp:
         out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         for path in (out_path, err_path):
             open(path, "w").close()
-        proc = _context().Process(target=_command, args=(argv, dict(env), str(cwd), out_path, err_path))
+        proc = _context().Process(target=_command, args=(entry, argv, dict(env), str(cwd), out_path, err_path))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:
@@ -76,6 +91,6 @@ def run_cli(argv: List[str], env: Dict[str, str], cwd: str, timeout: float = 600
             except ProcessLookupError:
                 pass
             proc.join()
-            raise subprocess.TimeoutExpired(["megarlhf", *argv], timeout)
+            raise subprocess.TimeoutExpired([entry, *argv], timeout)
         with open(out_path) as f_out, open(err_path) as f_err:
-            return subprocess.CompletedProcess(["megarlhf", *argv], proc.exitcode, f_out.read(), f_err.read())
+            return subprocess.CompletedProcess([entry, *argv], proc.exitcode, f_out.read(), f_err.read())

@@ -23,15 +23,17 @@ VOCAB = 1101  # not divisible by 2: the padded vocabulary differs between TP=1 a
 
 def launch(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
     """Run ``script`` as ``nproc`` gloo ranks, one thread each, with megarlhf's local launcher
-    (``python -m megarlhf.launch``: the script's imports load once, then the ranks fork).
-    Returns the combined output; raises with its tail on failure."""
+    (``python -m megarlhf.launch``, forked from the tests' command server: the script's
+    imports are loaded already, then the ranks fork). Returns the combined output; raises
+    with its tail on failure."""
+    from tests.cli_fork import run_cli
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "megarlhf.launch", f"--nproc-per-node={nproc}",
-           str(REPO / script), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}")
+    argv = [f"--nproc-per-node={nproc}", str(REPO / script), *map(str, args)]
+    res = run_cli(argv, env, str(REPO), timeout, entry="-m megarlhf.launch")
+    out = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise AssertionError(f"megarlhf.launch {' '.join(argv)} failed ({res.returncode}):\n{out[-6000:]}")
     return out
 
 
@@ -107,7 +109,12 @@ def hf_reference(hf_dir: Path, tokens: torch.Tensor):
 
 
 def convert(hf_dir: Path, out: Path, *extra: str) -> Path:
-    res = run_tool("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out", out, *extra)
+    """tools/convert_hf_to_megatron.py, run as the tests' commands are (tests/cli_fork.py)."""
+    from tests.cli_fork import run_cli
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = run_cli(["--hf-dir", hf_dir, "--out", out, *extra], env, str(REPO), 300,
+                  entry=str(REPO / "tools/convert_hf_to_megatron.py"))
     assert res.returncode == 0, res.stdout + res.stderr
     return out
 
