@@ -7,7 +7,8 @@ import json
 import pytest
 
 from megarlhf.compare import CompareConfig, ordering, summarize
-from tests.test_cli import TOY_PIPELINE, cli
+from tests.conftest import megarlhf as cli
+from tests.test_cli import TOY_PIPELINE
 
 
 def test_summary_mean_spread_and_deviation():

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from megarlhf.train.preemption import STOPPED_EXIT
+from tests.cli_fork import run_cli
 from tests.conftest import REPO
 from tests.recipes.test_pairwise import common
 from tests.recipes.test_sft import SHORT
@@ -27,8 +28,7 @@ def env_without_slurm():
 
 
 def cli(*args):
-    res = subprocess.run([sys.executable, "-m", "megarlhf.cli", *map(str, args)], cwd=REPO,
-                         env=env_without_slurm(), capture_output=True, text=True, timeout=600)
+    res = run_cli(list(args), env_without_slurm(), str(REPO), 600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
     return res.stdout + res.stderr
 

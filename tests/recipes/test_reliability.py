@@ -92,7 +92,7 @@ def test_sigkill_of_one_rank_fails_fast_and_the_job_resumes_bit_exactly(sft_like
 def test_a_hung_rank_ends_the_job_at_the_collective_timeout(sft_like, tmp_path):
     args = rm_args(sft_like, tmp_path / "run", "world=2", "train.micro_batch_size=2")
     rc, log, secs = run(*args, faults="hang@train_step=2:rank=1",
-                        env_extra={"MEGARLHF_COLLECTIVE_TIMEOUT_S": "10"})
+                        env_extra={"MEGARLHF_COLLECTIVE_TIMEOUT_S": "5"})
     assert rc != 0, log[-3000:]
     assert "SIGSTOP at train_step 2 on rank 1" in log
     assert secs < 240, f"{secs:.0f} s"
