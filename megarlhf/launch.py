@@ -6,8 +6,8 @@ parent loads the command's modules (torch, megatron-core, the recipe: ~3-5 s of 
 then forks one process per rank with ``torch.multiprocessing.start_processes`` and the
 environment torchrun would give them (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``). No rank pays for those imports again, and there is no
-launcher agent to start: a 2-rank job starts ~2x sooner than under torchrun on a 2-core
-machine, a 4-rank job ~3x (``benchmarks``: none; measured in the test suite's time).
+launcher agent to start (with this and megatron's lighter CPU import, the test suite, which
+starts a few hundred multi-process jobs, went from 41 to 17 minutes on a 2-core machine).
 
 What a launcher must do, it does:
 
@@ -22,8 +22,8 @@ What a launcher must do, it does:
 - **orphans:** a rank dies with its launcher (``PR_SET_PDEATHSIG``, set by torch).
 
 On clusters ``srun`` starts the ranks (``slurm/*.sh``) and this module is not used; under
-``torchrun`` neither. It forks a parent that has run no torch operation (no thread pool
-started yet): each rank sets its own thread count. On a machine with a GPU the ranks are
+``torchrun`` neither. The parent only loads modules and checks the config before it forks;
+each rank sets its own thread count. On a machine with a GPU the ranks are
 started by torchrun instead (:func:`torchrun`): CUDA cannot be used in a process forked
 from one that has touched it, and checking a job's kernels before launch does
 (:func:`forking_is_safe`).
@@ -44,7 +44,7 @@ from typing import Callable, List, Optional
 
 import torch.multiprocessing as tmp
 
-__all__ = ["run", "torchrun", "forking_is_safe", "main", "GRACE_S", "FORWARDED_SIGNALS",
+__all__ = ["run", "torchrun", "forking_is_safe", "script_entry", "main", "GRACE_S", "FORWARDED_SIGNALS",
            "LAUNCHER_ENV"]
 
 LAUNCHER_ENV = "MEGARLHF_LAUNCHER"
@@ -155,13 +155,18 @@ def torchrun(world_size: int, python_args: List[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def _script_entry(script: str, args: List[str]) -> Callable[[], Optional[int]]:
+def script_entry(script: str, args: List[str]) -> Callable[[], Optional[int]]:
+    """``python SCRIPT ARGS`` as a function returning the exit code (a non-numeric
+    ``sys.exit`` message is printed to stderr and gives 1, as the interpreter does)."""
     def entry() -> Optional[int]:
         sys.argv = [script, *args]
         try:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as e:
-            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if e.code is None or isinstance(e.code, int):
+                return e.code
+            print(e.code, file=sys.stderr)
+            return 1
         return 0
     return entry
 
@@ -176,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--nproc-per-node must be at least 1")
     sys.path.insert(0, os.path.dirname(os.path.abspath(a.script)))
     runpy.run_path(a.script, run_name="__megarlhf_preload__")  # its imports, once, in the parent
-    return run(a.nproc_per_node, _script_entry(a.script, a.args))
+    return run(a.nproc_per_node, script_entry(a.script, a.args))
 
 
 if __name__ == "__main__":

@@ -41,8 +41,6 @@ def _command(entry: str, argv: List[str], env: Dict[str, str], cwd: str, out_pat
              err_path: str) -> None:
     """In the forked child: become ``python ENTRY ARGV`` started with ``env`` in ``cwd``
     (``ENTRY``: ``-m megarlhf.cli``, ``-m megarlhf.launch`` or a script's path)."""
-    import runpy
-
     import torch
 
     os.setpgrp()  # a timeout stops the command and every rank it started
@@ -60,13 +58,10 @@ def _command(entry: str, argv: List[str], env: Dict[str, str], cwd: str, out_pat
 
         code = importlib.import_module(entry[3:]).main(argv)
     else:
-        sys.argv = [entry, *argv]
+        from megarlhf.launch import script_entry
+
         sys.path.insert(0, os.path.dirname(os.path.abspath(entry)))
-        try:
-            runpy.run_path(entry, run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code
+        code = script_entry(entry, argv)()
     sys.stdout.flush()
     sys.stderr.flush()
     raise SystemExit(code)

@@ -21,25 +21,9 @@ settings.load_profile("megarlhf")
 VOCAB = 1101  # not divisible by 2: the padded vocabulary differs between TP=1 and TP=2
 
 
-def launch(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
-    """Run ``script`` as ``nproc`` gloo ranks, one thread each, with megarlhf's local launcher
-    (``python -m megarlhf.launch``, forked from the tests' command server: the script's
-    imports are loaded already, then the ranks fork). Returns the combined output; raises
-    with its tail on failure."""
-    from tests.cli_fork import run_cli
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    argv = [f"--nproc-per-node={nproc}", str(REPO / script), *map(str, args)]
-    res = run_cli(argv, env, str(REPO), timeout, entry="-m megarlhf.launch")
-    out = res.stdout + res.stderr
-    if res.returncode != 0:
-        raise AssertionError(f"megarlhf.launch {' '.join(argv)} failed ({res.returncode}):\n{out[-6000:]}")
-    return out
-
-
-def megarlhf(*args, threads: Optional[str] = None, env_extra: Optional[dict] = None,
-             timeout: float = 600) -> subprocess.CompletedProcess:
-    """``megarlhf ARGS`` run from the repository as a new process would run it (see
+def served(entry: str, *args, threads: Optional[str] = None, env_extra: Optional[dict] = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python ENTRY ARGS`` run from the repository as a new process would run it (see
     tests/cli_fork.py: forked from a server that has imported the commands once), with
     ``OMP_NUM_THREADS=threads`` (unset: the command shares the cores between its ranks)."""
     from tests.cli_fork import run_cli
@@ -48,7 +32,24 @@ def megarlhf(*args, threads: Optional[str] = None, env_extra: Optional[dict] = N
     env.pop("OMP_NUM_THREADS", None)
     if threads is not None:
         env["OMP_NUM_THREADS"] = threads
-    return run_cli(list(args), env, str(REPO), timeout)
+    return run_cli(list(args), env, str(REPO), timeout, entry=entry)
+
+
+def megarlhf(*args, **kw) -> subprocess.CompletedProcess:
+    """``megarlhf ARGS`` (:func:`served`; same keywords)."""
+    return served("-m megarlhf.cli", *args, **kw)
+
+
+def launch(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run ``script`` as ``nproc`` gloo ranks, one thread each, with megarlhf's local launcher
+    (``python -m megarlhf.launch``, :func:`served`: the script's imports are loaded already,
+    then the ranks fork). Returns the combined output; raises with its tail on failure."""
+    argv = [f"--nproc-per-node={nproc}", str(REPO / script), *map(str, args)]
+    res = served("-m megarlhf.launch", *argv, threads="1", timeout=timeout)
+    out = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise AssertionError(f"megarlhf.launch {' '.join(argv)} failed ({res.returncode}):\n{out[-6000:]}")
+    return out
 
 
 def run_tool(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -109,12 +110,9 @@ def hf_reference(hf_dir: Path, tokens: torch.Tensor):
 
 
 def convert(hf_dir: Path, out: Path, *extra: str) -> Path:
-    """tools/convert_hf_to_megatron.py, run as the tests' commands are (tests/cli_fork.py)."""
-    from tests.cli_fork import run_cli
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    res = run_cli(["--hf-dir", hf_dir, "--out", out, *extra], env, str(REPO), 300,
-                  entry=str(REPO / "tools/convert_hf_to_megatron.py"))
+    """tools/convert_hf_to_megatron.py, run as the tests' commands are (:func:`served`)."""
+    res = served(str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", hf_dir, "--out", out, *extra,
+                 threads="1", timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return out
 
