@@ -81,12 +81,20 @@ __all__ = [
     "find_c_compiler",
     "tune_cpu_allocator",
     "allocator_tuning_wanted",
+    "decode_sync_interval",
 ]
 
 
 def has_gpu() -> bool:
     """True when a CUDA device is usable by this process."""
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def decode_sync_interval() -> int:
+    """Decode steps between the rollout engine's looks at which slots finished: each look
+    waits for the device, free on CPU, a pipeline stall on a GPU (a finished slot then
+    idles up to this many steps before it takes the next prompt)."""
+    return 8 if has_gpu() else 1
 
 
 def _quiet_expected_warnings() -> None:

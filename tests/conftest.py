@@ -3,8 +3,9 @@ megatron conversions, and a launcher for multi-process (gloo) tests."""
 
 import json
 import os
+import socket
 import subprocess
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,25 @@ def served(entry: str, *args, threads: Optional[str] = None, env_extra: Optional
     return run_cli(list(args), env, str(REPO), timeout, entry=entry)
 
 
+@contextmanager
+def one_rank(seed: int):
+    """This process as a one-rank gloo job with megatron's model-parallel state (TP = PP =
+    DP = 1), one thread; yields the :class:`~megarlhf.parallel.ModelParallel`."""
+    from megarlhf.config import ParallelConfig
+    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
+
+    torch.set_num_threads(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_distributed(DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
+                             master_port=port, source="test"))
+    try:
+        yield initialize_model_parallel(ParallelConfig(), seed=seed)
+    finally:
+        destroy()
+
+
 def megarlhf(*args, **kw) -> subprocess.CompletedProcess:
     """``megarlhf ARGS`` (:func:`served`; same keywords)."""
     return served("-m megarlhf.cli", *args, **kw)
@@ -53,9 +73,8 @@ def launch(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
 
 
 def run_tool(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """``python tools/SCRIPT ARGS`` with one thread (:func:`served`)."""
+    return served(str(REPO / script), *map(str, args), threads="1", timeout=timeout)
 
 
 def make_hf_llama(path: Path, *, reward: bool = False, llama3_rope: bool = True,

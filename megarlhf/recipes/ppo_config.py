@@ -97,7 +97,11 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_batch: int = 64
-    """Sequences generated at once per data-parallel replica (bounds the KV cache)."""
+    """Slots of the rollout engine per data-parallel replica: sequences generated at once
+    (bounds the KV cache); a slot whose sequence ends takes the next waiting prompt."""
+    sync_every: int = 0
+    """Decode steps between the engine's looks at which sequences ended (each look waits
+    for the device); 0: every step on CPU, every 8 on a GPU."""
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,7 @@ class PPOConfig:
         p += range_problems(self, "", positive=("world",), non_negative=("reward_ranks",))
         p += range_problems(ro, "rollout", positive=("prompts_per_step", "samples_per_prompt",
                                                      "max_new_tokens", "max_batch", "temperature"),
-                            non_negative=("top_k",))
+                            non_negative=("top_k", "sync_every"))
         if not 0 < ro.top_p <= 1:
             p.append(f"rollout.top_p={ro.top_p} must be in (0, 1]")
         p += range_problems(r, "ppo", positive=("clip", "minibatch_size", "ppo_epochs", "kl_horizon",

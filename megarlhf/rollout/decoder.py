@@ -8,6 +8,12 @@ tiny shape). This module runs the same mathematics straight on the parameter ten
 fused-QKV matmul, RoPE on the new positions only, a preallocated KV cache per layer,
 grouped-query ``scaled_dot_product_attention`` without expanding K/V, SwiGLU.
 
+The cache has one row per *slot* of the engine. :meth:`LlamaDecoder.prefill` runs whole
+right-padded prompts in one causal pass and writes their keys and values into the rows
+it is given; :meth:`LlamaDecoder.decode` advances rows ``0..b-1`` by one token each, every
+row at its own position (per-row RoPE, a per-row scatter into the cache, a mask hiding
+each row's positions beyond its own).
+
 Nothing is copied: each step reads the chunk's current parameters, so it always samples
 from the weights being trained. Tensor parallelism uses megatron's own collectives
 (``reduce_from_tensor_model_parallel_region`` after the row-parallel projections and the
@@ -72,11 +78,14 @@ class LlamaDecoder:
         self.v_cache: Optional[torch.Tensor] = None
 
     # -- cache and RoPE ------------------------------------------------------------------
-    def start(self, batch: int, max_len: int, device) -> None:
-        """Allocate the KV cache for one batch (once; reused by every step)."""
-        shape = (len(self.layers), batch, self.groups, max_len, self.d)
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=device)
+    def start(self, slots: int, max_len: int, device) -> None:
+        """Allocate the KV cache: ``slots`` rows of ``max_len`` positions (once per call of
+        the engine; every step reuses it)."""
+        shape = (len(self.layers), slots, self.groups, max_len, self.d)
+        # zeros, not empty: masked positions are still multiplied (by a weight of 0), and
+        # uninitialised memory may hold NaN
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
         pos = torch.arange(max_len, dtype=torch.float32, device=device)
         freqs = torch.outer(pos, self.inv_freq.to(device))
         emb = torch.cat((freqs, freqs), dim=-1)  # megatron's non-interleaved layout
@@ -86,10 +95,13 @@ class LlamaDecoder:
     def finish(self) -> None:
         self.k_cache = self.v_cache = None
 
-    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [b, heads, s, d] at positions start..start+s-1."""
-        s = x.shape[2]
-        cos, sin = self.cos[start:start + s], self.sin[start:start + s]
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the cache rows ``src`` to the rows ``dst`` (compacting the busy slots)."""
+        self.k_cache[:, dst] = self.k_cache[:, src]
+        self.v_cache[:, dst] = self.v_cache[:, src]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -121,42 +133,72 @@ class LlamaDecoder:
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return self._reduce(out)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Positions ``start..start+s-1``: ``x`` is token ids ``[b, s]`` on the first stage,
-        hidden states ``[b, s, hidden]`` elsewhere. Returns hidden states, or on the last
-        stage the gathered logits of the last position ``[b, padded vocab]``."""
-        h = self.embed(x) if self.first else x.to(self.dtype)
+    def _qkv(self, layer: _Layer, h: torch.Tensor):
         b, s, _ = h.shape
-        end = start + s
-        for i, layer in enumerate(self.layers):
-            a = torch.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
-            qkv = (a @ layer.qkv.t()).view(b, s, self.groups, self.per + 2, self.d)
-            q = qkv[:, :, :, :self.per].reshape(b, s, self.heads, self.d).transpose(1, 2)
-            k = qkv[:, :, :, self.per].transpose(1, 2)
-            v = qkv[:, :, :, self.per + 1].transpose(1, 2)
-            self.k_cache[i, :, :, start:end] = self._rope(k, start)
-            self.v_cache[i, :, :, start:end] = v
-            q = self._rope(q, start)
-            att = F.scaled_dot_product_attention(
-                q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end],
-                is_causal=s > 1 and start == 0, scale=self.scale, enable_gqa=self.per > 1,
-                attn_mask=None if (s == 1 or start == 0) else self._mask(s, start, end, h.device))
-            att = att.transpose(1, 2).reshape(b, s, self.heads * self.d)
-            h = h + self._reduce(att @ layer.proj.t())
-            m = torch.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
-            gate, up = (m @ layer.fc1.t()).chunk(2, dim=-1)
-            h = h + self._reduce((F.silu(gate) * up) @ layer.fc2.t())
-        if not self.last:
-            return h
-        h = torch.rms_norm(h[:, -1], (self.hidden,), self.model.decoder.final_layernorm.weight, self.eps)
+        a = torch.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
+        qkv = (a @ layer.qkv.t()).view(b, s, self.groups, self.per + 2, self.d)
+        q = qkv[:, :, :, :self.per].reshape(b, s, self.heads, self.d).transpose(1, 2)
+        return q, qkv[:, :, :, self.per].transpose(1, 2), qkv[:, :, :, self.per + 1].transpose(1, 2)
+
+    def _rest(self, layer: _Layer, h: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        b, s, _ = h.shape
+        att = att.transpose(1, 2).reshape(b, s, self.heads * self.d)
+        h = h + self._reduce(att @ layer.proj.t())
+        m = torch.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
+        gate, up = (m @ layer.fc1.t()).chunk(2, dim=-1)
+        return h + self._reduce((F.silu(gate) * up) @ layer.fc2.t())
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[b, hidden] last-layer states -> gathered fp32 logits [b, padded vocab]."""
+        h = torch.rms_norm(h, (self.hidden,), self.model.decoder.final_layernorm.weight, self.eps)
         # Tied embeddings: megatron's shared weight (the embedding itself, or on the last of
         # several stages its copy, kept equal to it).
         return self._gather_vocab(h @ output_weight(self.model).t()).float()
 
-    @staticmethod
-    def _mask(s: int, start: int, end: int, device) -> torch.Tensor:
-        """Causal mask for a block of ``s`` new positions after ``start`` cached ones."""
-        q = torch.arange(start, end, device=device).unsqueeze(1)
-        k = torch.arange(end, device=device).unsqueeze(0)
-        return k <= q
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Whole prompts in one pass, into the cache rows ``slots`` ``[n]``: ``x`` is right-
+        padded token ids ``[n, L]`` on the first stage, hidden states ``[n, L, hidden]``
+        elsewhere (causal attention keeps the padding after a prompt out of it). Returns
+        hidden states, or on the last stage the logits at each prompt's last position
+        ``last`` ``[n]``: ``[n, padded vocab]``."""
+        h = self.embed(x) if self.first else x.to(self.dtype)
+        s = h.shape[1]
+        cos, sin = self.cos[:s], self.sin[:s]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            self.k_cache[i, slots, :, :s] = k
+            self.v_cache[i, slots, :, :s] = v
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.scale,
+                                                 enable_gqa=self.per > 1)
+            h = self._rest(layer, h, att)
+        if not self.last:
+            return h
+        return self._logits(h[torch.arange(h.shape[0], device=h.device), last])
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """One token for each of the cache rows ``0..b-1``, at positions ``pos`` ``[b]``
+        (int64, on the device): ``x`` is token ids ``[b, 1]`` on the first stage, hidden
+        states ``[b, 1, hidden]`` elsewhere. Attention reads positions ``< span`` of each row
+        up to its own position. Returns hidden states, or on the last stage the logits
+        ``[b, padded vocab]``."""
+        h = self.embed(x) if self.first else x.to(self.dtype)
+        b = h.shape[0]
+        rows = torch.arange(b, device=h.device)
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
+        keys = torch.arange(span, device=h.device)
+        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            self.k_cache[i, rows, :, pos] = k[:, :, 0]
+            self.v_cache[i, rows, :, pos] = v[:, :, 0]
+            att = F.scaled_dot_product_attention(
+                q, self.k_cache[i, :b, :, :span], self.v_cache[i, :b, :, :span], attn_mask=mask,
+                scale=self.scale, enable_gqa=self.per > 1)
+            h = self._rest(layer, h, att)
+        if not self.last:
+            return h
+        return self._logits(h[:, -1])

@@ -1,26 +1,30 @@
-"""KV-cached batched sampling on the policy's own megatron weights (TP- and PP-aware).
+"""Continuously batched sampling on the policy's own megatron weights (TP- and PP-aware).
 
     engine = MegatronEngine(chunks, mp, vocab_size, max_batch=64)
     out = engine.generate(prompt_ids, SamplingParams(max_new_tokens=64, greedy=True,
                                                      stop_ids=template.stop_ids()))
 
-Each step runs :class:`~megarlhf.rollout.decoder.LlamaDecoder` on the chunk's own
-parameters with a KV cache allocated once per batch chunk; batches larger than
-``max_batch`` are generated in chunks, so a 512-prompt PPO step never holds 512
-sequences at once. Ragged prompts are handled as megatron's static engine does:
-decoding starts at the shortest prompt, and while a sequence is still inside its prompt
-its prompt token is forced instead of the sample.
+``max_batch`` is the number of *slots*: sequences held at once, each with its own rows of
+the KV cache. A prompt enters a free slot with one prefill pass (all prompts admitted at
+that moment go through the model together, right-padded), then every busy slot decodes one
+token per step at its own position (:class:`~megarlhf.rollout.decoder.LlamaDecoder` on the
+chunk's own parameters). When a sequence ends, its slot takes the next waiting prompt, so
+a 512-prompt PPO step never holds more than ``max_batch`` sequences and finished
+sequences stop costing compute. Results come back in input order.
 
-Randomness is tied to the prompt, not the rank: each sequence draws its uniforms from its
-own generator seeded by ``(params.seed, index of the prompt)`` and samples by inverse
-CDF over the real vocabulary, so the same seed gives the same samples whatever the
-TP/PP/DP layout, chunking or vocabulary padding.
+Sampling, stop detection and length limits are tensor ops on the model's device
+(:mod:`megarlhf.rollout.sampling`); the host looks at which slots have finished every
+``sync_every`` steps. Randomness is keyed by ``(seed, index of the prompt, index of the
+response token)`` through a counter-based generator, so the same seed gives the same
+samples whatever the TP/PP/DP layout, slot count, the prompts beside it or the slot it
+lands in.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Protocol, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,6 +32,7 @@ import torch.distributed as dist
 from megarlhf import platform
 from megarlhf.parallel import ModelParallel
 from megarlhf.rollout.decoder import LlamaDecoder
+from megarlhf.rollout.sampling import philox_uniforms, pick
 
 __all__ = ["SamplingParams", "RolloutBatch", "RolloutEngine", "MegatronEngine"]
 
@@ -53,6 +58,10 @@ class SamplingParams:
     eos_id: Optional[int] = None
     """The tokenizer's EOS id: a sequence ending with it finishes with reason ``eos``
     (other stop ids give ``stop``). Include it in ``stop_ids`` to stop on it."""
+    logits_processor: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    """``f(logits [b, V], prompt_index [b], step [b]) -> logits`` on the device before
+    temperature and truncation (global prompt indices, index of the response token), as
+    transformers' ``LogitsProcessor``; ``policy_logprobs`` stay the unprocessed policy's."""
 
 
 @dataclass
@@ -80,170 +89,331 @@ class RolloutEngine(Protocol):
     def update_weights(self) -> None: ...
 
 
-def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to ``[b, V]`` fp32 logits."""
-    logits = logits / params.temperature
-    neg = torch.finfo(logits.dtype).min
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, neg)
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # keep a token while the mass before it is below top_p (the first is always kept)
-        drop_sorted = probs.cumsum(-1) - probs >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, neg)
-    return logits
+_EOS, _STOP, _LENGTH = 0, 1, 2
+_REASONS = ("eos", "stop", "length")
+
+
+class _Slots:
+    """The device-side state of every slot: the token to feed next and its position, how
+    many response tokens the slot has, whether it is done and why, what it produced, and
+    the uniforms of its prompt's stream."""
+
+    FIELDS = ("cur", "pos", "step", "length", "reason", "done", "index", "tokens", "sample_lp", "policy_lp",
+              "uniforms")
+
+    def __init__(self, slots: int, max_new: int, device):
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        self.cur, self.pos, self.step, self.length, self.reason = z(slots), z(slots), z(slots), z(slots), z(slots)
+        self.index = z(slots)  # the global index of each slot's prompt
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.tokens = z(slots, max_new)
+        self.sample_lp = z(slots, max_new, dtype=torch.float32)
+        self.policy_lp = z(slots, max_new, dtype=torch.float32)
+        self.uniforms = z(slots, max_new, dtype=torch.float64)
+        self.max_new = max_new
+
+    def admit(self, rows: torch.Tensor, index: torch.Tensor, last: torch.Tensor) -> None:
+        """Prompts ``index`` in ``rows``, their last prompt token at position ``last``."""
+        self.index[rows] = index
+        self.pos[rows] = last
+        self.step[rows] = 0
+        self.length[rows] = 0
+        self.reason[rows] = _LENGTH
+        self.done[rows] = False
+
+    def record(self, rows: torch.Tensor, new: torch.Tensor, sample_lp: Optional[torch.Tensor],
+               policy_lp: Optional[torch.Tensor], stop: torch.Tensor, eos: Optional[int]) -> None:
+        """Token ``new`` sampled for each of ``rows``: stored where the row is still going,
+        which then advances by one; a stop id or the length limit ends it. Done rows keep
+        their state (they are computed, and ignored, until the host collects them)."""
+        active = ~self.done[rows]
+        j = self.step[rows].clamp(max=self.max_new - 1)
+        self.tokens[rows, j] = torch.where(active, new, self.tokens[rows, j])
+        if sample_lp is not None:
+            self.sample_lp[rows, j] = torch.where(active, sample_lp, self.sample_lp[rows, j])
+            self.policy_lp[rows, j] = torch.where(active, policy_lp, self.policy_lp[rows, j])
+        hit = active & torch.isin(new, stop)
+        ended = hit | (active & (j + 1 >= self.max_new))
+        why = torch.full_like(new, _STOP)
+        if eos is not None:
+            why = torch.where(new == eos, torch.full_like(new, _EOS), why)
+        self.reason[rows] = torch.where(hit, why, self.reason[rows])
+        self.length[rows] = torch.where(ended, j + 1, self.length[rows])
+        self.done[rows] = self.done[rows] | ended
+        self.cur[rows] = torch.where(active, new, self.cur[rows])
+        self.pos[rows] += active.long()
+        self.step[rows] += active.long()
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for name in self.FIELDS:
+            t = getattr(self, name)
+            t[dst] = t[src]
 
 
 class MegatronEngine:
-    """Generation with the training model itself (no weight copy)."""
+    """Generation with the training model itself (no weight copy), continuously batched
+    over ``max_batch`` slots. ``sync_every``: decode steps between the host's looks at
+    which slots finished (``None``: the platform's choice, every step on CPU where a look
+    costs nothing, every 8 on a GPU where it waits for the device). ``cuda_graphs``:
+    capture the decode step per slot-count bucket and replay it (GPU, no pipeline
+    stages; :mod:`megarlhf.rollout.graphs`)."""
 
     def __init__(self, chunks: List[torch.nn.Module], mp: ModelParallel, vocab_size: int,
-                 max_batch: int = 64):
+                 max_batch: int = 64, sync_every: Optional[int] = None, cuda_graphs: bool = False,
+                 graph_backend=None):
         if len(chunks) != 1:
             raise ValueError("generation needs one model chunk per rank (virtual pipeline "
                              "stages are for training); build the model without VPP")
+        if max_batch < 1:
+            raise ValueError(f"max_batch (the number of slots) must be >= 1, got {max_batch}")
         self.model = chunks[0]
         self.mp = mp
         self.max_batch = max_batch
         self.vocab_size = vocab_size
         self.device = platform.current().device
+        self.sync_every = sync_every or platform.decode_sync_interval()
         config = self.model.config
         self.decoder = LlamaDecoder(self.model, mp.tp_group, mp.config.tp, config.layernorm_epsilon)
+        # CUDA graphs of the decode step on a GPU without pipeline stages (a stage's
+        # send/recv is not captured); ``graph_backend`` (tests: graphs.Replay) forces them.
+        self.graph_backend = graph_backend
+        if graph_backend is None and cuda_graphs and platform.has_gpu() and mp.config.pp == 1:
+            from megarlhf.rollout.graphs import CudaGraphs
+
+            self.graph_backend = CudaGraphs()
+        self.timing = False
+        """Time the prefill and decode passes (waits for the device after each: benchmarks)."""
+        self.last_stats: dict = {}
+        """Of the last call: decode steps, prefill passes, slot-steps computed and busy, and
+        with ``timing`` the seconds of prefill and of decode."""
 
     def update_weights(self) -> None:
-        """Nothing to do: this engine reads the training weights in place."""
+        """Nothing to do: this engine reads the training weights in place (its CUDA graphs
+        too: the optimizer writes into the same parameter tensors)."""
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  progress=None, first_index: int = 0) -> RolloutBatch:
-        """Responses to ``prompts`` (token ids), in order. ``progress(n)`` is called after
-        each chunk of ``n`` prompts; ``first_index`` is the global index of ``prompts[0]``
+        """Responses to ``prompts`` (token ids), in order. ``progress(n)`` is called as
+        ``n`` more prompts finish; ``first_index`` is the global index of ``prompts[0]``
         (sampling randomness is keyed by it, so a shard of a larger batch samples what the
         whole batch would)."""
         if params.temperature <= 0 and not params.greedy:
             raise ValueError("temperature must be > 0 (or use greedy)")
-        out = RolloutBatch([], [], [], [], [])
-        for start in range(0, len(prompts), self.max_batch):
-            chunk = [list(p) for p in prompts[start:start + self.max_batch]]
-            part = self._generate_chunk(chunk, params, first_index=first_index + start)
-            if progress is not None:
-                progress(len(chunk))
-            for name in ("prompt_ids", "response_ids", "finish_reason", "sample_logprobs",
-                         "policy_logprobs"):
-                getattr(out, name).extend(getattr(part, name))
-        return out
+        prompts = [list(p) for p in prompts]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        last = self.mp.is_last_stage
+        if not prompts or params.max_new_tokens < 1:
+            empty = [[] for _ in prompts]
+            return RolloutBatch(prompts, empty, ["length"] * len(prompts), empty if last else [],
+                                empty if last else [])
+        results = _Run(self, prompts, params, first_index, progress).run()
+        return RolloutBatch(prompts, [r[0] for r in results], [r[1] for r in results],
+                            [r[2] for r in results] if last else [], [r[3] for r in results] if last else [])
 
-    # -- one chunk -----------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, start: int) -> Optional[torch.Tensor]:
-        """One (pre)fill or decode step through this rank's pipeline stage; returns the
-        last position's gathered logits ``[b, V]`` on the last stage, else None."""
+    # -- pipeline stages -------------------------------------------------------------------
+    def through_stage(self, x: torch.Tensor, shape, run) -> Optional[torch.Tensor]:
+        """This rank's stage of one pass: receive the previous stage's hidden states of
+        ``shape`` + hidden (the first stage takes the token ids ``x``), ``run`` them, send
+        the result on; the last stage returns it (logits)."""
         mp = self.mp
-        b, s = tokens.shape
-        x = tokens
         if not mp.is_first_stage:
-            x = torch.empty(b, s, self.decoder.hidden, dtype=self.decoder.dtype, device=self.device)
+            x = torch.empty(*shape, self.decoder.hidden, dtype=self.decoder.dtype, device=self.device)
             dist.recv(x, src=dist.get_global_rank(mp.pp_group, mp.pp_rank - 1), group=mp.pp_group)
-        out = self.decoder.forward(x, start)
+        out = run(x)
         if not mp.is_last_stage:
             dist.send(out.contiguous(), dst=dist.get_global_rank(mp.pp_group, mp.pp_rank + 1),
                       group=mp.pp_group)
             return None
         return out
 
-    def _share_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+    def share_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
         if self.mp.config.pp > 1:
             src = dist.get_global_rank(self.mp.pp_group, self.mp.config.pp - 1)
             dist.broadcast(t, src=src, group=self.mp.pp_group)
         return t
 
-    def _generate_chunk(self, prompts: List[List[int]], params: SamplingParams,
-                        first_index: int) -> RolloutBatch:
-        b = len(prompts)
-        lens = torch.tensor([len(p) for p in prompts])
-        if (lens == 0).any():
-            raise ValueError("empty prompt")
-        min_len, max_len = int(lens.min()), int(lens.max())
-        total = max_len + params.max_new_tokens
-        tokens = torch.zeros(b, total, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p)
-        self.decoder.start(b, total, self.device)
-        # One uniform per sequence and position, drawn from the prompt's own generator:
-        # sampling is by inverse CDF, so the draw does not depend on the vocabulary
-        # padding, the batch it runs in, or the layout.
-        uniforms = torch.stack([
-            torch.rand(total, generator=torch.Generator().manual_seed(
-                params.seed * 1_000_003 + first_index + i), dtype=torch.float64)
-            for i in range(b)])
-        sample_lp = torch.zeros(b, total)
-        policy_lp = torch.zeros(b, total)
-        ends = lens + params.max_new_tokens  # exclusive end position per sequence
-        stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long)
-        eos = params.eos_id
-        done = torch.zeros(b, dtype=torch.bool)
-        stopped_at = torch.full((b,), -1, dtype=torch.long)
-        prev, cur = 0, min_len
-        for cur in range(min_len, total):
-            logits = self._forward(tokens[:, prev:cur].to(self.device), prev)
-            prev = cur
-            if logits is not None:
-                # The real vocabulary only: padded ids can never be picked.
-                logits = logits[:, :self.vocab_size].cpu()
-                new, samp, pol = _pick(logits, params, uniforms[:, cur])
-            else:
-                new = torch.zeros(b, dtype=torch.long)
-            new = self._share_from_last_stage(new.to(self.device)).cpu()
-            in_prompt = cur < lens
-            tokens[:, cur] = torch.where(in_prompt, tokens[:, cur], new)
-            active = ~done & ~in_prompt
-            if logits is not None:
-                sample_lp[:, cur] = samp
-                policy_lp[:, cur] = pol
-            if len(stop):
-                hit = active & torch.isin(new, stop)
-                stopped_at = torch.where(hit, torch.full_like(stopped_at, cur), stopped_at)
-                done |= hit
-            done |= (cur + 1 >= ends) & ~in_prompt
-            if bool(done.all()):
+
+class _Run:
+    """One call of :meth:`MegatronEngine.generate`: the waiting prompts, the slots, and the
+    host's view of them (which prompt each holds, a bound on its position). Every rank of a
+    replica takes the same decisions from the same tokens (the last stage's samples are
+    broadcast to the other stages), so their passes line up."""
+
+    def __init__(self, engine: MegatronEngine, prompts: List[List[int]], params: SamplingParams,
+                 first_index: int, progress):
+        self.e, self.prompts, self.params, self.first, self.progress = engine, prompts, params, first_index, progress
+        self.dev = engine.device
+        self.n_slots = min(engine.max_batch, len(prompts))
+        self.max_new = params.max_new_tokens
+        self.decoder = engine.decoder
+        self.length = max(len(p) for p in prompts) + self.max_new
+        self.decoder.start(self.n_slots, self.length, self.dev)
+        self.state = _Slots(self.n_slots, self.max_new, self.dev)
+        self.stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long, device=self.dev)
+        self.holds: List[int] = [-1] * self.n_slots     # prompt index per slot (-1: free)
+        self.reach: List[int] = [0] * self.n_slots      # bound of the position each slot feeds next
+        self.waiting = 0                                 # the next prompt to admit
+        self.results: List[Optional[tuple]] = [None] * len(prompts)
+        self.stats = {"decode_steps": 0, "prefills": 0, "slot_steps": 0, "busy_slot_steps": 0,
+                      "prefill_s": 0.0, "decode_s": 0.0, "graphs": 0}
+        self.graphed = None
+        if engine.graph_backend is not None:
+            from megarlhf.rollout.graphs import GraphedStep
+
+            self.graphed = GraphedStep(self.static_step, lambda: [getattr(self.state, f) for f in _Slots.FIELDS],
+                                       self.n_slots, engine.graph_backend)
+
+    def timed(self, key: str, fn):
+        """``fn()``, its seconds added to ``stats[key]`` when the engine is timing."""
+        if not self.e.timing:
+            return fn()
+        platform.current().synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        platform.current().synchronize()
+        self.stats[key] += time.perf_counter() - t0
+        return out
+
+    def run(self) -> List[tuple]:
+        self.admit(list(range(self.n_slots)))
+        since_look = self.e.sync_every  # look first: a prompt may end with its first token
+        while True:
+            if since_look >= self.e.sync_every or self.one_is_surely_done():
+                since_look = 0
+                self.collect()
+            if not any(h >= 0 for h in self.holds):
                 break
-        responses, finish, s_lp, p_lp = [], [], [], []
-        for i in range(b):
-            n = int(lens[i])
-            end = int(stopped_at[i]) + 1 if stopped_at[i] >= 0 else min(int(ends[i]), cur + 1)
-            resp = tokens[i, n:end].tolist()
-            responses.append(resp)
-            if stopped_at[i] >= 0:
-                finish.append("eos" if eos is not None and resp[-1] == eos else "stop")
-            else:
-                finish.append("length")
-            s_lp.append(sample_lp[i, n:end].tolist())
-            p_lp.append(policy_lp[i, n:end].tolist())
+            self.decode()
+            since_look += 1
         self.decoder.finish()
-        last = self.mp.is_last_stage
-        return RolloutBatch(prompt_ids=prompts, response_ids=responses, finish_reason=finish,
-                            sample_logprobs=s_lp if last else [], policy_logprobs=p_lp if last else [])
+        self.e.last_stats = self.stats
+        return self.results  # type: ignore[return-value]
 
+    def one_is_surely_done(self) -> bool:
+        """Whether a slot has reached its length limit (no need to ask the device)."""
+        return any(h >= 0 and self.reach[s] - len(self.prompts[h]) + 1 >= self.max_new
+                   for s, h in enumerate(self.holds))
 
-def _pick(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
-    """Next tokens ``[b]`` from fp32 logits ``[b, V]`` and uniforms ``[b]``; returns the
-    tokens, their log-probs under the sampling distribution and under the raw policy."""
-    policy = torch.log_softmax(logits, dim=-1)
-    if params.greedy:
-        new = logits.argmax(-1)
-        return new, torch.zeros(new.shape), policy.gather(-1, new[:, None])[:, 0]
-    plain = params.temperature == 1.0 and not params.top_k and params.top_p >= 1.0
-    filt = policy if plain else torch.log_softmax(_filter_logits(logits, params), dim=-1)
-    cdf = filt.double().exp().cumsum(-1)
-    new = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    new = new.clamp_(max=logits.shape[-1] - 1)
-    # never land on a zero-probability id at a CDF plateau (possible only at the edges)
-    zero = filt.gather(-1, new[:, None])[:, 0] == torch.finfo(filt.dtype).min
-    if zero.any():
-        new = torch.where(zero, filt.argmax(-1), new)
-    return new, filt.gather(-1, new[:, None])[:, 0], policy.gather(-1, new[:, None])[:, 0]
+    def admit(self, slots: List[int]) -> None:
+        """The next waiting prompts into ``slots``, in one prefill pass, and each one's first
+        response token sampled."""
+        slots = slots[:len(self.prompts) - self.waiting]
+        if not slots:
+            return
+        items = list(range(self.waiting, self.waiting + len(slots)))
+        self.waiting += len(slots)
+        lens = [len(self.prompts[i]) for i in items]
+        width = max(lens)
+        tokens = torch.zeros(len(items), width, dtype=torch.long)
+        for r, i in enumerate(items):
+            tokens[r, :lens[r]] = torch.tensor(self.prompts[i])
+        rows = torch.tensor(slots, dtype=torch.long, device=self.dev)
+        last = torch.tensor(lens, dtype=torch.long, device=self.dev) - 1
+        index = torch.tensor(items, dtype=torch.long, device=self.dev) + self.first
+        self.state.admit(rows, index, last)
+        if not self.params.greedy:
+            self.state.uniforms[rows] = philox_uniforms(self.params.seed, index, self.max_new)
+        for s, i, n in zip(slots, items, lens):
+            self.holds[s], self.reach[s] = i, n
+        def prefill():
+            logits = self.e.through_stage(tokens.to(self.dev), (len(items), width),
+                                          lambda x: self.decoder.prefill(x, rows, last))
+            self.sample(rows, logits)
+        self.timed("prefill_s", prefill)
+        self.stats["prefills"] += 1
+
+    def decode(self) -> None:
+        """One token for every slot up to the last busy one (with graphs: up to the bucket
+        holding it, over the whole cache length)."""
+        b = max(s for s, h in enumerate(self.holds) if h >= 0) + 1
+        st = self.state
+        if self.graphed is not None:
+            b = self.timed("decode_s", lambda: self.graphed(b))
+            self.stats["graphs"] = self.graphed.captures
+        else:
+            span = max(self.reach[:b]) + 1
+
+            def step():
+                logits = self.e.through_stage(st.cur[:b, None], (b, 1),
+                                              lambda x: self.decoder.decode(x, st.pos[:b], span))
+                self.sample(torch.arange(b, device=self.dev), logits)
+            self.timed("decode_s", step)
+        busy = 0
+        for s in range(b):
+            if self.holds[s] >= 0:
+                self.reach[s] += 1
+                busy += 1
+        self.stats["decode_steps"] += 1
+        self.stats["slot_steps"] += b
+        self.stats["busy_slot_steps"] += busy
+
+    def static_step(self, b: int) -> None:
+        """A decode step of fixed shapes (rows ``0..b-1``, the whole cache length): what a
+        CUDA graph captures. Pipeline stages are excluded, so this rank holds the logits."""
+        st = self.state
+        logits = self.decoder.decode(st.cur[:b, None], st.pos[:b], self.length)
+        self.sample(torch.arange(b, device=self.dev), logits)
+
+    def sample(self, rows: torch.Tensor, logits: Optional[torch.Tensor]) -> None:
+        """Sample on the last stage (the real vocabulary only: padded ids can never be
+        picked), share the tokens with the other stages, record them everywhere."""
+        st, s_lp, p_lp = self.state, None, None
+        if logits is not None:
+            step = st.step[rows].clamp(max=self.max_new - 1)
+            logits = logits[:, :self.e.vocab_size]
+            proc = self.params.logits_processor
+            shaped = proc(logits, st.index[rows], step) if proc is not None else None
+            new, s_lp, p_lp = pick(logits, self.params, st.uniforms[rows, step], shaped)
+        else:
+            new = torch.zeros(len(rows), dtype=torch.long, device=self.dev)
+        new = self.e.share_from_last_stage(new)
+        st.record(rows, new, s_lp, p_lp, self.stop, self.params.eos_id)
+
+    def collect(self) -> None:
+        """Take the finished slots' results (one copy to the host), refill those slots with
+        waiting prompts, and once none waits, move the busy slots to the front. Again while
+        a refilled prompt ended with its first token."""
+        st = self.state
+        while True:
+            done = st.done.cpu()
+            finished = [s for s, h in enumerate(self.holds) if h >= 0 and bool(done[s])]
+            if not finished:
+                break
+            rows = torch.tensor(finished, dtype=torch.long, device=self.dev)
+            length, reason, tokens = st.length[rows].tolist(), st.reason[rows].tolist(), st.tokens[rows].cpu()
+            last = self.e.mp.is_last_stage
+            s_lp, p_lp = (st.sample_lp[rows].cpu(), st.policy_lp[rows].cpu()) if last else (None, None)
+            for r, s in enumerate(finished):
+                n = length[r]
+                self.results[self.holds[s]] = (tokens[r, :n].tolist(), _REASONS[reason[r]],
+                                               s_lp[r, :n].tolist() if last else [],
+                                               p_lp[r, :n].tolist() if last else [])
+                self.holds[s] = -1
+            if self.progress is not None:
+                self.progress(len(finished))
+            if self.waiting == len(self.prompts):
+                break
+            self.admit(finished)
+        if self.waiting == len(self.prompts):
+            self.compact()
+
+    def compact(self) -> None:
+        """Move the busy slots above the first free ones down, so that decode steps cover
+        only as many rows as there are busy slots."""
+        busy = [s for s, h in enumerate(self.holds) if h >= 0]
+        movers = [s for s in busy if s >= len(busy)]
+        if not movers:
+            return
+        free = [s for s, h in enumerate(self.holds) if h < 0 and s < len(busy)]
+        src = torch.tensor(movers, dtype=torch.long, device=self.dev)
+        dst = torch.tensor(free, dtype=torch.long, device=self.dev)
+        self.decoder.move(src, dst)
+        self.state.move(src, dst)
+        for a, b in zip(movers, free):
+            self.holds[b], self.reach[b], self.holds[a] = self.holds[a], self.reach[a], -1
 
 
 def generate_everywhere(engine: "MegatronEngine", mp: ModelParallel, prompts: Sequence[Sequence[int]],

@@ -5,32 +5,23 @@ algorithm runs a step with the roles it needs. Placements and resume, which need
 several processes, are tested through the CLI in test_ppo.py."""
 
 import dataclasses
-import socket
 
 import pytest
 import torch
 
-from megarlhf.config import ParallelConfig
 from megarlhf.config.load import load_config
-from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
-from megarlhf.recipes.ppo import (PPOConfig, StepState, _actor_step, microbatches, old_outputs, ppo_step,
+from megarlhf.recipes.ppo import (PPOConfig, _actor_step, microbatches, old_outputs, ppo_step,
                                   prepare, score, targets, generate)
 from megarlhf.rollout.batch import PER_TOKEN
 from megarlhf.train.metrics import LogConfig, MetricsLog
+from tests.conftest import one_rank
 from tests.recipes.test_ppo import ppo_args
 
 
 @pytest.fixture(scope="module")
 def world1():
-    torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_distributed(DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                             master_port=port, source="test"))
-    initialize_model_parallel(ParallelConfig(), seed=1234)
-    yield
-    destroy()
+    with one_rank(seed=1234):
+        yield
 
 
 def job_of(sft_like, mg_reward, tmp_path, *extra):

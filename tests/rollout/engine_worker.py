@@ -12,7 +12,8 @@ from megarlhf.data.batch import pad_examples  # noqa: E402
 from megarlhf.models.checkpoint import load_model, read_meta  # noqa: E402
 from megarlhf.models.llama import build_model, padded_vocab  # noqa: E402
 from megarlhf.parallel import destroy, init_distributed, initialize_model_parallel  # noqa: E402
-from megarlhf.rollout.engine import MegatronEngine, SamplingParams, _filter_logits  # noqa: E402
+from megarlhf.rollout.engine import MegatronEngine, SamplingParams  # noqa: E402
+from megarlhf.rollout.sampling import filter_logits  # noqa: E402
 from megarlhf.train.step import forward_only  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def main():
         for i, (p, r) in enumerate(zip(prompts, sample.response_ids)):
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(r))  # position t predicts t+1
             pol_err = max(pol_err, (lp[i, pos] - torch.tensor(sample.policy_logprobs[i])).abs().max().item())
-            filt = torch.log_softmax(_filter_logits(logits[i, pos], sp), -1)
+            filt = torch.log_softmax(filter_logits(logits[i, pos], sp.temperature, sp.top_k, sp.top_p), -1)
             ref = filt.gather(-1, torch.tensor(r)[:, None])[:, 0]
             samp_err = max(samp_err, (ref - torch.tensor(sample.sample_logprobs[i])).abs().max().item())
         result.update(policy_logprob_err=pol_err, sample_logprob_err=samp_err)
