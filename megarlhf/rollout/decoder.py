@@ -25,6 +25,7 @@ Its log-probs are checked against megatron's full forward in the tests.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from megarlhf.models.llama import output_weight
 
-__all__ = ["LlamaDecoder"]
+__all__ = ["LlamaDecoder", "StepPlan"]
 
 
 def _bare(module: torch.nn.Module) -> torch.nn.Module:
@@ -133,21 +134,6 @@ class LlamaDecoder:
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return self._reduce(out)
 
-    def _qkv(self, layer: _Layer, h: torch.Tensor):
-        b, s, _ = h.shape
-        a = torch.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
-        qkv = (a @ layer.qkv.t()).view(b, s, self.groups, self.per + 2, self.d)
-        q = qkv[:, :, :, :self.per].reshape(b, s, self.heads, self.d).transpose(1, 2)
-        return q, qkv[:, :, :, self.per].transpose(1, 2), qkv[:, :, :, self.per + 1].transpose(1, 2)
-
-    def _rest(self, layer: _Layer, h: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-        b, s, _ = h.shape
-        att = att.transpose(1, 2).reshape(b, s, self.heads * self.d)
-        h = h + self._reduce(att @ layer.proj.t())
-        m = torch.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
-        gate, up = (m @ layer.fc1.t()).chunk(2, dim=-1)
-        return h + self._reduce((F.silu(gate) * up) @ layer.fc2.t())
-
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """[b, hidden] last-layer states -> gathered fp32 logits [b, padded vocab]."""
         h = torch.rms_norm(h, (self.hidden,), self.model.decoder.final_layernorm.weight, self.eps)
@@ -156,49 +142,98 @@ class LlamaDecoder:
         return self._gather_vocab(h @ output_weight(self.model).t()).float()
 
     @torch.no_grad()
-    def prefill(self, x: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """Whole prompts in one pass, into the cache rows ``slots`` ``[n]``: ``x`` is right-
-        padded token ids ``[n, L]`` on the first stage, hidden states ``[n, L, hidden]``
-        elsewhere (causal attention keeps the padding after a prompt out of it). Returns
-        hidden states, or on the last stage the logits at each prompt's last position
-        ``last`` ``[n]``: ``[n, padded vocab]``."""
+    def step(self, x: torch.Tensor, plan: "StepPlan") -> torch.Tensor:
+        """One pass over ``plan.tokens`` tokens: first one token for each of the cache rows
+        ``0..b-1`` (decode), then the prompts being prefilled, packed end to end. ``x`` is
+        their ids ``[N]`` on the first stage, hidden states ``[N, hidden]`` elsewhere. The
+        matrix products see all ``N`` tokens at once (the weights are read once per pass);
+        attention is split: decode rows attend to their cache rows up to their own
+        position, prompts causally to themselves (laid out right-padded), and their keys and
+        values go to the cache rows ``plan.slots``. Returns hidden states, or on the last
+        stage the logits of the decode rows, then of each prompt's last token
+        ``[b + n, padded vocab]``."""
         h = self.embed(x) if self.first else x.to(self.dtype)
-        s = h.shape[1]
-        cos, sin = self.cos[:s], self.sin[:s]
+        b, n = plan.b, plan.n
+        cos, sin = self.cos[plan.pos][:, None], self.sin[plan.pos][:, None]
+        if b:
+            rows = torch.arange(b, device=h.device)
+            keys = torch.arange(plan.span, device=h.device)
+            mask = (keys[None, :] <= plan.pos[:b, None])[:, None, None, :]  # up to each row's own position
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            self.k_cache[i, slots, :, :s] = k
-            self.v_cache[i, slots, :, :s] = v
-            att = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.scale,
-                                                 enable_gqa=self.per > 1)
-            h = self._rest(layer, h, att)
+            a = torch.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
+            qkv = (a @ layer.qkv.t()).view(-1, self.groups, self.per + 2, self.d)
+            # rotate the query heads and the key head of each group in one go (adjacent)
+            qk = self._rotate(qkv[:, :, :self.per + 1].reshape(-1, self.groups * (self.per + 1), self.d), cos, sin)
+            qk = qk.view(-1, self.groups, self.per + 1, self.d)
+            q, k, v = qk[:, :, :self.per].reshape(-1, self.heads, self.d), qk[:, :, self.per], qkv[:, :, self.per + 1]
+            parts = []
+            if b:
+                self.k_cache[i, rows, :, plan.pos[:b]] = k[:b]
+                self.v_cache[i, rows, :, plan.pos[:b]] = v[:b]
+                att = F.scaled_dot_product_attention(
+                    q[:b, :, None], self.k_cache[i, :b, :, :plan.span], self.v_cache[i, :b, :, :plan.span],
+                    attn_mask=mask, scale=self.scale, enable_gqa=self.per > 1)
+                parts.append(att.reshape(b, self.heads * self.d))
+            if n:
+                qp, kp, vp = (self._padded(t[b:], plan) for t in (q, k, v))
+                self.k_cache[i, plan.slots, :, :plan.width] = kp
+                self.v_cache[i, plan.slots, :, :plan.width] = vp
+                att = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale,
+                                                     enable_gqa=self.per > 1)
+                parts.append(att.transpose(1, 2).reshape(n * plan.width, -1)[plan.scatter])
+            att = parts[0] if len(parts) == 1 else torch.cat(parts)
+            h = h + self._reduce(att @ layer.proj.t())
+            m = torch.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
+            gate, up = (m @ layer.fc1.t()).chunk(2, dim=-1)
+            h = h + self._reduce((F.silu(gate) * up) @ layer.fc2.t())
         if not self.last:
             return h
-        return self._logits(h[torch.arange(h.shape[0], device=h.device), last])
+        return self._logits(h[:b] if not n else torch.cat([h[:b], h[plan.last]]))
 
-    @torch.no_grad()
-    def decode(self, x: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """One token for each of the cache rows ``0..b-1``, at positions ``pos`` ``[b]``
-        (int64, on the device): ``x`` is token ids ``[b, 1]`` on the first stage, hidden
-        states ``[b, 1, hidden]`` elsewhere. Attention reads positions ``< span`` of each row
-        up to its own position. Returns hidden states, or on the last stage the logits
-        ``[b, padded vocab]``."""
-        h = self.embed(x) if self.first else x.to(self.dtype)
-        b = h.shape[0]
-        rows = torch.arange(b, device=h.device)
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-        keys = torch.arange(span, device=h.device)
-        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            self.k_cache[i, rows, :, pos] = k[:, :, 0]
-            self.v_cache[i, rows, :, pos] = v[:, :, 0]
-            att = F.scaled_dot_product_attention(
-                q, self.k_cache[i, :b, :, :span], self.v_cache[i, :b, :, :span], attn_mask=mask,
-                scale=self.scale, enable_gqa=self.per > 1)
-            h = self._rest(layer, h, att)
-        if not self.last:
-            return h
-        return self._logits(h[:, -1])
+    def _padded(self, t: torch.Tensor, plan: "StepPlan") -> torch.Tensor:
+        """Packed prompt tokens ``[T, heads, d]`` -> right-padded ``[n, heads, width, d]``
+        (zeros after each prompt)."""
+        out = t.new_zeros(plan.n * plan.width, *t.shape[1:])
+        out[plan.scatter] = t
+        return out.view(plan.n, plan.width, *t.shape[1:]).transpose(1, 2)
+
+
+@dataclass
+class StepPlan:
+    """What one pass of :meth:`LlamaDecoder.step` computes (every rank of a replica builds
+    the same plan)."""
+
+    b: int
+    """Decode rows: cache rows ``0..b-1``, one token each."""
+    span: int
+    """Cache positions the decode rows read (each up to its own position)."""
+    pos: torch.Tensor
+    """[N] int64 (device): each token's position; decode rows first, then the prompts'."""
+    n: int = 0
+    """Prompts prefilled in this pass."""
+    width: int = 0
+    """The longest of them."""
+    slots: Optional[torch.Tensor] = None
+    """[n] int64 (device): their cache rows."""
+    scatter: Optional[torch.Tensor] = None
+    """[T] int64 (device): where each prompt token sits in the right-padded ``[n * width]``."""
+    last: Optional[torch.Tensor] = None
+    """[n] int64 (device): each prompt's last token among the pass's ``N`` tokens."""
+
+    @property
+    def tokens(self) -> int:
+        return int(self.pos.shape[0])
+
+    @staticmethod
+    def build(b: int, span: int, decode_pos: torch.Tensor, lens: List[int], slots: List[int], device) -> "StepPlan":
+        """The plan of ``b`` decode rows at ``decode_pos`` and prompts of ``lens`` tokens
+        into cache rows ``slots``."""
+        if not lens:
+            return StepPlan(b, span, decode_pos[:b])
+        width = max(lens)
+        pos = torch.cat([torch.arange(n) for n in lens])
+        scatter = torch.cat([torch.arange(n) + r * width for r, n in enumerate(lens)])
+        last = torch.tensor(lens).cumsum(0) - 1 + b
+        put = lambda t: t.to(device)  # noqa: E731
+        return StepPlan(b, span, torch.cat([decode_pos[:b], put(pos)]), len(lens), width,
+                        put(torch.tensor(slots)), put(scatter), put(last))

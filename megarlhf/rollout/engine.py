@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megarlhf import platform
 from megarlhf.parallel import ModelParallel
-from megarlhf.rollout.decoder import LlamaDecoder
+from megarlhf.rollout.decoder import LlamaDecoder, StepPlan
 from megarlhf.rollout.sampling import philox_uniforms, pick
 
 __all__ = ["SamplingParams", "RolloutBatch", "RolloutEngine", "MegatronEngine"]
@@ -253,12 +253,13 @@ class _Run:
         self.decoder.start(self.n_slots, self.length, self.dev)
         self.state = _Slots(self.n_slots, self.max_new, self.dev)
         self.stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long, device=self.dev)
-        self.holds: List[int] = [-1] * self.n_slots     # prompt index per slot (-1: free)
+        self.holds: List[int] = [-1] * self.n_slots     # prompt index per decoding slot (-1: none)
         self.reach: List[int] = [0] * self.n_slots      # bound of the position each slot feeds next
-        self.waiting = 0                                 # the next prompt to admit
+        self.pending: List[tuple] = []                   # (slot, prompt index) to prefill next pass
+        self.waiting = 0                                 # the next prompt to take
         self.results: List[Optional[tuple]] = [None] * len(prompts)
-        self.stats = {"decode_steps": 0, "prefills": 0, "slot_steps": 0, "busy_slot_steps": 0,
-                      "prefill_s": 0.0, "decode_s": 0.0, "graphs": 0}
+        self.stats = {"decode_steps": 0, "prefills": 0, "prefill_tokens": 0, "slot_steps": 0,
+                      "busy_slot_steps": 0, "prefill_s": 0.0, "decode_s": 0.0, "graphs": 0}
         self.graphed = None
         if engine.graph_backend is not None:
             from megarlhf.rollout.graphs import GraphedStep
@@ -266,28 +267,15 @@ class _Run:
             self.graphed = GraphedStep(self.static_step, lambda: [getattr(self.state, f) for f in _Slots.FIELDS],
                                        self.n_slots, engine.graph_backend)
 
-    def timed(self, key: str, fn):
-        """``fn()``, its seconds added to ``stats[key]`` when the engine is timing."""
-        if not self.e.timing:
-            return fn()
-        platform.current().synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        platform.current().synchronize()
-        self.stats[key] += time.perf_counter() - t0
-        return out
-
     def run(self) -> List[tuple]:
-        self.admit(list(range(self.n_slots)))
-        since_look = self.e.sync_every  # look first: a prompt may end with its first token
-        while True:
+        self.take(list(range(self.n_slots)))
+        since_look = 0
+        while self.pending or any(h >= 0 for h in self.holds):
+            self.step()
+            since_look += 1
             if since_look >= self.e.sync_every or self.one_is_surely_done():
                 since_look = 0
                 self.collect()
-            if not any(h >= 0 for h in self.holds):
-                break
-            self.decode()
-            since_look += 1
         self.decoder.finish()
         self.e.last_stats = self.stats
         return self.results  # type: ignore[return-value]
@@ -297,65 +285,64 @@ class _Run:
         return any(h >= 0 and self.reach[s] - len(self.prompts[h]) + 1 >= self.max_new
                    for s, h in enumerate(self.holds))
 
-    def admit(self, slots: List[int]) -> None:
-        """The next waiting prompts into ``slots``, in one prefill pass, and each one's first
-        response token sampled."""
-        slots = slots[:len(self.prompts) - self.waiting]
-        if not slots:
-            return
-        items = list(range(self.waiting, self.waiting + len(slots)))
-        self.waiting += len(slots)
-        lens = [len(self.prompts[i]) for i in items]
-        width = max(lens)
-        tokens = torch.zeros(len(items), width, dtype=torch.long)
-        for r, i in enumerate(items):
-            tokens[r, :lens[r]] = torch.tensor(self.prompts[i])
-        rows = torch.tensor(slots, dtype=torch.long, device=self.dev)
-        last = torch.tensor(lens, dtype=torch.long, device=self.dev) - 1
-        index = torch.tensor(items, dtype=torch.long, device=self.dev) + self.first
-        self.state.admit(rows, index, last)
-        if not self.params.greedy:
-            self.state.uniforms[rows] = philox_uniforms(self.params.seed, index, self.max_new)
-        for s, i, n in zip(slots, items, lens):
-            self.holds[s], self.reach[s] = i, n
-        def prefill():
-            logits = self.e.through_stage(tokens.to(self.dev), (len(items), width),
-                                          lambda x: self.decoder.prefill(x, rows, last))
-            self.sample(rows, logits)
-        self.timed("prefill_s", prefill)
-        self.stats["prefills"] += 1
+    def take(self, slots: List[int]) -> None:
+        """The next waiting prompts for the free ``slots``: prefilled in the next pass."""
+        for s in slots[:len(self.prompts) - self.waiting]:
+            self.pending.append((s, self.waiting))
+            self.waiting += 1
 
-    def decode(self) -> None:
-        """One token for every slot up to the last busy one (with graphs: up to the bucket
-        holding it, over the whole cache length)."""
-        b = max(s for s, h in enumerate(self.holds) if h >= 0) + 1
-        st = self.state
-        if self.graphed is not None:
+    # -- one pass ----------------------------------------------------------------------------
+    def step(self) -> None:
+        """One token for every decoding slot up to the last one, and the pending prompts'
+        prefill in the same pass (their first token sampled from it)."""
+        decoding = [s for s, h in enumerate(self.holds) if h >= 0]
+        b = decoding[-1] + 1 if decoding else 0
+        if self.graphed is not None and b and not self.pending:
             b = self.timed("decode_s", lambda: self.graphed(b))
             self.stats["graphs"] = self.graphed.captures
         else:
-            span = max(self.reach[:b]) + 1
+            self.timed("prefill_s" if self.pending else "decode_s", lambda: self.eager_step(b))
+        for s in decoding:
+            self.reach[s] += 1
+        if self.pending:
+            self.stats["prefills"] += 1
+            self.stats["prefill_tokens"] += sum(len(self.prompts[i]) for _, i in self.pending)
+            for s, i in self.pending:
+                self.holds[s], self.reach[s] = i, len(self.prompts[i])
+            self.pending = []
+        if b:
+            self.stats["decode_steps"] += 1
+            self.stats["slot_steps"] += b
+            self.stats["busy_slot_steps"] += len(decoding)
 
-            def step():
-                logits = self.e.through_stage(st.cur[:b, None], (b, 1),
-                                              lambda x: self.decoder.decode(x, st.pos[:b], span))
-                self.sample(torch.arange(b, device=self.dev), logits)
-            self.timed("decode_s", step)
-        busy = 0
-        for s in range(b):
-            if self.holds[s] >= 0:
-                self.reach[s] += 1
-                busy += 1
-        self.stats["decode_steps"] += 1
-        self.stats["slot_steps"] += b
-        self.stats["busy_slot_steps"] += busy
+    def eager_step(self, b: int) -> None:
+        st = self.state
+        slots = [s for s, _ in self.pending]
+        items = [i for _, i in self.pending]
+        lens = [len(self.prompts[i]) for i in items]
+        span = max(self.reach[:b]) + 1 if b else 0
+        plan = StepPlan.build(b, span, st.pos, lens, slots, self.dev)
+        x = st.cur[:b]
+        if items:
+            flat = torch.tensor([t for i in items for t in self.prompts[i]], dtype=torch.long).to(self.dev)
+            x = torch.cat([x, flat])
+        logits = self.e.through_stage(x, (plan.tokens,), lambda h: self.decoder.step(h, plan))
+        if b:
+            self.sample(torch.arange(b, device=self.dev), None if logits is None else logits[:b])
+        if items:
+            rows = plan.slots
+            index = torch.tensor(items, dtype=torch.long, device=self.dev) + self.first
+            st.admit(rows, index, torch.tensor(lens, dtype=torch.long, device=self.dev) - 1)
+            if not self.params.greedy:
+                st.uniforms[rows] = philox_uniforms(self.params.seed, index, self.max_new)
+            self.sample(rows, None if logits is None else logits[b:])
 
     def static_step(self, b: int) -> None:
         """A decode step of fixed shapes (rows ``0..b-1``, the whole cache length): what a
         CUDA graph captures. Pipeline stages are excluded, so this rank holds the logits."""
         st = self.state
-        logits = self.decoder.decode(st.cur[:b, None], st.pos[:b], self.length)
-        self.sample(torch.arange(b, device=self.dev), logits)
+        plan = StepPlan(b, self.length, st.pos[:b])
+        self.sample(torch.arange(b, device=self.dev), self.decoder.step(st.cur[:b], plan))
 
     def sample(self, rows: torch.Tensor, logits: Optional[torch.Tensor]) -> None:
         """Sample on the last stage (the real vocabulary only: padded ids can never be
@@ -372,16 +359,25 @@ class _Run:
         new = self.e.share_from_last_stage(new)
         st.record(rows, new, s_lp, p_lp, self.stop, self.params.eos_id)
 
+    def timed(self, key: str, fn):
+        """``fn()``, its seconds added to ``stats[key]`` when the engine is timing."""
+        if not self.e.timing:
+            return fn()
+        platform.current().synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        platform.current().synchronize()
+        self.stats[key] += time.perf_counter() - t0
+        return out
+
+    # -- the host's look -------------------------------------------------------------------
     def collect(self) -> None:
-        """Take the finished slots' results (one copy to the host), refill those slots with
-        waiting prompts, and once none waits, move the busy slots to the front. Again while
-        a refilled prompt ended with its first token."""
+        """Take the finished slots' results (one copy to the host) and give those slots the
+        next waiting prompts; once none waits, move the busy slots to the front."""
         st = self.state
-        while True:
-            done = st.done.cpu()
-            finished = [s for s, h in enumerate(self.holds) if h >= 0 and bool(done[s])]
-            if not finished:
-                break
+        done = st.done.cpu()
+        finished = [s for s, h in enumerate(self.holds) if h >= 0 and bool(done[s])]
+        if finished:
             rows = torch.tensor(finished, dtype=torch.long, device=self.dev)
             length, reason, tokens = st.length[rows].tolist(), st.reason[rows].tolist(), st.tokens[rows].cpu()
             last = self.e.mp.is_last_stage
@@ -394,10 +390,8 @@ class _Run:
                 self.holds[s] = -1
             if self.progress is not None:
                 self.progress(len(finished))
-            if self.waiting == len(self.prompts):
-                break
-            self.admit(finished)
-        if self.waiting == len(self.prompts):
+            self.take(finished)
+        if self.waiting == len(self.prompts) and not self.pending:
             self.compact()
 
     def compact(self) -> None:

@@ -60,29 +60,29 @@ def full_forward_logits(model, seq):
     return out.float().reshape(len(seq), -1)[:, :VOCAB]  # [s, V] (one sequence, the real vocabulary)
 
 
-def test_prefill_logits_equal_a_full_forward(model, prompts):
-    e = engine(model, 4)
-    d = e.decoder
+def test_prefill_and_mixed_passes_equal_a_full_forward(model, prompts):
+    """Prompts packed in one pass; then a pass of decode rows (each at its own position)
+    with another prompt's prefill riding along: every logit as a full forward's."""
+    from megarlhf.rollout.decoder import StepPlan
+
+    d = engine(model, 4).decoder
     group = prompts[:4]
-    width = max(map(len, group))
-    tokens = torch.zeros(4, width, dtype=torch.long)
+    lens = [len(p) for p in group]
+    d.start(6, max(map(len, prompts[:5])) + 4, torch.device("cpu"))
+    rows = [5, 0, 3, 1]  # any cache rows
+    plan = StepPlan.build(0, 0, torch.zeros(0, dtype=torch.long), lens, rows, torch.device("cpu"))
+    got = d.step(torch.tensor([t for p in group for t in p]), plan)
     for i, p in enumerate(group):
-        tokens[i, :len(p)] = torch.tensor(p)
-    d.start(6, width + 4, torch.device("cpu"))
-    rows = torch.tensor([5, 0, 3, 1])  # any cache rows
-    got = d.prefill(tokens, rows, torch.tensor([len(p) - 1 for p in group]))
+        assert (got[i, :VOCAB] - full_forward_logits(model, p)[-1]).abs().max().item() < 1e-5
+    # the rows moved to the front (overlapping), then one mixed pass: a token for each of
+    # the four at its own position, and prompt 4 prefilled into cache row 5
+    d.move(torch.tensor(rows), torch.arange(4))
+    nxt, pos = [7, 8, 9, 10], torch.tensor(lens)
+    plan = StepPlan.build(4, int(pos.max()) + 1, pos, [len(prompts[4])], [5], torch.device("cpu"))
+    got = d.step(torch.tensor(nxt + prompts[4]), plan)
     for i, p in enumerate(group):
-        ref = full_forward_logits(model, p)[-1]
-        assert (got[i, :VOCAB] - ref).abs().max().item() < 1e-5
-    # the rows moved to the front (overlapping), then one decode step of all four, each at
-    # its own position, equals the forward of each longer sequence
-    d.move(rows, torch.arange(4))
-    nxt = torch.tensor([[7], [8], [9], [10]])
-    pos = torch.tensor([len(p) for p in group])
-    step = d.decode(nxt, pos, int(pos.max()) + 1)
-    for i, p in enumerate(group):
-        ref = full_forward_logits(model, p + nxt[i].tolist())[-1]
-        assert (step[i, :VOCAB] - ref).abs().max().item() < 1e-5
+        assert (got[i, :VOCAB] - full_forward_logits(model, p + [nxt[i]])[-1]).abs().max().item() < 1e-5
+    assert (got[4, :VOCAB] - full_forward_logits(model, prompts[4])[-1]).abs().max().item() < 1e-5
     d.finish()
 
 
@@ -121,7 +121,7 @@ def test_a_prompt_in_a_refilled_slot_gets_what_it_gets_first(model, prompts):
     index) it runs first in a fresh engine."""
     e = engine(model, 2)
     queued = e.generate(prompts[:6], SAMPLE)
-    assert e.last_stats["prefills"] > 1
+    assert e.last_stats["prefills"] > 1 and e.last_stats["prefill_tokens"] == sum(map(len, prompts[:6]))
     alone = engine(model, 2).generate(prompts[5:6], SAMPLE, first_index=5)
     assert alone.response_ids[0] == queued.response_ids[5]
     assert alone.policy_logprobs[0] == pytest.approx(queued.policy_logprobs[5], abs=1e-5)
@@ -142,8 +142,10 @@ def test_finished_sequences_stop_costing_compute(model, prompts):
     e = engine(model, 4, sync_every=1)
     out = e.generate(prompts, SAMPLE)
     st = e.last_stats
-    # every busy slot-step makes a response token; the first token of each comes from prefill
-    assert st["busy_slot_steps"] == sum(map(len, out.response_ids)) - len(prompts)
+    # every busy slot-step makes a response token (the first of each comes from its prefill),
+    # but where a response ended at its first token, which holds its slot for one step
+    tokens = sum(map(len, out.response_ids)) - len(prompts)
+    assert tokens <= st["busy_slot_steps"] <= tokens + sum(len(r) == 1 for r in out.response_ids)
     # the busy slots are moved to the front once no prompt waits: few idle rows computed
     assert st["slot_steps"] - st["busy_slot_steps"] <= 2 * 4
     assert st["decode_steps"] < 12 * len(prompts) / 4 + 12
