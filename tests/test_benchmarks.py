@@ -2,19 +2,14 @@
 timed (consistent with each other), not checked against targets."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_tool
 
 
-def run(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, *map(str, args)], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=timeout)
+def run(script, *args, timeout=300):
+    res = run_tool(script, *args, timeout=timeout)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -28,6 +23,27 @@ def test_generate_benchmark_prints_json():
     assert last["tokens_per_s"] == pytest.approx(4 * 8 / last["seconds"], rel=0.01)
     assert last["speedup_vs_hf"] == pytest.approx(last["tokens_per_s"] / last["hf_tokens_per_s"], rel=0.01)
     assert last["peak_rss_mb"] > 100  # torch and a model: a process's memory, not zero or kB
+
+
+def test_generate_benchmark_ragged_prompts_ending_early_on_fewer_slots():
+    """More prompts than slots, lengths 3-12, EOS at rate 0.3: both engines follow the same
+    EOS table (the benchmark asserts every response's length), so their token counts agree."""
+    out = run("benchmarks/generate.py", "--layers", 2, "--hidden", 64, "--heads", 4, "--kv-heads", 2,
+              "--ffn", 128, "--vocab", 512, "--batch", 4, "--num-prompts", 10, "--prompt-len-range", "3:12",
+              "--new-tokens", 16, "--eos-rate", 0.3, "--repeats", 1)
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["num_prompts"] == 10 and last["slots"] == 4 and last["prompt_len"] == [3, 12]
+    assert 10 <= last["generated_tokens"] < 10 * 16  # some responses ended early
+    assert last["mean_response"] == pytest.approx(last["generated_tokens"] / 10, abs=0.05)
+    assert last["tokens_per_s"] == pytest.approx(last["generated_tokens"] / last["seconds"], rel=0.01)
+    assert 3 * 10 <= last["prompt_tokens"] <= 12 * 10 and last["prefill_passes"] >= 2
+    assert 0 < last["slot_occupancy"] <= 1 and last["decode_step_ms"] > 0
+    assert last["speedup_vs_hf"] == pytest.approx(last["tokens_per_s"] / last["hf_tokens_per_s"], rel=0.01)
+
+
+def test_generate_benchmark_refuses_a_bad_range():
+    res = run_tool("benchmarks/generate.py", "--prompt-len-range", "9:3", "--no-hf")
+    assert res.returncode == 2 and "--prompt-len-range" in res.stderr
 
 
 def test_conversion_memory_benchmark_writes_json(tmp_path):

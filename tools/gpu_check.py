@@ -43,8 +43,11 @@ Items (the defaults are sized for a few minutes on one H100; steps and batch are
   states the share, the output layer's GEMM time, the control's share and the TE modules
   whose FP8 amax histories were written. "unproven" (or "fail" when nothing ran in FP8)
   when no GEMM could be attributed to the linear layers.
-* ``generate``: megarlhf's rollout engine on a model of the same shape (bf16, 32 prompts
-  of 128 tokens, 256 new tokens each), generated tokens/s.
+* ``generate``: megarlhf's rollout engine on a model of the same shape (bf16, 64 prompts
+  of 128 tokens on 64 slots, 256 new tokens each), generated tokens/s and the mean
+  decode-step time against its bandwidth floor (the weights and the KV cache read once, at
+  the copy bandwidth measured on the device); on a GPU also with the decode step as CUDA
+  graphs.
 
 Exit status: 0 when every item that ran passed (items not run do not fail), 1 when one
 failed or raised, 2 when the check could not start (megatron-core not importable). The
@@ -886,9 +889,44 @@ def train_item(shape: Shape, entry: Dict[str, Any], batches, ctx: Dict[str, Any]
     return out
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def copy_bandwidth(device, mib: int) -> float:
+    """Bytes per second the device's memory moves in a large copy (each byte read once and
+    written once: ``2 x size / time``), best of 5: the floor's bandwidth, measured rather
+    than taken from a datasheet."""
+    import torch
+
+    from megarlhf import platform
+
+    src = torch.empty(mib * 2 ** 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(5):
+        platform.current().synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        platform.current().synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() / best
+
+
+def decode_floor_bytes(chunk, cfg, slots: int, mean_positions: float) -> int:
+    """What one decode step must read at least: every weight once, and each slot's keys
+    and values up to its position (``mean_positions`` on average)."""
+    weights = sum(p.numel() * p.element_size() for p in chunk.parameters())
+    kv_per_position = 2 * cfg.num_layers * cfg.num_query_groups * (cfg.hidden_size // cfg.num_attention_heads)
+    return int(weights + slots * mean_positions * kv_per_position * next(chunk.parameters()).element_size())
+
+
 def generate_item(shape: Shape, entry: Dict[str, Any], ctx: Dict[str, Any]) -> Dict[str, Any]:
     """Time megarlhf's rollout engine: ``gen_batch`` random prompts of ``prompt_len``
-    tokens, ``new_tokens`` sampled tokens each (no stop token), median of 3 runs."""
+    tokens on as many slots, ``new_tokens`` sampled tokens each (no stop token), median of
+    3 runs; the mean decode-step time against its bandwidth floor (weights + KV cache read
+    once at the copy bandwidth measured here); on a GPU again with the decode step as CUDA
+    graphs (the same tokens expected)."""
     import torch
 
     from megarlhf import platform
@@ -904,24 +942,46 @@ def generate_item(shape: Shape, entry: Dict[str, Any], ctx: Dict[str, Any]) -> D
     mp = initialize_model_parallel(ParallelConfig(), seed=SEED)
     _reset_peak(plat)
     chunks = build_model(cfg, mp)
-    engine = MegatronEngine(chunks, mp, cfg.vocab_size, max_batch=shape.gen_batch)
     g = torch.Generator().manual_seed(SEED)
     prompts = torch.randint(0, cfg.vocab_size, (shape.gen_batch, shape.prompt_len), generator=g).tolist()
     params = SamplingParams(max_new_tokens=shape.new_tokens, temperature=1.0, seed=1)
-    engine.generate(prompts, dataclasses.replace(params, max_new_tokens=min(8, shape.new_tokens)))  # warm-up
-    seconds, generated = [], 0
-    for _ in range(3):
-        plat.synchronize()
-        t0 = time.perf_counter()
-        out = engine.generate(prompts, params)
-        plat.synchronize()
-        seconds.append(time.perf_counter() - t0)
-        generated = sum(len(r) for r in out.response_ids)
-    s = _rate(seconds)
-    return {"status": "ok", "batch": shape.gen_batch, "prompt_len": shape.prompt_len,
-            "new_tokens": shape.new_tokens, "generated_tokens": generated, "seconds": round(s, 4),
-            "tokens_per_s": round(generated / s, 1),
-            "peak_memory_gib": round(plat.max_memory_allocated() / 2 ** 30, 3)}
+
+    def timed(engine):
+        engine.generate(prompts, dataclasses.replace(params, max_new_tokens=min(8, shape.new_tokens)))  # warm-up
+        seconds, steps = [], []
+        for _ in range(3):
+            plat.synchronize()
+            t0 = time.perf_counter()
+            out = engine.generate(prompts, params)
+            plat.synchronize()
+            seconds.append(time.perf_counter() - t0)
+            steps.append(engine.last_stats)
+        # the decode-step time of the median run, from a timed run (it waits for the device
+        # around each pass)
+        engine.timing = True
+        engine.generate(prompts, params)
+        engine.timing = False
+        st = engine.last_stats
+        return out, _rate(seconds), st["decode_s"] / max(st["decode_steps"], 1)
+
+    out, s, step_s = timed(MegatronEngine(chunks, mp, cfg.vocab_size, max_batch=shape.gen_batch))
+    generated = sum(len(r) for r in out.response_ids)
+    bandwidth = copy_bandwidth(plat.device, 1024 if plat.is_gpu else 256)
+    floor_bytes = decode_floor_bytes(chunks[0], cfg, shape.gen_batch, shape.prompt_len + shape.new_tokens / 2)
+    res = {"status": "ok", "batch": shape.gen_batch, "slots": shape.gen_batch, "prompt_len": shape.prompt_len,
+           "new_tokens": shape.new_tokens, "generated_tokens": generated, "seconds": round(s, 4),
+           "tokens_per_s": round(generated / s, 1), "decode_step_ms": _sig(step_s * 1e3),
+           "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "decode_floor_mb": _sig(floor_bytes / 1e6),
+           "decode_floor_ms": _sig(floor_bytes / bandwidth * 1e3),
+           "decode_step_vs_floor": round(step_s / (floor_bytes / bandwidth), 2)}
+    if plat.is_gpu:
+        g_out, g_s, g_step = timed(MegatronEngine(chunks, mp, cfg.vocab_size, max_batch=shape.gen_batch,
+                                                  cuda_graphs=True))
+        res["cuda_graphs"] = {"tokens_per_s": round(generated / g_s, 1), "decode_step_ms": _sig(g_step * 1e3),
+                              "decode_step_vs_floor": round(g_step / (floor_bytes / bandwidth), 2),
+                              "same_tokens": g_out.response_ids == out.response_ids}
+    res["peak_memory_gib"] = round(plat.max_memory_allocated() / 2 ** 30, 3)
+    return res
 
 
 def gemm_item(shape: Shape, entry: Dict[str, Any], ctx: Dict[str, Any]) -> Dict[str, Any]:
@@ -1037,7 +1097,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 GPU_SHAPE = dict(layers=16, hidden=2048, ffn=5632, heads=16, kv_heads=16, vocab=32000, seq=2048, micro_batch=2,
-                 microbatches=2, steps=20, warmup=3, lr=1e-4, gen_batch=32, prompt_len=128, new_tokens=256,
+                 microbatches=2, steps=20, warmup=3, lr=1e-4, gen_batch=64, prompt_len=128, new_tokens=256,
                  gemm_n=8192, gemm_seconds=2.0)
 SMOKE_SHAPE = dict(layers=2, hidden=64, ffn=172, heads=4, kv_heads=2, vocab=512, seq=32, micro_batch=2,
                    microbatches=2, steps=3, warmup=1, lr=1e-3, gen_batch=2, prompt_len=8, new_tokens=8,
@@ -1135,8 +1195,13 @@ def result_line(name: str, e: Dict[str, Any]) -> str:
                 f"MFU {', '.join(mfus)}; loss {e['losses'][0]:.3f} -> {e['losses'][-1]:.3f}; "
                 f"peak memory {e['peak_memory_gib']:.1f} GiB")
     if name == "generate":
-        return (f"{e['tokens_per_s']:.0f} tok/s ({e['batch']} x {e['new_tokens']} new tokens after "
-                f"{e['prompt_len']}-token prompts, {e['seconds']:.2f} s)")
+        graphs = e.get("cuda_graphs")
+        return (f"{e['tokens_per_s']:.0f} tok/s ({e['batch']} slots x {e['new_tokens']} new tokens after "
+                f"{e['prompt_len']}-token prompts, {e['seconds']:.2f} s); decode step {e['decode_step_ms']:.2f} ms, "
+                f"{e['decode_step_vs_floor']:.1f}x its floor ({e['decode_floor_mb']:.0f} MB at "
+                f"{e['copy_bandwidth_gbs']:.0f} GB/s)"
+                + (f"; as CUDA graphs {graphs['decode_step_ms']:.2f} ms ({graphs['decode_step_vs_floor']:.1f}x), "
+                   f"same tokens: {graphs['same_tokens']}" if graphs else ""))
     if name == "fp8_loss_agreement":
         if "max_relative_difference" not in e:
             return e.get("reason", "")

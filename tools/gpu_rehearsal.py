@@ -448,8 +448,12 @@ def _found(name: str, e: Mapping[str, Any]) -> str:
                 f"vs uninterrupted: max |diff| {_fmt(c.get('max_abs_difference'), '{:.3g}')} over "
                 f"{len(c.get('metrics_compared', []))} metrics (tolerance {c.get('tolerance')})")
     if name == "generate":
+        g = e.get("graphs") or {}
+        graphs = (f"; decode step as CUDA graphs ({g.get('captured')} captured): {g.get('tokens_per_s', 0):.0f} "
+                  f"tokens/s, same tokens: {g.get('same_tokens')}" if g.get("real") else
+                  f"; graph logic replayed eagerly (no GPU), same tokens: {g.get('same_tokens')}" if g else "")
         return (f"{kernels}: {e['tokens_per_s']:.0f} tokens/s ({e['batch']} x {e['new_tokens']} new tokens after "
-                f"~{e['prompt_tokens']:.0f}-token prompts, median of {len(e['run_seconds'])})")
+                f"~{e['prompt_tokens']:.0f}-token prompts, median of {len(e['run_seconds'])}){graphs}")
     if name == "ppo_partitioned":
         return (f"{kernels}, {e['processes']} processes, reward model on {e['reward_ranks']} of them{fallback}: "
                 f"{e['steps']} steps, score {_fmt(e['scores'][0])} -> {_fmt(e['scores'][-1])}; vs colocated: "
@@ -861,10 +865,12 @@ def item_generate(ctx: Context, e: Dict[str, Any]) -> Dict[str, Any]:
     out = ctx.worker("generate", {"worker": "generate", "ckpt": str(ctx.path("sft", "checkpoint")),
                                   "prompts": str(task_dir(ctx) / "prompts.jsonl"), "batch": s.gen_batch,
                                   "new_tokens": s.gen_new_tokens, "repeats": 3})
-    ok = out["generated"] == out["batch"] * out["new_tokens"] and out["tokens_per_s"] > 0
-    return {"status": "pass" if ok else "fail", "kernels": variant_of(e).describe(), **out,
-            **({} if ok else {"problems": [f"{out['generated']} tokens generated, expected "
-                                           f"{out['batch']} x {out['new_tokens']}"]})}
+    bad = failures([(out["generated"] == out["batch"] * out["new_tokens"] and out["tokens_per_s"] > 0,
+                     f"{out['generated']} tokens generated, expected {out['batch']} x {out['new_tokens']}"),
+                    (out["graphs"]["same_tokens"], "the decode step as CUDA graphs sampled other tokens"),
+                    (out["graphs"]["captured"] >= 1, "no decode step was captured")])
+    return {"status": "fail" if bad else "pass", "kernels": variant_of(e).describe(), **out,
+            **({"problems": bad} if bad else {})}
 
 
 def item_ppo_partitioned(ctx: Context, e: Dict[str, Any]) -> Dict[str, Any]:
@@ -1019,21 +1025,38 @@ def generate_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     rows = [json.loads(line) for line in Path(spec["prompts"]).read_text().splitlines()[:spec["batch"]]]
     prompts = [template.encode_prompt(parse_prompt_row(r)["prompt"]) for r in rows]
     new = min(spec["new_tokens"], meta.model.max_position_embeddings - max(map(len, prompts)))
-    engine = MegatronEngine(chunks, mp, min(meta.model.vocab_size, tok.vocab_size), max_batch=len(prompts))
+    vocab = min(meta.model.vocab_size, tok.vocab_size)
     params = SamplingParams(max_new_tokens=new, temperature=1.0, seed=1)
-    engine.generate(prompts, dataclasses.replace(params, max_new_tokens=min(8, new)))  # warm-up
-    seconds, generated = [], 0
-    for _ in range(spec["repeats"]):
-        plat.synchronize()
-        t0 = time.perf_counter()
-        out = engine.generate(prompts, params)
-        plat.synchronize()
-        seconds.append(time.perf_counter() - t0)
-        generated = sum(len(r) for r in out.response_ids)
+
+    def timed(engine):
+        engine.generate(prompts, dataclasses.replace(params, max_new_tokens=min(8, new)))  # warm-up
+        seconds = []
+        for _ in range(spec["repeats"]):
+            plat.synchronize()
+            t0 = time.perf_counter()
+            out = engine.generate(prompts, params)
+            plat.synchronize()
+            seconds.append(time.perf_counter() - t0)
+        return out, seconds
+
+    out, seconds = timed(MegatronEngine(chunks, mp, vocab, max_batch=len(prompts)))
+    generated = sum(len(r) for r in out.response_ids)
+    # The decode step as CUDA graphs (on CPU their stand-in, which replays the same
+    # fixed-shape step): the same tokens as the eager engine, same seed.
+    if plat.is_gpu:
+        graphed = MegatronEngine(chunks, mp, vocab, max_batch=len(prompts), cuda_graphs=True)
+    else:
+        from megarlhf.rollout.graphs import Replay
+
+        graphed = MegatronEngine(chunks, mp, vocab, max_batch=len(prompts), graph_backend=Replay())
+    g_out, g_seconds = timed(graphed)
     destroy()
     return {"batch": len(prompts), "new_tokens": new, "prompt_tokens": statistics.mean(map(len, prompts)),
             "generated": generated, "run_seconds": [round(x, 4) for x in seconds],
             "tokens_per_s": round(generated / statistics.median(seconds), 1),
+            "graphs": {"real": plat.is_gpu, "same_tokens": g_out.response_ids == out.response_ids,
+                       "captured": graphed.last_stats.get("graphs", 0),
+                       "tokens_per_s": round(generated / statistics.median(g_seconds), 1)},
             "layers": meta.model.transformer_impl, "fp8": meta.model.fp8}
 
 

@@ -661,8 +661,8 @@ def prepare(cfg: PPOConfig, log, preempt=None) -> Job:
     vocab_limit = min(actor.model.vocab_size, tokenizer.vocab_size)
     ctx = StepContext(
         cfg=cfg, algo=cfg.algorithm(), tokenizer=tokenizer, stop_ids=template.stop_ids(), vocab_limit=vocab_limit,
-        engine=MegatronEngine(actor.chunks, actor.mp, vocab_limit, max_batch=R.max_batch,
-                              sync_every=R.sync_every or None) if actor.here else None,
+        engine=MegatronEngine(actor.chunks, actor.mp, vocab_limit, max_batch=R.max_batch, sync_every=R.sync_every or None,
+                              cuda_graphs=R.cuda_graphs) if actor.here else None,
         row_multiple=math.lcm(*(model_sequence_multiple(r.model, getattr(cfg, r.name).parallel) for r in roles.all())),
         rm_pooling=roles.reward.meta.extra.get("reward_pooling", "last") if roles.reward else None,
         device=platform.current().device, preempt=preempt)

@@ -102,6 +102,9 @@ class RolloutConfig:
     sync_every: int = 0
     """Decode steps between the engine's looks at which sequences ended (each look waits
     for the device); 0: every step on CPU, every 8 on a GPU."""
+    cuda_graphs: bool = True
+    """On a GPU, capture the engine's decode step as CUDA graphs (one per slot-count
+    bucket, per call) and replay them; not with pipeline stages, nothing on CPU."""
 
 
 @dataclass(frozen=True)

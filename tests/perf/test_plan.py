@@ -2,8 +2,6 @@
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from megarlhf.perf.plan import (GB, GPUS, Assumptions, Layout, Models, Precision
                                 activation_coefficients, fp8_meta_bytes, fp8_weight_bytes,
                                 gemm_parameters, plan_ppo, ppo_step_time, role_memory,
                                 stage_parameters, training_step_time)
+from tests.conftest import run_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 L13, L70 = preset("llama2-13b"), preset("llama2-70b")
@@ -108,18 +107,12 @@ def test_plan_finds_the_flagship_and_rejects_what_cannot_fit():
 
 def test_cli(tmp_path):
     out = tmp_path / "plan.json"
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--policy", "llama2-13b",
-                        "--reward", "llama2-70b", "--nodes", "3", "--json", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = run_tool("tools/plan.py", "--policy", "llama2-13b", "--reward", "llama2-70b", "--nodes", "3", "--json", out)
     assert r.returncode == 0, r.stderr
     assert "best: partitioned" in r.stdout and out.exists()
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--policy", "llama2-70b",
-                        "--reward", "llama2-70b", "--nodes", "1"], capture_output=True, text=True,
-                       timeout=120)
+    r = run_tool("tools/plan.py", "--policy", "llama2-70b", "--reward", "llama2-70b", "--nodes", "1")
     assert r.returncode == 1 and "nothing fits on 1 node" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--policy", "llama2-13b",
-                        "--reward", "llama2-70b", "--rollouts", "0"], capture_output=True, text=True,
-                       timeout=120)
+    r = run_tool("tools/plan.py", "--policy", "llama2-13b", "--reward", "llama2-70b", "--rollouts", "0")
     assert r.returncode != 0 and "--rollouts=0" in r.stderr
 
 
@@ -365,8 +358,7 @@ def test_doc_flagship_table_equals_the_planner():
 
 def test_cli_flagship_fp8(tmp_path):
     out = tmp_path / "plan.json"
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), *FLAGSHIP_CMD, "--json", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = run_tool("tools/plan.py", *FLAGSHIP_CMD, "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "precision: actor fp8, reference fp8, critic fp8, reward bf16; generation bf16" in r.stdout
     assert "fp8_mfu=0.28" in r.stdout and "attention=fused" in r.stdout
@@ -374,10 +366,8 @@ def test_cli_flagship_fp8(tmp_path):
     res = json.loads(out.read_text())
     assert res["precision"] == {"actor": "fp8", "reference": "fp8", "critic": "fp8", "reward": "bf16"}
     assert res["candidates"][0]["roles_gb"]["actor"]["fp8_weights"] == pytest.approx(3.172, abs=1e-3)
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--policy", "llama2-13b", "--reward",
-                        "llama2-70b", "--gpu", "a100-80g", "--fp8", "actor"], capture_output=True, text=True,
-                       timeout=120)
+    r = run_tool("tools/plan.py", "--policy", "llama2-13b", "--reward", "llama2-70b", "--gpu", "a100-80g",
+                 "--fp8", "actor")
     assert r.returncode != 0 and "no FP8 tensor cores" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--policy", "llama2-13b", "--reward",
-                        "llama2-70b", "--fp8", "policy"], capture_output=True, text=True, timeout=120)
+    r = run_tool("tools/plan.py", "--policy", "llama2-13b", "--reward", "llama2-70b", "--fp8", "policy")
     assert r.returncode == 2 and "unknown role" in r.stderr

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, megarlhf
+from tests.conftest import REPO, megarlhf, run_tool
 
 
 def cli(*args, timeout=600):
@@ -103,9 +103,8 @@ def final_weights(out_dir):
     from safetensors.torch import load_file
 
     hf = os.path.join(tempfile.mkdtemp(prefix="hf", dir=out_dir), "model")  # a run may be read twice
-    subprocess.run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--ckpt",
-                    os.path.join(out_dir, "final"), "--out", hf], check=True, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+    res = run_tool("tools/convert_megatron_to_hf.py", "--ckpt", os.path.join(out_dir, "final"), "--out", hf)
+    assert res.returncode == 0, res.stderr[-3000:]
     return load_file(os.path.join(hf, "model.safetensors"))
 
 

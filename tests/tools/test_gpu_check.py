@@ -595,7 +595,10 @@ def test_cpu_smoke_runs_end_to_end_from_the_bundle_in_an_interpreter_with_only_t
     assert profile["fp8_share"] == 0.0 and profile["fp8_gemm_kernels"] == 0 and profile["unattributed_s"] == 0
     assert train["kernels_in_use"]["optimizer"].startswith("torch.optim")
     assert r["kernels"]["train_local"]["qkv_linear"] == "torch"
-    assert items["generate"]["status"] == "ok" and items["generate"]["generated_tokens"] == 2 * 8
+    gen = items["generate"]
+    assert gen["status"] == "ok" and gen["generated_tokens"] == 2 * 8 and "cuda_graphs" not in gen
+    assert gen["decode_step_ms"] > 0 and gen["copy_bandwidth_gbs"] > 0
+    assert gen["decode_step_vs_floor"] == pytest.approx(gen["decode_step_ms"] / gen["decode_floor_ms"], rel=0.02)
     assert items["gemm_probe"]["status"] == "ok" and items["gemm_probe"]["tflops"] > 0
     for name in ("train_te_bf16", "train_te_fp8", "fp8_loss_agreement", "fp8_gemms"):
         assert items[name]["status"] == "not run", name

@@ -330,6 +330,8 @@ def test_cpu_rehearsal_runs_end_to_end_from_the_bundle(tmp_path):
     assert resume["optimizer"] == "distributed (DP=2)" and resume["processes"] == 2
     assert resume["resume"]["tolerance"] == 0.0 and resume["resume"]["max_abs_difference"] == 0.0
     assert {"policy_loss", "value_loss", "kl", "score_mean"} <= set(resume["resume"]["metrics_compared"])
-    assert items["generate"]["tokens_per_s"] > 0
+    gen = items["generate"]
+    assert gen["tokens_per_s"] > 0 and gen["generated"] == gen["batch"] * gen["new_tokens"]
+    assert gen["graphs"]["same_tokens"] and gen["graphs"]["captured"] >= 1 and not gen["graphs"]["real"]
     assert items["ppo_partitioned"]["reward_ranks"] == 1 and items["ppo_partitioned"]["steps"] == 2
     assert len(items["sft"]["losses"]) == rehearsal.CPU_SIZES.sft_steps
