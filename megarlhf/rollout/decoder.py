@@ -170,10 +170,7 @@ class LlamaDecoder:
             if b:
                 self.k_cache[i, rows, :, plan.pos[:b]] = k[:b]
                 self.v_cache[i, rows, :, plan.pos[:b]] = v[:b]
-                att = F.scaled_dot_product_attention(
-                    q[:b, :, None], self.k_cache[i, :b, :, :plan.span], self.v_cache[i, :b, :, :plan.span],
-                    attn_mask=mask, scale=self.scale, enable_gqa=self.per > 1)
-                parts.append(att.reshape(b, self.heads * self.d))
+                parts.append(self._attend_cache(i, q[:b], mask, plan.span))
             if n:
                 qp, kp, vp = (self._padded(t[b:], plan) for t in (q, k, v))
                 self.k_cache[i, plan.slots, :, :plan.width] = kp
@@ -189,6 +186,16 @@ class LlamaDecoder:
         if not self.last:
             return h
         return self._logits(h[:b] if not n else torch.cat([h[:b], h[plan.last]]))
+
+    def _attend_cache(self, i: int, q: torch.Tensor, mask: torch.Tensor, span: int) -> torch.Tensor:
+        """Layer ``i``: one query per cache row ``0..b-1`` (``q`` ``[b, heads, d]``) over the
+        row's first ``span`` positions, ``mask`` ``[b, 1, 1, span]`` keeping those up to its
+        own. Returns ``[b, heads * d]``."""
+        b = q.shape[0]
+        att = F.scaled_dot_product_attention(q[:, :, None], self.k_cache[i, :b, :, :span],
+                                             self.v_cache[i, :b, :, :span], attn_mask=mask, scale=self.scale,
+                                             enable_gqa=self.per > 1)
+        return att.reshape(b, self.heads * self.d)
 
     def _padded(self, t: torch.Tensor, plan: "StepPlan") -> torch.Tensor:
         """Packed prompt tokens ``[T, heads, d]`` -> right-padded ``[n, heads, width, d]``
