@@ -46,9 +46,10 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from megarlhf.algos import ppo as A
 from megarlhf.algos.advantages import AdvantageInputs, estimate_advantages
@@ -113,6 +114,8 @@ class StepContext:
     rm_pooling: Optional[str]
     device: Any
     preempt: Any = None
+    stream: Optional["ScoreStream"] = None
+    """Partitioned placement: responses go to the reward model's ranks as they finish."""
 
 
 @dataclass
@@ -200,6 +203,9 @@ class StepMetrics:
     empty_minibatches: int = 0
     skipped_updates: Optional[Dict[str, int]] = None
     actor_lr: Optional[float] = None
+    reward_busy_fraction: Optional[float] = None
+    """Partitioned placement: the share of the step the reward model's ranks spent scoring
+    (during generation)."""
 
     def as_log(self) -> Dict[str, float]:
         """The flat ``metrics.jsonl`` record (unset fields left out)."""
@@ -335,22 +341,92 @@ def _phase(name: str, times: Dict[str, float]):
 
 
 def generate(batch: PromptBatch, actor: Role, ctx: StepContext, step: int) -> Rollout:
-    """The actor's replicas sample their share of the rows; every rank gets every row."""
+    """The actor's replicas sample their share of the rows; every rank gets every row. In
+    the partitioned placement the reward model's ranks score the responses meanwhile, as
+    the actor's replicas stream them (:class:`ScoreStream`)."""
     from megarlhf.rollout.engine import SamplingParams
 
-    ro_cfg, n = ctx.cfg.rollout, batch.n
+    ro_cfg, n, stream = ctx.cfg.rollout, batch.n, ctx.stream
     mine = actor.rows(n)
     vals = None
     if ctx.engine is not None and len(mine):
+        sender = stream.sender(mine, ro_cfg.max_new_tokens, ctx.device) if stream and is_writer(actor.mp) else None
         out = ctx.engine.generate(batch.prompt_ids[mine.start:mine.stop], SamplingParams(
             max_new_tokens=ro_cfg.max_new_tokens, temperature=ro_cfg.temperature, top_p=ro_cfg.top_p,
             top_k=ro_cfg.top_k, stop_ids=ctx.stop_ids, eos_id=ctx.tokenizer.eos_id,
-            seed=ctx.cfg.train.seed * 100_003 + step), first_index=mine.start)
+            seed=ctx.cfg.train.seed * 100_003 + step), first_index=mine.start,
+            on_finished=sender.add if sender else None)
+        if sender:
+            sender.close()
         vals = pad_responses(out.response_ids, out.sample_logprobs, out.finish_reason, ro_cfg.max_new_tokens)
+    elif stream is not None and stream.reward.here:
+        stream.score_while_generating(batch, ctx)
     w, dev, max_new = is_writer(actor.mp), ctx.device, ro_cfg.max_new_tokens
     shared = [share_rows(n, tail, dtype, mine, vals and vals[i], w, dev) for i, (tail, dtype) in enumerate(
         (((max_new,), torch.long), ((), torch.long), ((), torch.long), ((max_new,), torch.float32)))]
     return build_rollout(batch.prompt_ids, *shared, ctx.tokenizer.pad_id, ctx.row_multiple)
+
+
+def _reward_scores(ro: Rollout, reward: Role, rows: List[range], ctx: StepContext, group=None) -> torch.Tensor:
+    """[n] the reward model's scores of ``ro`` (its ``rows`` on this rank), pooled as it was
+    trained; shared over ``group`` (default: the whole job)."""
+    from megarlhf.algos.preference import pool_rewards, response_positions
+
+    values = reward.per_token(_value_step(ctx.device), ro, rows, ctx.cfg.train.micro_batch_size, ctx.device,
+                              group=group)
+    pooled = None if ctx.rm_pooling == "last" else response_positions(ro.mask)
+    return pool_rewards(values, pooled, ro.last_index, ctx.rm_pooling)
+
+
+class ScoreStream:
+    """The partitioned placement's overlap: each actor replica's writer sends its finished
+    responses in chunks (:mod:`megarlhf.rollout.stream`) to the first reward rank, and the
+    reward model's ranks score each chunk as it arrives, while generation goes on. The
+    scores and the reward ranks' busy time are shared with the job in the score phase."""
+
+    def __init__(self, reward: Role, writers: List[int], reward_ranks: List[int], chunk_parts: int):
+        self.reward, self.writers, self.leader = reward, writers, reward_ranks[0]
+        self.group = dist.new_group(reward_ranks)  # collective: every rank of the job creates it
+        self.chunk_parts = chunk_parts
+        self.scores: Optional[torch.Tensor] = None
+        self.busy_s = 0.0
+
+    def chunk(self, share: int) -> int:
+        return max(1, -(-share // self.chunk_parts))
+
+    def sender(self, mine: range, max_new: int, device):
+        from megarlhf.rollout.stream import ResponseSender
+
+        return ResponseSender(self.leader, self.chunk(len(mine)), max_new, mine.start, len(mine), device)
+
+    def score_while_generating(self, batch: PromptBatch, ctx: StepContext) -> None:
+        """On the reward ranks: score every chunk as it arrives (collective over them)."""
+        from megarlhf.rollout.stream import receive_responses
+        from megarlhf.train.roles import replica_share
+
+        max_new, share = ctx.cfg.rollout.max_new_tokens, batch.n // len(self.writers)
+        self.scores, self.busy_s = torch.zeros(batch.n), 0.0
+        for msg in receive_responses(self.writers, share, self.chunk(share), max_new, self.leader, self.group,
+                                     ctx.device):
+            t0 = time.time()
+            msg = msg.cpu()
+            idx, lens, resp = msg[:, 0], msg[:, 1], msg[:, 2:]
+            k = len(idx)
+            zeros = torch.zeros(k, dtype=torch.long)
+            ro = build_rollout([batch.prompt_ids[i] for i in idx.tolist()], resp, lens, zeros,
+                               torch.zeros(k, max_new), ctx.tokenizer.pad_id, ctx.row_multiple)
+            self.scores[idx] = _reward_scores(ro, self.reward, [replica_share(k, self.reward.mp)], ctx, self.group)
+            self.busy_s += time.time() - t0
+
+    def shared(self, n: int, device) -> Tuple[torch.Tensor, float]:
+        """The step's scores and the reward ranks' busy seconds, on every rank (collective
+        over the job)."""
+        lead = dist.get_rank() == self.leader
+        full = torch.zeros(n + 1, device=device)
+        if lead:
+            full[:n], full[n] = self.scores.to(device), self.busy_s
+        dist.all_reduce(full)
+        return full[:n].cpu(), float(full[n])
 
 
 @dataclass
@@ -359,11 +435,12 @@ class Scores:
     """[n] the scorer's (reward model or rule)."""
     right: Optional[torch.Tensor]
     """[n] bool: whether the answer is correct (prompts with references only)."""
+    reward_busy_s: Optional[float] = None
+    """Partitioned placement: seconds the reward model's ranks spent scoring during generation."""
 
 
 def score(ro: Rollout, batch: PromptBatch, reward: Optional[Role], ctx: StepContext) -> Scores:
     """The reward model on its own replicas (maybe its own ranks), or the exact-match rule."""
-    from megarlhf.algos.preference import pool_rewards, response_positions
     from megarlhf.data.task import is_correct
 
     right = None
@@ -374,10 +451,10 @@ def score(ro: Rollout, batch: PromptBatch, reward: Optional[Role], ctx: StepCont
         right = torch.tensor([is_correct(x, r) for x, r in zip(texts, batch.references)])
     if reward is None:
         return Scores(right.float(), right)
-    values = reward.per_token(_value_step(ctx.device), ro, [reward.rows(ro.n)], ctx.cfg.train.micro_batch_size,
-                              ctx.device)
-    pooled = None if ctx.rm_pooling == "last" else response_positions(ro.mask)
-    return Scores(pool_rewards(values, pooled, ro.last_index, ctx.rm_pooling), right)
+    if ctx.stream is not None:  # scored during generation
+        scores, busy = ctx.stream.shared(ro.n, ctx.device)
+        return Scores(scores, right, busy)
+    return Scores(_reward_scores(ro, reward, [reward.rows(ro.n)], ctx), right)
 
 
 @dataclass
@@ -519,6 +596,8 @@ def step_metrics(ro: Rollout, sc: Scores, old: OldOutputs, tg: Targets, up: Upda
         tokens_per_s_step=round(int((ro.tokens != ctx.tokenizer.pad_id).sum()) / max(round(step_s, 3), 1e-9)),
         empty_minibatches=up.empty_minibatches)
     m.times["step"] = round(step_s, 3)
+    if sc.reward_busy_s is not None:
+        m.reward_busy_fraction = round(sc.reward_busy_s / max(step_s, 1e-9), 4)
     if tg.returns is not None:
         m.explained_variance = float(A.explained_variance(old.old_values, tg.returns, ro.mask))
     if sc.right is not None:
@@ -641,6 +720,19 @@ class Job:
                            [self.rows[int(i)].get("reference") for i in idx for _ in range(k)])
 
 
+def score_stream(cfg: PPOConfig, roles: Roles) -> Optional[ScoreStream]:
+    """The partitioned placement's overlap of scoring with generation (collective over the
+    job), unless ``rollout.score_chunks`` is 0 or the reward model shares ranks with the actor."""
+    if cfg.placement != "partitioned" or roles.reward is None or not cfg.rollout.score_chunks:
+        return None
+    writers: List[Optional[tuple]] = [None] * dist.get_world_size()
+    mine = (roles.actor.mp.dp_rank, dist.get_rank()) if is_writer(roles.actor.mp) else None
+    dist.all_gather_object(writers, mine)
+    start, count = cfg.spans()["reward"]
+    return ScoreStream(roles.reward, [rank for _, rank in sorted(w for w in writers if w is not None)],
+                       list(range(start, start + count)), cfg.rollout.score_chunks)
+
+
 def prepare(cfg: PPOConfig, log, preempt=None) -> Job:
     """Roles, optimizers, prompts and the step context of a run, after the process groups
     exist (collective over the job)."""
@@ -665,7 +757,7 @@ def prepare(cfg: PPOConfig, log, preempt=None) -> Job:
                               cuda_graphs=R.cuda_graphs) if actor.here else None,
         row_multiple=math.lcm(*(model_sequence_multiple(r.model, getattr(cfg, r.name).parallel) for r in roles.all())),
         rm_pooling=roles.reward.meta.extra.get("reward_pooling", "last") if roles.reward else None,
-        device=platform.current().device, preempt=preempt)
+        device=platform.current().device, preempt=preempt, stream=score_stream(cfg, roles))
     state = StepState(0, 0, A.KLController(ctx.algo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon))
     meta_out = output_meta(actor.model, "causal", tokenizer.path, template, actor.meta, recipe="ppo",
                            init_from=os.path.abspath(actor.init_from))

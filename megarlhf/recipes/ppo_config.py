@@ -102,6 +102,10 @@ class RolloutConfig:
     sync_every: int = 0
     """Decode steps between the engine's looks at which sequences ended (each look waits
     for the device); 0: every step on CPU, every 8 on a GPU."""
+    score_chunks: int = 4
+    """Partitioned placement: each actor replica sends its finished responses to the reward
+    model's ranks in this many chunks while it still generates, and they are scored as they
+    arrive; 0: scored after generation."""
     cuda_graphs: bool = True
     """On a GPU, capture the engine's decode step as CUDA graphs (one per slot-count
     bucket, per call) and replay them; not with pipeline stages, nothing on CPU."""
@@ -276,7 +280,7 @@ class PPOConfig:
         p += range_problems(self, "", positive=("world",), non_negative=("reward_ranks",))
         p += range_problems(ro, "rollout", positive=("prompts_per_step", "samples_per_prompt",
                                                      "max_new_tokens", "max_batch", "temperature"),
-                            non_negative=("top_k", "sync_every"))
+                            non_negative=("top_k", "sync_every", "score_chunks"))
         if not 0 < ro.top_p <= 1:
             p.append(f"rollout.top_p={ro.top_p} must be in (0, 1]")
         p += range_problems(r, "ppo", positive=("clip", "minibatch_size", "ppo_epochs", "kl_horizon",

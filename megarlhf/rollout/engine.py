@@ -194,11 +194,13 @@ class MegatronEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 progress=None, first_index: int = 0) -> RolloutBatch:
+                 progress=None, first_index: int = 0, on_finished=None) -> RolloutBatch:
         """Responses to ``prompts`` (token ids), in order. ``progress(n)`` is called as
         ``n`` more prompts finish; ``first_index`` is the global index of ``prompts[0]``
         (sampling randomness is keyed by it, so a shard of a larger batch samples what the
-        whole batch would)."""
+        whole batch would). ``on_finished(indices, responses)`` hears of the prompts that
+        finished at each look of the host (indices into ``prompts``), while the others
+        still generate."""
         if params.temperature <= 0 and not params.greedy:
             raise ValueError("temperature must be > 0 (or use greedy)")
         prompts = [list(p) for p in prompts]
@@ -209,7 +211,7 @@ class MegatronEngine:
             empty = [[] for _ in prompts]
             return RolloutBatch(prompts, empty, ["length"] * len(prompts), empty if last else [],
                                 empty if last else [])
-        results = _Run(self, prompts, params, first_index, progress).run()
+        results = _Run(self, prompts, params, first_index, progress, on_finished).run()
         return RolloutBatch(prompts, [r[0] for r in results], [r[1] for r in results],
                             [r[2] for r in results] if last else [], [r[3] for r in results] if last else [])
 
@@ -243,8 +245,9 @@ class _Run:
     broadcast to the other stages), so their passes line up."""
 
     def __init__(self, engine: MegatronEngine, prompts: List[List[int]], params: SamplingParams,
-                 first_index: int, progress):
+                 first_index: int, progress, on_finished=None):
         self.e, self.prompts, self.params, self.first, self.progress = engine, prompts, params, first_index, progress
+        self.on_finished = on_finished
         self.dev = engine.device
         self.n_slots = min(engine.max_batch, len(prompts))
         self.max_new = params.max_new_tokens
@@ -382,12 +385,14 @@ class _Run:
             length, reason, tokens = st.length[rows].tolist(), st.reason[rows].tolist(), st.tokens[rows].cpu()
             last = self.e.mp.is_last_stage
             s_lp, p_lp = (st.sample_lp[rows].cpu(), st.policy_lp[rows].cpu()) if last else (None, None)
-            for r, s in enumerate(finished):
+            items = [self.holds[s] for s in finished]
+            for r, (s, item) in enumerate(zip(finished, items)):
                 n = length[r]
-                self.results[self.holds[s]] = (tokens[r, :n].tolist(), _REASONS[reason[r]],
-                                               s_lp[r, :n].tolist() if last else [],
-                                               p_lp[r, :n].tolist() if last else [])
+                self.results[item] = (tokens[r, :n].tolist(), _REASONS[reason[r]],
+                                      s_lp[r, :n].tolist() if last else [], p_lp[r, :n].tolist() if last else [])
                 self.holds[s] = -1
+            if self.on_finished is not None:
+                self.on_finished(items, [self.results[i][0] for i in items])
             if self.progress is not None:
                 self.progress(len(finished))
             self.take(finished)

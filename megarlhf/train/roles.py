@@ -108,11 +108,12 @@ class Role:
         """This rank's data-parallel share of ``n`` rows."""
         return shard_rows(n, self.mp)
 
-    def per_token(self, step_fn: Callable, ro, rows: List[range], micro_batch_size: int, device) -> torch.Tensor:
+    def per_token(self, step_fn: Callable, ro, rows: List[range], micro_batch_size: int, device,
+                  group=None) -> torch.Tensor:
         """Forward-only: the ``[n, s]`` per-token outputs (``{"values": ...}`` of ``step_fn``'s
         loss function) of the role over this rank's ``rows`` of rollout batch ``ro``, shared
-        with every rank of the job (collective over the job; ranks outside the role only
-        join the sum)."""
+        with every rank of ``group`` (collective over it, default the whole job; ranks
+        outside the role only join the sum)."""
         from megarlhf.rollout.batch import microbatches
         from megarlhf.train.step import forward_only
 
@@ -123,7 +124,7 @@ class Role:
             rows_all = [i for r in rows for i in r]
             if is_writer(self.mp) and rows_all:  # one writer per replica: the sum counts each row once
                 full[torch.tensor(rows_all, device=device)] = torch.cat([o["values"] for o in res]).to(device)
-        dist.all_reduce(full)
+        dist.all_reduce(full, group=group)
         return full.cpu()
 
     def update(self, step_fn: Callable, micro: List[Any], seq: int, micro_batch_size: int,

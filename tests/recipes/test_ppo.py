@@ -56,6 +56,8 @@ def test_partitioned_matches_colocated(colocated, sft_like, mg_reward, tmp_path)
     for ra, rb in zip(a, b):
         for k in COMPARED:
             assert abs(ra[k] - rb[k]) < 1e-5, (k, ra[k], rb[k])
+    # the reward model scored while the actor generated (rollout.score_chunks=4 by default)
+    assert all(0 < r["reward_busy_fraction"] < 1 for r in b) and "reward_busy_fraction" not in a[0]
 
 
 def test_first_minibatch_ratio_is_exactly_one(colocated):
