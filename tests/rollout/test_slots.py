@@ -198,3 +198,16 @@ def test_a_graphed_step_is_warmed_up_once_and_its_state_put_back():
     # each bucket warmed up once (undone) then replayed: the state moved once per call
     assert counter.tolist() == [4, 3, 3, 3, 1] and Counting.captured == g.captures == 3
     assert seen == [4, 4, 4, 5, 5, 1, 1]
+
+
+def test_finished_prompts_are_reported_as_they_finish(model, prompts):
+    """What the partitioned placement streams to the reward model: every prompt once, with
+    its response, over several looks of the host (not all at the end)."""
+    from megarlhf.rollout.stream import message_rows
+
+    heard = []
+    out = engine(model, 4).generate(prompts, SAMPLE, on_finished=lambda idx, resp: heard.append(list(zip(idx, resp))))
+    flat = [x for batch in heard for x in batch]
+    assert sorted(i for i, _ in flat) == list(range(len(prompts))) and len(heard) > 1
+    assert all(out.response_ids[i] == r for i, r in flat)
+    assert message_rows(10, 4) == [4, 4, 2] and message_rows(8, 4) == [4, 4] and message_rows(3, 5) == [3]
