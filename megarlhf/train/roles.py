@@ -118,7 +118,7 @@ class Role:
         from megarlhf.train.step import forward_only
 
         full = torch.zeros(ro.n, ro.seq, device=device)
-        if self.here:
+        if self.here and any(len(r) for r in rows):  # a replica may have no rows (uneven shares)
             micro = [m for r in rows for m in microbatches(ro, r, micro_batch_size)]
             res = forward_only(self.chunks, self.mp, step_fn, micro, ro.seq, micro_batch_size)
             rows_all = [i for r in rows for i in r]
