@@ -30,6 +30,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,31 +105,18 @@ def expected_lengths(table: torch.Tensor) -> list:
     return hit.tolist()
 
 
-def copy_weights(hf, model, args) -> None:
-    """transformers' random Llama into megarlhf's model (one rank): the same weights."""
-    from megarlhf.convert.hf_to_megatron import fuse_qkv
+def megatron_from_hf(hf, folder: str):
+    """transformers' random Llama through megarlhf's converter, loaded on one rank: the
+    same weights for both engines."""
+    import dataclasses
 
-    src = hf.state_dict()
-    mine = dict(model.named_parameters())
+    from megarlhf.convert.hf_to_megatron import convert_hf_to_megatron
+    from megarlhf.models.checkpoint import read_meta
 
-    def put(name: str, value: torch.Tensor) -> None:
-        key = next(k for k in mine if k.endswith(name))
-        with torch.no_grad():
-            mine[key].copy_(value)
-
-    put("embedding.word_embeddings.weight", src["model.embed_tokens.weight"])
-    put("decoder.final_layernorm.weight", src["model.norm.weight"])
-    put("output_layer.weight", src["lm_head.weight"])
-    for i in range(args.layers):
-        p, q = f"model.layers.{i}.", f"decoder.layers.{i}."
-        put(q + "input_layernorm.weight", src[p + "input_layernorm.weight"])
-        put(q + "self_attention.linear_qkv.weight", fuse_qkv(
-            src[p + "self_attn.q_proj.weight"], src[p + "self_attn.k_proj.weight"], src[p + "self_attn.v_proj.weight"],
-            args.heads, args.kv_heads))
-        put(q + "self_attention.linear_proj.weight", src[p + "self_attn.o_proj.weight"])
-        put(q + "pre_mlp_layernorm.weight", src[p + "post_attention_layernorm.weight"])
-        put(q + "mlp.linear_fc1.weight", torch.cat([src[p + "mlp.gate_proj.weight"], src[p + "mlp.up_proj.weight"]]))
-        put(q + "mlp.linear_fc2.weight", src[p + "mlp.down_proj.weight"])
+    hf.save_pretrained(os.path.join(folder, "hf"))
+    convert_hf_to_megatron(os.path.join(folder, "hf"), os.path.join(folder, "mg"), log=lambda _: None)
+    meta = read_meta(os.path.join(folder, "mg"))
+    return dataclasses.replace(meta.model, params_dtype=str(hf.dtype).split(".")[-1]), os.path.join(folder, "mg")
 
 
 def main(argv=None) -> int:
@@ -137,6 +125,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from megarlhf.config import ModelConfig, ParallelConfig
+    from megarlhf.models.checkpoint import load_model
     from megarlhf.models.llama import build_model
     from megarlhf.parallel import init_single_process, initialize_model_parallel
     from megarlhf.rollout.engine import MegatronEngine, SamplingParams
@@ -152,7 +141,33 @@ def main(argv=None) -> int:
                       vocab_size=args.vocab, max_position_embeddings=longest, params_dtype=args.dtype)
     init_single_process()
     mp = initialize_model_parallel(ParallelConfig(), seed=0)
-    chunks = build_model(cfg, mp)
+    hf = None
+    if not args.no_hf:
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+        except ImportError:
+            print("transformers is not installed: no baseline", file=sys.stderr)
+        else:
+            hcfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                               num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                               num_key_value_heads=args.kv_heads, max_position_embeddings=longest,
+                               bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+            hf = LlamaForCausalLM(hcfg).eval().to(getattr(torch, args.dtype))
+
+            class EosTable(LogitsProcessor):
+                def __init__(self, rows: torch.Tensor, width: int):
+                    self.rows, self.width = rows, width
+
+                def __call__(self, input_ids, scores):
+                    step = torch.full((len(self.rows),), input_ids.shape[1] - self.width)
+                    return force_eos(scores, table[self.rows, step])
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if hf is not None:
+            cfg, ckpt = megatron_from_hf(hf, tmp)
+        chunks = build_model(cfg, mp)
+        if ckpt is not None:
+            load_model(chunks, ckpt)
     engine = MegatronEngine(chunks, mp, cfg.vocab_size, max_batch=args.batch)
     table_dev = table.to(engine.device)
 
@@ -172,28 +187,6 @@ def main(argv=None) -> int:
         assert [len(r) for r in out.response_ids] == want
         phases.append(dict(engine.last_stats))
         return dt
-
-    hf = None
-    if not args.no_hf:
-        try:
-            from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
-        except ImportError:
-            print("transformers is not installed: no baseline", file=sys.stderr)
-        else:
-            hcfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                               num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                               num_key_value_heads=args.kv_heads, max_position_embeddings=longest,
-                               bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
-            hf = LlamaForCausalLM(hcfg).eval().to(getattr(torch, args.dtype))
-            copy_weights(hf, chunks[0], args)
-
-            class EosTable(LogitsProcessor):
-                def __init__(self, rows: torch.Tensor, width: int):
-                    self.rows, self.width = rows, width
-
-                def __call__(self, input_ids, scores):
-                    step = torch.full((len(self.rows),), input_ids.shape[1] - self.width)
-                    return force_eos(scores, table[self.rows, step])
 
     def run_hf() -> float:
         t0 = time.perf_counter()
