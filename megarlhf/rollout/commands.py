@@ -37,7 +37,8 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-batch", type=int, default=64, help="sequences generated at once")
+    ap.add_argument("--max-batch", type=int, default=64,
+                    help="slots: sequences generated at once (a finished one's slot takes the next prompt)")
     ap.add_argument("--chat-template", default=None, metavar="NAME|FILE",
                     help="format text prompts with this template instead of the checkpoint's own: "
                          "tulu, llama3, or a Hugging Face Jinja template file")
