@@ -12,7 +12,8 @@ then on the GPU machine ``cd megarlhf && python tools/gpu_rehearsal.py --out reh
 Nothing is installed and nothing is downloaded.
 
 The sequence (each item prints a row as it ends; each runs ``python -m megarlhf.cli ...``,
-the conversion tools or a worker process of this tool):
+the conversion tools or a worker process of this tool; with ``--cpu`` those processes
+fork from a server that has imported the stack once, ``megarlhf.forked``):
 
   sft              ``megarlhf sft`` a few steps on the built-in task, fresh small Llama; saves
   convert          its checkpoint -> Hugging Face (tools/convert_megatron_to_hf.py) -> megatron
@@ -570,21 +571,37 @@ class Context:
         with open(log, "w") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
-            # Its own session, so that a timeout stops the whole tree it started (torchrun's ranks).
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(self.work),
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=self.sizes.timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                rc = "timeout"
-            except BaseException:  # Ctrl-C reaches this process only: stop what it started
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
+            if self.cpu:  # forked from a server that has imported the stack once (megarlhf.forked)
+                rc = self._forked(argv, env, str(log))
+            else:
+                rc = self._process(cmd, env, f)
         seconds = round(time.perf_counter() - t0, 1)
         self.commands.append({"name": name, "rc": rc, "seconds": seconds})
         return {"rc": rc, "seconds": seconds, "log": str(log), "command": " ".join(cmd)}
+
+    def _forked(self, argv: Sequence[str], env: Mapping[str, str], log: str):
+        from megarlhf import forked
+
+        try:
+            return forked.run([str(a) for a in argv], dict(env), str(self.work), log, log, self.sizes.timeout_s)
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+    def _process(self, cmd: List[str], env: Mapping[str, str], f):
+        """``cmd`` in a fresh process: what a GPU run must be (a fork cannot use CUDA)."""
+        # Its own session, so that a timeout stops the whole tree it started (torchrun's ranks).
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(self.work),
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=self.sizes.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = "timeout"
+        except BaseException:  # Ctrl-C reaches this process only: stop what it started
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        return rc
 
     def check(self, res: Dict[str, Any], what: str) -> None:
         if res["rc"] != 0:
@@ -1140,6 +1157,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if hw.gpu and gpus < visible:
         ids = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible)))).split(",")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:gpus])
+    if args.cpu:  # the children fork from a server this process starts: it sees what they would
+        os.environ.clear()
+        os.environ.update(env)
+        if hidden:
+            sys.path.insert(0, str(hidden))
     ctx = Context(cpu=args.cpu, sizes=sizes, entries=entries, work=work, env=env,
                   python=[sys.executable] + (["-S"] if sys.flags.no_site else []), cpus=os.cpu_count() or 1)
     print(f"gpu_rehearsal ({report['mode']}): {hw.gpu or 'CPU'}, {gpus} GPU(s), Transformer Engine: "
