@@ -199,6 +199,9 @@ class ModelParallel:
     amax_group: object = None
     """A layout built apart from megatron's globals: its FP8 amax-reduction group (the
     TP x DP ranks of one pipeline stage), see :func:`scope_fp8_amax`."""
+    group: object = None
+    """A layout built apart from megatron's globals on part of the job: the group of all
+    its ranks (None: the layout spans the whole job, whose default group serves)."""
 
     @property
     def tp_group(self):
@@ -298,6 +301,10 @@ def build_layout(par: ParallelConfig, first_rank: int = 0, num_ranks: Optional[i
     pp_enum = gen.get_ranks("pp")
     embd, _ = groups([default_embedding_ranks(r) for r in pp_enum])
     pos_embd, _ = groups([default_position_embedding_ranks(r) for r in pp_enum])
+    # Created here, with the others, rather than later by its users: every rank creates
+    # groups in the same order before any rank-local group exists (megatron's DDP makes one
+    # per trainable model, and torch names unhashed groups by a per-process count).
+    span, _ = groups([list(range(first_rank, first_rank + num_ranks))]) if num_ranks < world else (None, None)
     if not first_rank <= me < first_rank + num_ranks:
         return None
     pgs = ProcessGroupCollection()
@@ -308,7 +315,8 @@ def build_layout(par: ParallelConfig, first_rank: int = 0, num_ranks: Optional[i
     pgs.intra_expt_dp = None
     return ModelParallel(config=par, pg_collection=pgs, tp_rank=tp_ranks.index(me),
                          pp_rank=pp_ranks.index(me), dp_rank=dp_ranks.index(me), dp_size=dp,
-                         seed=seed, ranks=list(range(first_rank, first_rank + num_ranks)), amax_group=amax)
+                         seed=seed, ranks=list(range(first_rank, first_rank + num_ranks)), amax_group=amax,
+                         group=span)
 
 
 # megatron's globals behind parallel_state.get_amax_reduction_group(): with and without

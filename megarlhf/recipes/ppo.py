@@ -384,9 +384,10 @@ class ScoreStream:
     reward model's ranks score each chunk as it arrives, while generation goes on. The
     scores and the reward ranks' busy time are shared with the job in the score phase."""
 
-    def __init__(self, reward: Role, writers: List[int], reward_ranks: List[int], chunk_parts: int):
-        self.reward, self.writers, self.leader = reward, writers, reward_ranks[0]
-        self.group = dist.new_group(reward_ranks)  # collective: every rank of the job creates it
+    def __init__(self, reward: Role, writers: List[int], leader: int, chunk_parts: int):
+        self.reward, self.writers, self.leader = reward, writers, leader
+        # the reward model's ranks (made with its layout; None on the other ranks)
+        self.group = reward.mp.group if reward.here else None
         self.chunk_parts = chunk_parts
         self.scores: Optional[torch.Tensor] = None
         self.busy_s = 0.0
@@ -728,9 +729,9 @@ def score_stream(cfg: PPOConfig, roles: Roles) -> Optional[ScoreStream]:
     writers: List[Optional[tuple]] = [None] * dist.get_world_size()
     mine = (roles.actor.mp.dp_rank, dist.get_rank()) if is_writer(roles.actor.mp) else None
     dist.all_gather_object(writers, mine)
-    start, count = cfg.spans()["reward"]
-    return ScoreStream(roles.reward, [rank for _, rank in sorted(w for w in writers if w is not None)],
-                       list(range(start, start + count)), cfg.rollout.score_chunks)
+    start, _ = cfg.spans()["reward"]
+    return ScoreStream(roles.reward, [rank for _, rank in sorted(w for w in writers if w is not None)], start,
+                       cfg.rollout.score_chunks)
 
 
 def prepare(cfg: PPOConfig, log, preempt=None) -> Job:
