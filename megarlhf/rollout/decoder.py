@@ -36,6 +36,19 @@ from megarlhf.models.llama import output_weight
 __all__ = ["LlamaDecoder", "StepPlan"]
 
 
+SMALL_ROWS = 64
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.t()`` for ``x`` ``[m, in]`` and a weight ``[out, in]``. A decode step has few
+    rows: then the product is formed as ``(w @ x.t()).t()``, which streams the weight
+    through the CPU's GEMM in its stored order (measured on a 4096 x 256 output layer at
+    16 rows, weights not in cache: ~35% faster); many rows (prefill) use the usual form."""
+    if x.shape[0] <= SMALL_ROWS and not x.is_cuda:
+        return (w @ x.t()).t()  # column-major [m, out]: the ops after it take any strides
+    return x @ w.t()
+
+
 def _bare(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module"):
         module = module.module
@@ -112,14 +125,14 @@ class LlamaDecoder:
             return x
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-        return reduce_from_tensor_model_parallel_region(x, group=self.tp_group)
+        return reduce_from_tensor_model_parallel_region(x.contiguous(), group=self.tp_group)
 
     def _gather_vocab(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-        return gather_from_tensor_model_parallel_region(x, group=self.tp_group)
+        return gather_from_tensor_model_parallel_region(x.contiguous(), group=self.tp_group)
 
     # -- one step ------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -139,7 +152,7 @@ class LlamaDecoder:
         h = torch.rms_norm(h, (self.hidden,), self.model.decoder.final_layernorm.weight, self.eps)
         # Tied embeddings: megatron's shared weight (the embedding itself, or on the last of
         # several stages its copy, kept equal to it).
-        return self._gather_vocab(h @ output_weight(self.model).t()).float()
+        return self._gather_vocab(linear(h, output_weight(self.model))).float()
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, plan: "StepPlan") -> torch.Tensor:
@@ -161,7 +174,7 @@ class LlamaDecoder:
             mask = (keys[None, :] <= plan.pos[:b, None])[:, None, None, :]  # up to each row's own position
         for i, layer in enumerate(self.layers):
             a = torch.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
-            qkv = (a @ layer.qkv.t()).view(-1, self.groups, self.per + 2, self.d)
+            qkv = linear(a, layer.qkv).reshape(-1, self.groups, self.per + 2, self.d)
             # rotate the query heads and the key head of each group in one go (adjacent)
             qk = self._rotate(qkv[:, :, :self.per + 1].reshape(-1, self.groups * (self.per + 1), self.d), cos, sin)
             qk = qk.view(-1, self.groups, self.per + 1, self.d)
@@ -179,10 +192,10 @@ class LlamaDecoder:
                                                      enable_gqa=self.per > 1)
                 parts.append(att.transpose(1, 2).reshape(n * plan.width, -1)[plan.scatter])
             att = parts[0] if len(parts) == 1 else torch.cat(parts)
-            h = h + self._reduce(att @ layer.proj.t())
+            h = h + self._reduce(linear(att, layer.proj))
             m = torch.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
-            gate, up = (m @ layer.fc1.t()).chunk(2, dim=-1)
-            h = h + self._reduce((F.silu(gate) * up) @ layer.fc2.t())
+            gate, up = linear(m, layer.fc1).chunk(2, dim=-1)
+            h = h + self._reduce(linear(F.silu(gate) * up, layer.fc2))
         if not self.last:
             return h
         return self._logits(h[:b] if not n else torch.cat([h[:b], h[plan.last]]))
