@@ -98,9 +98,10 @@ def pick(logits: torch.Tensor, params, u: torch.Tensor, shaped: Optional[torch.T
     filt = policy if plain else torch.log_softmax(
         filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
     cdf = filt.double().exp().cumsum(-1)
-    new = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    new = new.clamp_(max=logits.shape[-1] - 1)
-    # never land on a zero-probability id at a CDF plateau (possible only at the edges)
-    zero = filt.gather(-1, new[:, None])[:, 0] == torch.finfo(filt.dtype).min
-    new = torch.where(zero, filt.argmax(-1), new)
+    total = cdf[:, -1:]
+    # the first id whose CDF exceeds u * total: it raised the CDF, so its probability is > 0
+    # (a zero-probability id never is: it leaves the CDF where it was). The target stays
+    # below the total even where u * total rounds up to it.
+    target = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    new = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return new, filt.gather(-1, new[:, None])[:, 0], policy.gather(-1, new[:, None])[:, 0]
