@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from megarlhf.config import ParallelConfig, RuntimeConfig
 from megarlhf.data.chat import ChatTemplateConfig
 from megarlhf.train.metrics import LogConfig
-from megarlhf.train.loop import LoopConfig
+from megarlhf.train.loop import OneModelLoopConfig
 from megarlhf.train.schedule import ScheduleConfig
 
 __all__ = ["PairsTrainConfig", "PairsSetup", "set_up_pairs", "PairsJobConfig", "pair_job_problems", "pair_microbatches", "load_init", "tokenizer_of", "recorded_template",
@@ -21,8 +21,8 @@ __all__ = ["PairsTrainConfig", "PairsSetup", "set_up_pairs", "PairsJobConfig", "
 
 
 @dataclass(frozen=True)
-class PairsTrainConfig(LoopConfig):
-    """The optimisation loop (:class:`~megarlhf.train.loop.LoopConfig`) of a pairwise
+class PairsTrainConfig(OneModelLoopConfig):
+    """The optimisation loop (:class:`~megarlhf.train.loop.OneModelLoopConfig`) of a pairwise
     recipe (reward model, DPO)."""
 
     global_batch_size: int = 64
@@ -41,11 +41,6 @@ class PairsTrainConfig(LoopConfig):
     init_from: str = "runs/sft/checkpoint"
     """The starting checkpoint (an SFT model)."""
 
-    POSITIVE: ClassVar[tuple] = ("global_batch_size", "micro_batch_size", "seq_length", "lr")
-    NON_NEGATIVE: ClassVar[tuple] = ("min_lr",)
-
-    def own_problems(self, prefix: str) -> List[str]:
-        return [f"{prefix}.min_lr={self.min_lr} is above {prefix}.lr={self.lr}"] if self.min_lr > self.lr else []
 
 
 @dataclass(frozen=True)

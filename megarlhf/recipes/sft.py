@@ -22,7 +22,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -33,7 +33,7 @@ from megarlhf.data.dataset import DataConfig
 from megarlhf.data.task import TaskConfig
 from megarlhf.data.tokenizer import TokenizerConfig
 from megarlhf.train.metrics import LogConfig
-from megarlhf.train.loop import EvalConfig, LoopConfig
+from megarlhf.train.loop import EvalConfig, OneModelLoopConfig
 from megarlhf.train.schedule import ScheduleConfig
 
 __all__ = ["SFTConfig", "TrainConfig", "run"]
@@ -45,8 +45,8 @@ def _tiny_model() -> ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig(LoopConfig):
-    """The optimisation loop (:class:`~megarlhf.train.loop.LoopConfig`) of SFT."""
+class TrainConfig(OneModelLoopConfig):
+    """The optimisation loop (:class:`~megarlhf.train.loop.OneModelLoopConfig`) of SFT."""
 
     global_batch_size: int = 32
     """Examples per optimizer step (over all data-parallel ranks)."""
@@ -69,11 +69,6 @@ class TrainConfig(LoopConfig):
     """Start from this checkpoint instead of fresh weights (its shape; ``model``'s runtime
     fields)."""
 
-    POSITIVE: ClassVar[tuple] = ("global_batch_size", "micro_batch_size", "seq_length", "lr")
-    NON_NEGATIVE: ClassVar[tuple] = ("min_lr",)
-
-    def own_problems(self, prefix: str) -> List[str]:
-        return [f"{prefix}.min_lr={self.min_lr} is above {prefix}.lr={self.lr}"] if self.min_lr > self.lr else []
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import ClassVar, List, Optional
 from megarlhf.train.preemption import PreemptionConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["LoopConfig", "EvalConfig", "SCHEDULES"]
+__all__ = ["LoopConfig", "OneModelLoopConfig", "EvalConfig", "SCHEDULES"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -79,6 +79,21 @@ class LoopConfig:
     def own_problems(self, prefix: str) -> List[str]:
         """A subclass's cross-field checks."""
         return []
+
+
+@dataclass(frozen=True)
+class OneModelLoopConfig(LoopConfig):
+    """The loop of a recipe that trains one model at one learning rate (SFT, reward model,
+    DPO). The recipe declares ``global_batch_size``, ``micro_batch_size``, ``seq_length``,
+    ``lr`` and ``min_lr`` with its own defaults; they are checked here: sizes and peak
+    positive, the floor not above the peak."""
+
+    POSITIVE: ClassVar[tuple] = ("global_batch_size", "micro_batch_size", "seq_length", "lr")
+    NON_NEGATIVE: ClassVar[tuple] = ("min_lr",)
+
+    def own_problems(self, prefix: str) -> List[str]:
+        min_lr, lr = getattr(self, "min_lr"), getattr(self, "lr")
+        return [f"{prefix}.min_lr={min_lr} is above {prefix}.lr={lr}"] if min_lr > lr else []
 
 
 @dataclass(frozen=True)
