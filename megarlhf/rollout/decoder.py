@@ -154,7 +154,7 @@ class LlamaDecoder:
         # several stages its copy, kept equal to it).
         return self._gather_vocab(linear(h, output_weight(self.model))).float()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, x: torch.Tensor, plan: "StepPlan") -> torch.Tensor:
         """One pass over ``plan.tokens`` tokens: first one token for each of the cache rows
         ``0..b-1`` (decode), then the prompts being prefilled, packed end to end. ``x`` is

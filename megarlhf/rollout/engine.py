@@ -192,7 +192,7 @@ class MegatronEngine:
         """Nothing to do: this engine reads the training weights in place (its CUDA graphs
         too: the optimizer writes into the same parameter tensors)."""
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: ~10% of a 16-row decode step here
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  progress=None, first_index: int = 0, on_finished=None) -> RolloutBatch:
         """Responses to ``prompts`` (token ids), in order. ``progress(n)`` is called as
