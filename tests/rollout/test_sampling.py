@@ -113,3 +113,8 @@ def test_truncation_temperature_and_greedy():
     # an edge uniform never lands on an id that truncation removed
     new, _, _ = pick(logits[:2], params(top_k=1), torch.tensor([0.0, 1.0 - 2 ** -53], dtype=torch.float64))
     assert new.tolist() == [0, 0]
+    # ... also when removed ids come first and last: the pick is the id that raised the CDF
+    middle = torch.tensor([[-1.0, 3.0, 2.0, 0.0, -1.0]]).expand(2, -1)
+    edges = torch.tensor([0.0, 1.0 - 2 ** -53], dtype=torch.float64)
+    assert pick(middle, params(top_k=1), edges)[0].tolist() == [1, 1]
+    assert pick(middle, params(top_k=2), edges)[0].tolist() == [1, 2]

@@ -211,3 +211,16 @@ def test_finished_prompts_are_reported_as_they_finish(model, prompts):
     assert sorted(i for i, _ in flat) == list(range(len(prompts))) and len(heard) > 1
     assert all(out.response_ids[i] == r for i, r in flat)
     assert message_rows(10, 4) == [4, 4, 2] and message_rows(8, 4) == [4, 4] and message_rows(3, 5) == [3]
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64, 65, 200])
+def test_few_row_products_equal_the_usual_form(rows):
+    """The decoder's ``linear``: ``(W @ x^T)^T`` for few rows, ``x @ W^T`` for many; both
+    are ``x @ W^T`` (to fp32 rounding), and a strided result feeds the next product."""
+    from megarlhf.rollout.decoder import linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, w, w2 = torch.randn(rows, 96, generator=g), torch.randn(320, 96, generator=g), torch.randn(40, 320, generator=g)
+    y = linear(x, w)
+    assert y.shape == (rows, 320) and torch.allclose(y, x @ w.t(), atol=1e-4, rtol=1e-5)
+    assert torch.allclose(linear(y, w2), (x @ w.t()) @ w2.t(), atol=1e-3, rtol=1e-4)
