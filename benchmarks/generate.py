@@ -18,8 +18,8 @@ alternately in the same process (this machine is shared and noisy), medians comp
 The last line printed is one JSON object: ``tokens_per_s`` (generated tokens per second,
 megarlhf: response tokens, EOS included), ``prefill_tokens_per_s`` (prompt tokens per
 second of prefill passes), ``decode_step_ms`` (mean), ``slot_occupancy`` (busy share of
-the slot-steps computed; these from one more, timed run), ``peak_rss_mb``, and the transformers figures and the ratio
-when transformers is installed.
+the slot-steps computed; these from one more, timed run), ``peak_rss_mb``, and the
+transformers figures and the ratio when transformers is installed.
 """
 
 from __future__ import annotations

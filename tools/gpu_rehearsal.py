@@ -583,7 +583,7 @@ class Context:
         from megarlhf import forked
 
         try:
-            return forked.run([str(a) for a in argv], dict(env), str(self.work), log, log, self.sizes.timeout_s)
+            return forked.run(argv, dict(env), str(self.work), log, log, self.sizes.timeout_s)
         except subprocess.TimeoutExpired:
             return "timeout"
 

@@ -42,7 +42,6 @@ class PairsTrainConfig(OneModelLoopConfig):
     """The starting checkpoint (an SFT model)."""
 
 
-
 @dataclass(frozen=True)
 class PairsJobConfig:
     """What the reward model's and DPO's configs share: one model from ``train.init_from``

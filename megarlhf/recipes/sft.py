@@ -70,7 +70,6 @@ class TrainConfig(OneModelLoopConfig):
     fields)."""
 
 
-
 @dataclass(frozen=True)
 class SFTConfig:
     model: ModelConfig = field(default_factory=_tiny_model)

@@ -92,8 +92,7 @@ class OneModelLoopConfig(LoopConfig):
     NON_NEGATIVE: ClassVar[tuple] = ("min_lr",)
 
     def own_problems(self, prefix: str) -> List[str]:
-        min_lr, lr = getattr(self, "min_lr"), getattr(self, "lr")
-        return [f"{prefix}.min_lr={min_lr} is above {prefix}.lr={lr}"] if min_lr > lr else []
+        return [f"{prefix}.min_lr={self.min_lr} is above {prefix}.lr={self.lr}"] if self.min_lr > self.lr else []
 
 
 @dataclass(frozen=True)
