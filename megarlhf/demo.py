@@ -18,7 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from megarlhf.data.dataset import DataConfig
 from megarlhf.data.load import SourceConfig
@@ -165,14 +165,15 @@ def run(cfg: DemoConfig) -> Dict[str, object]:
     times["ppo"] = time.time() - t
     times["total"] = time.time() - t0
 
+    history = ppo_history(st["ppo"].train.out_dir)
     results = {
         "sft_accuracy": r_sft.get("exact_match"),
         "dpo_accuracy": r_dpo.get("exact_match"),
         "ppo_accuracy": r_ppo.get("exact_match"),
         "rm_pair_accuracy": (r_rm.get("eval") or {}).get("accuracy"),
         "eval_problems": r_dpo.get("eval_prompts"),
-        "ppo_score_curve": [h["score_mean"] for h in r_ppo["history"]],
-        "ppo_train_accuracy_curve": [h.get("train_accuracy") for h in r_ppo["history"]],
+        "ppo_score_curve": [h["score_mean"] for h in history],
+        "ppo_train_accuracy_curve": [h.get("train_accuracy") for h in history],
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
     path = os.path.join(cfg.out_dir, "results.json")
@@ -192,6 +193,19 @@ def run(cfg: DemoConfig) -> Dict[str, object]:
     print(f"reward curve: {png}")
     print(path)
     return results
+
+
+def ppo_history(out_dir: str) -> List[Dict[str, Any]]:
+    """Every PPO step's record from the run's ``metrics.jsonl``, in step order: the steps
+    of an earlier, resumed or already finished run included (this process may have run
+    none of them); where a resumed run logged a step again, its last record."""
+    steps: Dict[int, Dict[str, Any]] = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "score_mean" in row:
+                steps[row["step"]] = row
+    return [steps[k] for k in sorted(steps)]
 
 
 def _pct(x) -> str:

@@ -120,3 +120,15 @@ def test_each_roles_kernels_are_checked_before_any_process_starts(mg_causal, mg_
             "actor.model.attention_backend='fused', critic.model.attention_backend='flash'") in err
     assert main(args[:3] + ["actor.init_from=/no/such/checkpoint"]) == 1
     assert "checkpoint folder not found: /no/such/checkpoint" in capsys.readouterr().err
+
+
+def test_demo_reads_the_ppo_curve_of_the_whole_run_resumed_steps_included(tmp_path):
+    """A demo run over a finished (or resumed) PPO run: its process ran no step, yet the
+    summary and the plot take every step from metrics.jsonl, a re-logged step's last record."""
+    from megarlhf.demo import ppo_history
+
+    rows = [{"step": 1, "score_mean": 0.1}, {"step": 2, "score_mean": 0.2}, {"step": 2, "eval_accuracy": 0.5},
+            {"step": 3, "score_mean": 0.3}, {"step": 3, "score_mean": 0.35}, {"step": 4, "score_mean": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(h["step"], h["score_mean"]) for h in ppo_history(str(tmp_path))] == [(1, 0.1), (2, 0.2), (3, 0.35),
+                                                                                   (4, 0.4)]
