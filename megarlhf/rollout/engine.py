@@ -107,9 +107,10 @@ class _Slots:
         self.cur, self.pos, self.step, self.length, self.reason = z(slots), z(slots), z(slots), z(slots), z(slots)
         self.index = z(slots)  # the global index of each slot's prompt
         self.done = torch.ones(slots, dtype=torch.bool, device=device)
-        self.tokens = z(slots, max_new)
-        self.sample_lp = z(slots, max_new, dtype=torch.float32)
-        self.policy_lp = z(slots, max_new, dtype=torch.float32)
+        # one spare column: a done row writes its (ignored) samples past its length
+        self.tokens = z(slots, max_new + 1)
+        self.sample_lp = z(slots, max_new + 1, dtype=torch.float32)
+        self.policy_lp = z(slots, max_new + 1, dtype=torch.float32)
         self.uniforms = z(slots, max_new, dtype=torch.float64)
         self.max_new = max_new
 
@@ -122,17 +123,20 @@ class _Slots:
         self.reason[rows] = _LENGTH
         self.done[rows] = False
 
-    def record(self, rows: torch.Tensor, new: torch.Tensor, sample_lp: Optional[torch.Tensor],
+    def record(self, rows, new: torch.Tensor, sample_lp: Optional[torch.Tensor],
                policy_lp: Optional[torch.Tensor], stop: torch.Tensor, eos: Optional[int]) -> None:
-        """Token ``new`` sampled for each of ``rows``: stored where the row is still going,
-        which then advances by one; a stop id or the length limit ends it. Done rows keep
-        their state (they are computed, and ignored, until the host collects them)."""
+        """Token ``new`` sampled for each of ``rows`` (a slice of the decode rows, or an
+        index tensor): stored at the row's next response position, which advances by one
+        where the row is still going; a stop id or the length limit ends it. Done rows keep
+        their state (they are computed, and ignored, until the host collects them): their
+        step no longer moves, so what they write lands past their length."""
         active = ~self.done[rows]
-        j = self.step[rows].clamp(max=self.max_new - 1)
-        self.tokens[rows, j] = torch.where(active, new, self.tokens[rows, j])
+        j = self.step[rows]
+        at = (rows if torch.is_tensor(rows) else torch.arange(rows.start, rows.stop, device=j.device), j)
+        self.tokens.index_put_(at, new)
         if sample_lp is not None:
-            self.sample_lp[rows, j] = torch.where(active, sample_lp, self.sample_lp[rows, j])
-            self.policy_lp[rows, j] = torch.where(active, policy_lp, self.policy_lp[rows, j])
+            self.sample_lp.index_put_(at, sample_lp)
+            self.policy_lp.index_put_(at, policy_lp)
         hit = active & torch.isin(new, stop)
         ended = hit | (active & (j + 1 >= self.max_new))
         why = torch.full_like(new, _STOP)
@@ -142,8 +146,9 @@ class _Slots:
         self.length[rows] = torch.where(ended, j + 1, self.length[rows])
         self.done[rows] = self.done[rows] | ended
         self.cur[rows] = torch.where(active, new, self.cur[rows])
-        self.pos[rows] += active.long()
-        self.step[rows] += active.long()
+        step = active.long()
+        self.pos[rows] += step
+        self.step[rows] += step
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for name in self.FIELDS:
@@ -331,7 +336,7 @@ class _Run:
             x = torch.cat([x, flat])
         logits = self.e.through_stage(x, (plan.tokens,), lambda h: self.decoder.step(h, plan))
         if b:
-            self.sample(torch.arange(b, device=self.dev), None if logits is None else logits[:b])
+            self.sample(slice(0, b), None if logits is None else logits[:b])
         if items:
             rows = plan.slots
             index = torch.tensor(items, dtype=torch.long, device=self.dev) + self.first
@@ -345,20 +350,22 @@ class _Run:
         CUDA graph captures. Pipeline stages are excluded, so this rank holds the logits."""
         st = self.state
         plan = StepPlan(b, self.length, st.pos[:b])
-        self.sample(torch.arange(b, device=self.dev), self.decoder.step(st.cur[:b], plan))
+        self.sample(slice(0, b), self.decoder.step(st.cur[:b], plan))
 
-    def sample(self, rows: torch.Tensor, logits: Optional[torch.Tensor]) -> None:
-        """Sample on the last stage (the real vocabulary only: padded ids can never be
-        picked), share the tokens with the other stages, record them everywhere."""
+    def sample(self, rows, logits: Optional[torch.Tensor]) -> None:
+        """Sample for ``rows`` (a slice of the decode rows, or the admitted rows' indices)
+        on the last stage (the real vocabulary only: padded ids can never be picked), share
+        the tokens with the other stages, record them everywhere."""
         st, s_lp, p_lp = self.state, None, None
         if logits is not None:
             step = st.step[rows].clamp(max=self.max_new - 1)
             logits = logits[:, :self.e.vocab_size]
             proc = self.params.logits_processor
             shaped = proc(logits, st.index[rows], step) if proc is not None else None
-            new, s_lp, p_lp = pick(logits, self.params, st.uniforms[rows, step], shaped)
+            u = st.uniforms[rows].gather(1, step[:, None])[:, 0]
+            new, s_lp, p_lp = pick(logits, self.params, u, shaped)
         else:
-            new = torch.zeros(len(rows), dtype=torch.long, device=self.dev)
+            new = torch.zeros_like(st.cur[rows])
         new = self.e.share_from_last_stage(new)
         st.record(rows, new, s_lp, p_lp, self.stop, self.params.eos_id)
 

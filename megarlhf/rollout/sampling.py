@@ -88,6 +88,9 @@ def pick(logits: torch.Tensor, params, u: torch.Tensor, shaped: Optional[torch.T
     (0 for greedy) and under the raw policy (temperature 1, no truncation). ``shaped``:
     the logits a logits processor made of ``logits``, sampled from instead. ``params``
     is a :class:`~megarlhf.rollout.engine.SamplingParams`. Device ops only."""
+    # row-major first: every op below works along rows (the decoder's few-row output
+    # product is column-major; a log-softmax over it costs 2x its copy)
+    logits = logits.contiguous()
     policy = torch.log_softmax(logits, dim=-1)
     if shaped is not None:
         logits = shaped
@@ -97,7 +100,7 @@ def pick(logits: torch.Tensor, params, u: torch.Tensor, shaped: Optional[torch.T
     plain = params.temperature == 1.0 and not params.top_k and params.top_p >= 1.0 and shaped is None
     filt = policy if plain else torch.log_softmax(
         filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
-    cdf = filt.double().exp().cumsum(-1)
+    cdf = filt.exp().cumsum(-1, dtype=torch.float64)  # probabilities in fp32, summed in fp64
     total = cdf[:, -1:]
     # the first id whose CDF exceeds u * total: it raised the CDF, so its probability is > 0
     # (a zero-probability id never is: it leaves the CDF where it was). The target stays
