@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["LMBatch", "pad_examples", "pack_examples", "segments_to_attention_mask"]
+__all__ = ["LMBatch", "pad_examples", "pack_examples", "segments_to_attention_mask", "PairBatch", "pair_batch",
+           "pack_pairs"]
 
 Example = Tuple[Sequence[int], Sequence[bool]]  # token ids, loss mask (True = trained)
 
@@ -149,10 +150,26 @@ class PairBatch:
     attention_mask: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None
     """``[n]`` 1 for real pairs, 0 for filler pairs that only complete a microbatch."""
+    gather: Optional[torch.Tensor] = None
+    """Packed rows only (:func:`pack_pairs`): ``[2n, L]`` where each sequence's tokens sit
+    in the flattened ``[rows * s]`` batch, in order (``rows * s`` past a sequence's end:
+    reads as 0). None: row ``i`` is sequence ``i``."""
 
     @property
     def num_pairs(self) -> int:
+        if self.gather is not None:
+            return self.gather.shape[0] // 2
         return self.tokens.shape[0] // 2
+
+    def seqwise(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token ``x [rows, s, ...]`` of the model's layout -> one right-padded row per
+        sequence ``[2n, L, ...]`` (chosen, rejected interleaved; zeros past each end), the
+        layout ``last_index`` and the per-sequence functions read. The identity for padded
+        batches."""
+        if self.gather is None:
+            return x
+        flat = x.reshape(-1, *x.shape[2:])
+        return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[self.gather]
 
     def weights(self) -> torch.Tensor:
         return torch.ones(self.num_pairs, device=self.tokens.device) if self.valid is None else self.valid
@@ -162,7 +179,7 @@ class PairBatch:
         return PairBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
                          self.position_ids.to(device), self.last_index.to(device),
                          opt(self.ref_logprobs), opt(self.margin), opt(self.attention_mask),
-                         opt(self.valid))
+                         opt(self.valid), opt(self.gather))
 
 
 def pair_batch(pairs: Sequence[Tuple[Example, Example]], seq_length: int, pad_id: int,
@@ -189,3 +206,88 @@ def pair_batch(pairs: Sequence[Tuple[Example, Example]], seq_length: int, pad_id
         valid[:real] = 1.0
     return PairBatch(lm.tokens, lm.labels, lm.loss_mask, lm.position_ids, last, ref, margin,
                      valid=valid)
+
+
+def pack_pairs(pairs: Sequence[Tuple[Example, Example]], seq_length: int, rows: int, pad_id: int,
+               ref_logprobs: Optional[Sequence[Tuple[float, float]]] = None,
+               margins: Optional[Sequence[float]] = None, trim: bool = False) -> List[PairBatch]:
+    """Pairs packed into microbatches of ``rows`` rows of ``seq_length`` tokens: in order,
+    each sequence into the first row with room for it (first fit), a pair's two sequences
+    in the same microbatch (a new one starts when they do not both fit). Attention stays
+    within each sequence (block-diagonal causal mask), positions restart at 0 for each, so
+    every sequence sees what it sees alone in a padded row. ``trim``: drop a microbatch's
+    empty rows (a microbatch may then have fewer rows; not under pipeline stages, whose
+    microbatches share one shape)."""
+    out: List[PairBatch] = []
+    members: List[List[Tuple[int, int]]] = [[] for _ in range(rows)]  # (pair index, side) per row
+    room = [seq_length] * rows
+    first = 0  # the first pair of the open microbatch
+
+    def place(length: int, free: List[int]) -> int:
+        return next((r for r in range(rows) if free[r] >= length), -1)
+
+    def close(upto: int) -> None:
+        out.append(_packed(pairs, first, upto, members, seq_length, pad_id, ref_logprobs, margins, trim))
+
+    for i, pair in enumerate(pairs):
+        for (ids, _) in pair:
+            if len(ids) > seq_length:
+                raise ValueError(f"sequence of {len(ids)} tokens exceeds seq_length={seq_length}")
+        while True:
+            free = list(room)
+            spots = []
+            for ids, _ in pair:
+                r = place(len(ids), free)
+                if r < 0:
+                    break
+                free[r] -= len(ids)
+                spots.append(r)
+            if len(spots) == 2:
+                break
+            if i == first:
+                raise ValueError(f"pair {i} ({len(pair[0][0])} + {len(pair[1][0])} tokens) does not fit in "
+                                 f"{rows} rows of {seq_length} tokens")
+            close(i)
+            first, members, room = i, [[] for _ in range(rows)], [seq_length] * rows
+        for side, r in enumerate(spots):
+            members[r].append((i, side))
+        room = free
+    if pairs:
+        close(len(pairs))
+    return out
+
+
+def _packed(pairs, first: int, upto: int, members, seq_length: int, pad_id: int, ref_logprobs, margins,
+            trim: bool) -> PairBatch:
+    """The :class:`PairBatch` of pairs ``first..upto-1`` laid out as ``members``."""
+    n_rows = sum(1 for m in members if m) if trim else len(members)
+    tokens = torch.full((n_rows, seq_length), pad_id, dtype=torch.long)
+    labels = torch.zeros((n_rows, seq_length), dtype=torch.long)
+    loss_mask = torch.zeros((n_rows, seq_length), dtype=torch.float32)
+    positions = torch.zeros((n_rows, seq_length), dtype=torch.long)
+    segments = torch.full((n_rows, seq_length), -1, dtype=torch.long)
+    n = upto - first
+    lengths = [len(pairs[first + k // 2][k % 2][0]) for k in range(2 * n)]
+    width = max(lengths)
+    gather = torch.full((2 * n, width), n_rows * seq_length, dtype=torch.long)
+    for r, row in enumerate(m for m in members if m or not trim):
+        pos = 0
+        for seg, (i, side) in enumerate(row):
+            ids, mask = pairs[i][side]
+            lab, w = _shifted(ids, mask)
+            k = len(ids)
+            tokens[r, pos:pos + k] = torch.tensor(list(ids))
+            labels[r, pos:pos + k] = torch.tensor(lab)
+            loss_mask[r, pos:pos + k] = torch.tensor(w)
+            positions[r, pos:pos + k] = torch.arange(k)
+            segments[r, pos:pos + k] = seg
+            gather[2 * (i - first) + side, :k] = r * seq_length + pos + torch.arange(k)
+            pos += k
+    pad_seg = -1 - torch.arange(seq_length).unsqueeze(0).expand(n_rows, -1)
+    segments = torch.where(segments >= 0, segments, pad_seg)
+    last = torch.tensor(lengths, dtype=torch.long) - 1
+    ref = None if ref_logprobs is None else torch.tensor(
+        [x for pair in ref_logprobs[first:upto] for x in pair], dtype=torch.float32)
+    margin = None if margins is None else torch.tensor(list(margins[first:upto]), dtype=torch.float32)
+    return PairBatch(tokens, labels, loss_mask, positions, last, ref, margin,
+                     attention_mask=segments_to_attention_mask(segments), gather=gather)

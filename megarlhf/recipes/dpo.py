@@ -103,7 +103,7 @@ def sequence_logprobs_fn(mp, model_cfg, average: bool):
 
     def seq_lp(logits, b):
         lp = token_logprobs(logits, b.labels, mp.tp_group, vstart)
-        return sequence_logprobs(lp, b.loss_mask, average=average)
+        return sequence_logprobs(b.seqwise(lp), b.seqwise(b.loss_mask), average=average)
 
     return seq_lp
 
@@ -117,10 +117,10 @@ def dpo_forward_step(mp, model_cfg, d: DPOLossConfig, device, ref_chunks=None):
 
     def forward_step(data_iter, model):
         b = next(data_iter).to(device)
-        logits = model(b.tokens, b.position_ids, attention_mask=None)
+        logits = model(b.tokens, b.position_ids, attention_mask=b.attention_mask)
         if ref_chunks is not None:
             with torch.no_grad():
-                ref = seq_lp(ref_chunks[0](b.tokens, b.position_ids, attention_mask=None), b)
+                ref = seq_lp(ref_chunks[0](b.tokens, b.position_ids, attention_mask=b.attention_mask), b)
         else:
             ref = b.ref_logprobs
 
@@ -130,7 +130,7 @@ def dpo_forward_step(mp, model_cfg, d: DPOLossConfig, device, ref_chunks=None):
             w = b.weights().float()
             per_pair = dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing)
             if d.nll_weight:
-                n_tok = b.loss_mask[0::2].sum(-1)
+                n_tok = b.seqwise(b.loss_mask)[0::2].sum(-1)
                 per_pair = per_pair + d.nll_weight * chosen_nll(pc * n_tok if d.length_normalized else pc,
                                                                 n_tok)
             loss = (per_pair * w).sum()
@@ -154,9 +154,10 @@ def _summary(stats: torch.Tensor) -> Dict[str, float]:
 
 
 def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, seq_length: int,
-                         pad_id: int, device):
+                         pad_id: int, device, packing: bool = False):
     """Sequence log-probs of every pair under the initial policy (the reference), computed
-    in one forward pass split over data-parallel replicas; returns the dataset with
+    in one forward pass split over data-parallel replicas (``packing``: in packed rows, see
+    :func:`~megarlhf.recipes.pairs_common.pair_microbatches`); returns the dataset with
     ``ref_chosen`` and ``ref_rejected`` columns (identical on every rank)."""
     from megarlhf.models.llama import sequence_multiple_of
     from megarlhf.recipes.pairs_common import pair_microbatches
@@ -165,11 +166,12 @@ def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, 
     seq_lp = sequence_logprobs_fn(mp, model_cfg, d.length_normalized)
     n = len(ds)
     mine = list(replica_share(n, mp))
-    micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id, multiple=sequence_multiple_of(chunks))
+    micro, seq = pair_microbatches(ds, mine, mbs, seq_length, pad_id, multiple=sequence_multiple_of(chunks),
+                                   packing=packing, trim=mp.config.pp == 1)
 
     def step(it, model):
         b = next(it).to(device)
-        out = model(b.tokens, b.position_ids, attention_mask=None)
+        out = model(b.tokens, b.position_ids, attention_mask=b.attention_mask)
         return out, lambda o, non_loss_data=True: (seq_lp(o, b).double(), b.weights())
 
     outs = forward_only(chunks, mp, step, micro, seq, 2 * mbs) if micro else []
@@ -208,10 +210,10 @@ def run(cfg: DPOConfig) -> dict:
     if d.reference == "precomputed":
         t0 = time.time()
         train_ds = precompute_reference(chunks, mp, model_cfg, train_ds, d, t.micro_batch_size,
-                                        t.seq_length, tokenizer.pad_id, dev)
+                                        t.seq_length, tokenizer.pad_id, dev, t.packing)
         if eval_ds is not None:
             eval_ds = precompute_reference(chunks, mp, model_cfg, eval_ds, d, t.micro_batch_size,
-                                           t.seq_length, tokenizer.pad_id, dev)
+                                           t.seq_length, tokenizer.pad_id, dev, t.packing)
         log.say(f"reference log-probs precomputed for {len(train_ds)} pairs in {time.time() - t0:.1f} s")
     else:
         ref_chunks = build_model(model_cfg, mp, kind="causal")
@@ -238,7 +240,8 @@ def run(cfg: DPOConfig) -> dict:
     log.start_progress(total_steps, step)
     while step < total_steps:
         micro, seq = pair_microbatches(train_ds, next(batches), t.micro_batch_size, t.seq_length,
-                                       tokenizer.pad_id, with_ref=with_ref, multiple=multiple)
+                                       tokenizer.pad_id, with_ref=with_ref, multiple=multiple,
+                                       packing=t.packing, trim=mp.config.pp == 1)
         step += 1
         res = tr.step(mp, forward_step, micro, seq, 2 * t.micro_batch_size, step, run_.preempt)
         consumed += t.global_batch_size

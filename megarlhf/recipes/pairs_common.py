@@ -40,6 +40,12 @@ class PairsTrainConfig(OneModelLoopConfig):
     """Shard optimizer states over data-parallel ranks when DP > 1."""
     init_from: str = "runs/sft/checkpoint"
     """The starting checkpoint (an SFT model)."""
+    packing: bool = False
+    """Pack the sequences of a step into microbatches of ``2 x micro_batch_size`` rows of
+    ``seq_length`` tokens (each sequence whole, attention kept within it, positions from
+    0), as many pairs per microbatch as fit, instead of ``micro_batch_size`` pairs padded
+    to their longest sequence. The same losses and gradients, less padding. Local layers
+    only for now (Transformer Engine's packed format is not wired)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,13 @@ def pair_job_problems(cfg, finite: Tuple[str, ...] = ()) -> List[str]:
                  f"DP={dp} x train.micro_batch_size={t.micro_batch_size}")
     if t.seq_length < cfg.data.max_length:
         p.append(f"train.seq_length={t.seq_length} is shorter than data.max_length={cfg.data.max_length}")
+    if t.packing and cfg.model.transformer_impl == "transformer_engine":
+        p.append(PACKING_TE)
     return p
+
+
+PACKING_TE = ("train.packing=true is not supported with model.transformer_impl='transformer_engine' yet "
+              "(its packed format is not wired); set train.packing=false")
 
 
 def tokenizer_of(meta, ckpt_dir: str, chosen=None, say=None, require: bool = True):
@@ -191,6 +203,10 @@ def set_up_pairs(cfg, run, kind: str) -> PairsSetup:
     for line in data.summary():
         log.say(f"data: {line}")
     model_cfg = cfg.model.apply(init_meta.model)
+    if t.packing and model_cfg.transformer_impl == "transformer_engine":  # the checkpoint's own choice
+        from megarlhf.config import ConfigError
+
+        raise ConfigError([PACKING_TE])
     check_layout(model_cfg, cfg.parallel, run.env.world_size)
     multiple = check_row_length(t.seq_length, model_cfg, cfg.parallel)
     chunks = build_model(model_cfg, run.mp, kind=kind)
@@ -211,24 +227,29 @@ def load_init(chunks, ckpt_dir: str, kind: str, init_kind: str) -> List[str]:
 
 def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad_id: int,
                       with_ref: bool = False, margin: Optional[float] = None,
-                      multiple: int = 8) -> Tuple[List[Any], int]:
-    """Pair batches of ``mbs`` pairs from rows ``indices`` of a tokenized preference dataset,
-    and the row length they are padded to: the longest sequence among them rounded up to
-    ``multiple`` (the model's :func:`~megarlhf.models.llama.sequence_multiple`; at most
-    ``seq_length``, itself a multiple), the same for every microbatch of the call, as
-    pipeline stages require."""
-    from megarlhf.data.batch import pair_batch
+                      multiple: int = 8, packing: bool = False, trim: bool = False) -> Tuple[List[Any], int]:
+    """Pair batches of rows ``indices`` of a tokenized preference dataset, and their row
+    length. Padded: ``mbs`` pairs per microbatch (``2 * mbs`` rows), rows padded to the
+    longest sequence among them rounded up to ``multiple`` (the model's
+    :func:`~megarlhf.models.llama.sequence_multiple`; at most ``seq_length``, itself a
+    multiple), the same for every microbatch of the call, as pipeline stages require.
+    ``packing``: microbatches of ``2 * mbs`` rows of ``seq_length`` tokens holding as many
+    pairs as fit (:func:`~megarlhf.data.batch.pack_pairs`); ``trim`` drops their empty
+    rows (not under pipeline stages)."""
+    from megarlhf.data.batch import pack_pairs, pair_batch
     from megarlhf.models.llama import pad_to
 
     rows_all = [ds[int(i)] for i in indices]
-    longest = max([max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows_all] or [1])
+    pairs_all = [((r["chosen_ids"], r["chosen_mask"]), (r["rejected_ids"], r["rejected_mask"])) for r in rows_all]
+    refs_all = [(r["ref_chosen"], r["ref_rejected"]) for r in rows_all] if with_ref else None
+    margins_all = [margin] * len(rows_all) if margin else None
+    if packing:
+        return pack_pairs(pairs_all, seq_length, 2 * mbs, pad_id, refs_all, margins_all, trim=trim), seq_length
+    longest = max([max(len(c[0]), len(r[0])) for c, r in pairs_all] or [1])
     seq_length = min(seq_length, pad_to(longest, multiple))
     out = []
     for s in range(0, len(rows_all), mbs):
-        rows = rows_all[s:s + mbs]
-        pairs = [((r["chosen_ids"], r["chosen_mask"]), (r["rejected_ids"], r["rejected_mask"]))
-                 for r in rows]
-        refs = [(r["ref_chosen"], r["ref_rejected"]) for r in rows] if with_ref else None
-        margins = [margin] * len(rows) if margin else None
-        out.append(pair_batch(pairs, seq_length, pad_id, refs, margins, num_pairs=mbs))
+        sl = slice(s, s + mbs)
+        out.append(pair_batch(pairs_all[sl], seq_length, pad_id, refs_all and refs_all[sl],
+                              margins_all and margins_all[sl], num_pairs=mbs))
     return out, seq_length

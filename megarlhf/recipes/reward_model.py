@@ -63,12 +63,11 @@ def reward_forward_step(mp, device, pooling: str = "last"):
 
     def forward_step(data_iter, model):
         b = next(data_iter).to(device)
-        values = model(b.tokens, b.position_ids, attention_mask=None)
+        values = model(b.tokens, b.position_ids, attention_mask=b.attention_mask)
 
         def loss_fn(output, non_loss_data=False):
-            resp = None if pooling == "last" else response_positions(b.loss_mask)
-            r = pool_rewards(output[..., 0].float(), resp, b.last_index,
-                             pooling)
+            resp = None if pooling == "last" else response_positions(b.seqwise(b.loss_mask))
+            r = pool_rewards(b.seqwise(output[..., 0].float()), resp, b.last_index, pooling)
             rc, rr = r[0::2], r[1::2]
             w = b.weights().float()
             loss = (bradley_terry_loss(rc, rr, 0.0 if b.margin is None else b.margin) * w).sum()
@@ -168,7 +167,8 @@ def run(cfg: RMConfig) -> dict:
     log.start_progress(total_steps, step)
     while step < total_steps:
         micro, seq = pair_microbatches(data.train, next(batches), t.micro_batch_size, t.seq_length,
-                                       tokenizer.pad_id, margin=cfg.margin, multiple=multiple)
+                                       tokenizer.pad_id, margin=cfg.margin, multiple=multiple,
+                                       packing=t.packing, trim=mp.config.pp == 1)
         step += 1
         res = tr.step(mp, forward_step, micro, seq, 2 * t.micro_batch_size, step, run_.preempt)
         consumed += t.global_batch_size
