@@ -40,7 +40,22 @@ def parse_args(kind: str) -> argparse.Namespace:
     ap.add_argument("--trl", action="store_true", help="also run TRL's trainer (needs trl)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs of each side")
     ap.add_argument("--threads", type=int, default=0)
-    return ap.parse_args()
+    ap.add_argument("--pack", action="store_true",
+                    help="megarlhf packs the pairs (train.packing=true): 2 x batch rows of --seq-len tokens")
+    ap.add_argument("--len-range", default=None, metavar="A:B",
+                    help="synthetic pairs instead of the task's: each sequence's length uniform in [A, B] "
+                         "(a third of it prompt), --seq-len at least B; megarlhf only")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "unfused", "sdpa"],
+                    help="megarlhf's core attention (model.attention_backend)")
+    args = ap.parse_args()
+    if args.len_range:
+        lo, hi = (int(x) for x in args.len_range.split(":"))
+        if not 2 <= lo <= hi <= args.seq_len:
+            ap.error(f"--len-range {args.len_range}: need 2 <= A <= B <= --seq-len ({args.seq_len})")
+        if args.trl:
+            ap.error("--len-range makes token-id pairs without text: not with --trl")
+        args.len_range = (lo, hi)
+    return args
 
 
 def task_pairs(n: int, seq_len: int):
@@ -55,13 +70,30 @@ def task_pairs(n: int, seq_len: int):
     return rows, files
 
 
+def synthetic_pairs(n: int, lo: int, hi: int, vocab: int):
+    """``n`` pairs of random token ids, each sequence ``lo..hi`` tokens long (uniform), its
+    first third a prompt shared by chosen and rejected."""
+    import datasets
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        c, r = (int(x) for x in torch.randint(lo, hi + 1, (2,), generator=g))
+        p = max(1, min(c, r) // 3)
+        prompt = torch.randint(3, vocab, (p,), generator=g).tolist()
+        side = lambda k: prompt + torch.randint(3, vocab, (k - p,), generator=g).tolist()  # noqa: E731
+        rows.append({"chosen_ids": side(c), "chosen_mask": [False] * p + [True] * (c - p),
+                     "rejected_ids": side(r), "rejected_mask": [False] * p + [True] * (r - p)})
+    return datasets.Dataset.from_list(rows)
+
+
 def model_config(args, vocab: int):
     from megarlhf.config import ModelConfig
 
     return ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                        num_attention_heads=args.heads, num_query_groups=args.kv_heads,
                        vocab_size=max(vocab, args.vocab), max_position_embeddings=max(args.seq_len, 64),
-                       params_dtype=args.dtype)
+                       params_dtype=args.dtype, attention_backend=args.attention_backend)
 
 
 def ours(kind: str, args, rows, files) -> Dict[str, float]:
@@ -73,7 +105,7 @@ def ours(kind: str, args, rows, files) -> Dict[str, float]:
     from megarlhf.models.llama import build_model
     from megarlhf.parallel import init_single_process, initialize_model_parallel
     from megarlhf.config import ParallelConfig
-    from megarlhf.recipes.pairs_common import pair_microbatches
+    from megarlhf.recipes.pairs_common import micro_rows, packed_model, pair_microbatches
     from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
     from megarlhf.train.step import train_step
 
@@ -83,18 +115,21 @@ def ours(kind: str, args, rows, files) -> Dict[str, float]:
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    data = build_dataset(DataConfig(sources=[SourceConfig(path=path)], max_length=args.seq_len,
-                                    max_prompt_length=args.seq_len, dedup=False), "preference", template)
+    if args.len_range:
+        train = synthetic_pairs(len(rows), *args.len_range, tok.vocab_size)
+    else:
+        train = build_dataset(DataConfig(sources=[SourceConfig(path=path)], max_length=args.seq_len,
+                                         max_prompt_length=args.seq_len, dedup=False), "preference", template).train
     init_single_process()
     mp = initialize_model_parallel(ParallelConfig(), seed=0)
-    cfg = model_config(args, tok.vocab_size)
+    cfg = packed_model(model_config(args, tok.vocab_size), args.pack)
     chunks = build_model(cfg, mp, kind="reward" if kind == "rm" else "causal")
-    ds = data.train
+    ds = train
     if kind == "dpo":
         from megarlhf.recipes.dpo import DPOLossConfig, dpo_forward_step, precompute_reference
 
         ds = precompute_reference(chunks, mp, cfg, ds, DPOLossConfig(), args.batch, args.seq_len,
-                                  tok.pad_id, torch.device("cpu"))
+                                  tok.pad_id, torch.device("cpu"), packing=args.pack)
         step_fn = dpo_forward_step(mp, cfg, DPOLossConfig(), torch.device("cpu"))
     else:
         from megarlhf.recipes.reward_model import reward_forward_step
@@ -104,16 +139,19 @@ def ours(kind: str, args, rows, files) -> Dict[str, float]:
         c.config.calculate_per_token_loss = True
     ddp = wrap_ddp(chunks, mp)
     opt = build_optimizer(ddp, OptimConfig(lr=1e-5), mp)
-    times, tokens = [], []
+    times, tokens, slots = [], [], []
     for s in range(args.steps):
         idx = [(s * args.batch + i) % len(ds) for i in range(args.batch)]
-        micro, seq = pair_microbatches(ds, idx, args.batch, args.seq_len, tok.pad_id, with_ref=kind == "dpo")
+        micro, seq = pair_microbatches(ds, idx, args.batch, args.seq_len, tok.pad_id, with_ref=kind == "dpo",
+                                       packing=args.pack, trim=True)
         t0 = time.perf_counter()
-        train_step(ddp, opt, mp, step_fn, micro, seq, 2 * args.batch)
+        train_step(ddp, opt, mp, step_fn, micro, seq, micro_rows(micro, args.batch))
         times.append(time.perf_counter() - t0)
         tokens.append(sum(len(ds[i]["chosen_ids"]) + len(ds[i]["rejected_ids"]) for i in idx))
+        slots.append(sum(m.tokens.numel() for m in micro))
     return {"tokens_per_s": sum(tokens[1:]) / sum(times[1:]), "step_s": statistics.median(times[1:]),
-            "pairs": len(ds)}
+            "padded_tokens_per_s": sum(slots[1:]) / sum(times[1:]),
+            "padding_fraction": 1 - sum(tokens[1:]) / sum(slots[1:]), "pairs": len(ds)}
 
 
 def trl_side(kind: str, args, rows, files) -> Dict[str, float]:
@@ -194,8 +232,13 @@ def main(kind: str) -> int:
         if args.trl:
             results["trl"].append(trl_side(kind, args, rows, files))
     med = lambda side: statistics.median(r["tokens_per_s"] for r in results[side])  # noqa: E731
+    ours_med = lambda key: statistics.median(r[key] for r in results["megarlhf"])  # noqa: E731
     out = {"tokens_per_s": round(med("megarlhf"), 1),
-           "step_s": round(statistics.median(r["step_s"] for r in results["megarlhf"]), 4),
+           "step_s": round(ours_med("step_s"), 4),
+           "padded_tokens_per_s": round(ours_med("padded_tokens_per_s"), 1),
+           "padding_fraction": round(ours_med("padding_fraction"), 4),
+           "pack": args.pack, "len_range": list(args.len_range) if args.len_range else None,
+           "attention_backend": args.attention_backend,
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "kind": kind, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
            "dtype": args.dtype, "layers": args.layers, "hidden": args.hidden,

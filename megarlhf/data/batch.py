@@ -16,7 +16,7 @@ examples gives the same loss and gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -134,10 +134,12 @@ class PairBatch:
     """Preference pairs for one microbatch: row ``2i`` is pair i's chosen sequence and row
     ``2i + 1`` its rejected one, so one forward covers both.
 
-    tokens, labels, loss_mask, position_ids as in :class:`LMBatch` (``[2n, s]``; the loss
-    mask marks response tokens), ``last_index [2n]`` the last real token of each row
-    (where a reward model's score is read), ``ref_logprobs [2n]`` precomputed reference
-    sequence log-probs (or None), ``margin [n]`` per-pair reward margins (or None).
+    tokens, labels, loss_mask, position_ids as in :class:`LMBatch` (``[2n, s]``, or one
+    packed row ``[1, T]`` with ``packed_seq_params``; the loss mask marks response
+    tokens), ``last_index [2n]`` the last real token of each sequence (where a reward
+    model's score is read; in the per-sequence layout of :meth:`seqwise`),
+    ``ref_logprobs [2n]`` precomputed reference sequence log-probs (or None), ``margin
+    [n]`` per-pair reward margins (or None).
     """
 
     tokens: torch.Tensor
@@ -150,9 +152,11 @@ class PairBatch:
     attention_mask: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None
     """``[n]`` 1 for real pairs, 0 for filler pairs that only complete a microbatch."""
+    packed_seq_params: Optional[Any] = None
+    """Packed rows only: megatron's ``PackedSeqParams`` (``thd``) of the row's sequences."""
     gather: Optional[torch.Tensor] = None
     """Packed rows only (:func:`pack_pairs`): ``[2n, L]`` where each sequence's tokens sit
-    in the flattened ``[rows * s]`` batch, in order (``rows * s`` past a sequence's end:
+    in the flattened batch ``[rows * s]``, in order (``rows * s`` past a sequence's end:
     reads as 0). None: row ``i`` is sequence ``i``."""
 
     @property
@@ -179,7 +183,16 @@ class PairBatch:
         return PairBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
                          self.position_ids.to(device), self.last_index.to(device),
                          opt(self.ref_logprobs), opt(self.margin), opt(self.attention_mask),
-                         opt(self.valid), opt(self.gather))
+                         opt(self.valid), _params_to(self.packed_seq_params, device), opt(self.gather))
+
+
+def _params_to(p, device):
+    """``PackedSeqParams`` with its cumulative lengths on ``device`` (None stays None)."""
+    if p is None:
+        return None
+    import dataclasses
+
+    return dataclasses.replace(p, cu_seqlens_q=p.cu_seqlens_q.to(device), cu_seqlens_kv=p.cu_seqlens_kv.to(device))
 
 
 def pair_batch(pairs: Sequence[Tuple[Example, Example]], seq_length: int, pad_id: int,
@@ -208,86 +221,63 @@ def pair_batch(pairs: Sequence[Tuple[Example, Example]], seq_length: int, pad_id
                      valid=valid)
 
 
-def pack_pairs(pairs: Sequence[Tuple[Example, Example]], seq_length: int, rows: int, pad_id: int,
+def pack_pairs(pairs: Sequence[Tuple[Example, Example]], budget: int, pad_id: int,
                ref_logprobs: Optional[Sequence[Tuple[float, float]]] = None,
-               margins: Optional[Sequence[float]] = None, trim: bool = False) -> List[PairBatch]:
-    """Pairs packed into microbatches of ``rows`` rows of ``seq_length`` tokens: in order,
-    each sequence into the first row with room for it (first fit), a pair's two sequences
-    in the same microbatch (a new one starts when they do not both fit). Attention stays
-    within each sequence (block-diagonal causal mask), positions restart at 0 for each, so
-    every sequence sees what it sees alone in a padded row. ``trim``: drop a microbatch's
-    empty rows (a microbatch may then have fewer rows; not under pipeline stages, whose
-    microbatches share one shape)."""
+               margins: Optional[Sequence[float]] = None, trim: bool = False,
+               multiple: int = 8) -> List[PairBatch]:
+    """Pairs packed end to end into microbatches of one row of at most ``budget`` tokens,
+    in order, a pair's two sequences in the same microbatch: megatron's ``thd`` layout
+    (``packed_seq_params``, each sequence attending to itself only, positions from 0 in
+    each). The row is ``budget`` tokens long, or with ``trim`` (not under pipeline stages,
+    whose microbatches share one shape) as long as its sequences rounded up to
+    ``multiple``; the pad tokens after them form sequences of their own."""
     out: List[PairBatch] = []
-    members: List[List[Tuple[int, int]]] = [[] for _ in range(rows)]  # (pair index, side) per row
-    room = [seq_length] * rows
-    first = 0  # the first pair of the open microbatch
-
-    def place(length: int, free: List[int]) -> int:
-        return next((r for r in range(rows) if free[r] >= length), -1)
-
-    def close(upto: int) -> None:
-        out.append(_packed(pairs, first, upto, members, seq_length, pad_id, ref_logprobs, margins, trim))
-
-    for i, pair in enumerate(pairs):
-        for (ids, _) in pair:
-            if len(ids) > seq_length:
-                raise ValueError(f"sequence of {len(ids)} tokens exceeds seq_length={seq_length}")
-        while True:
-            free = list(room)
-            spots = []
-            for ids, _ in pair:
-                r = place(len(ids), free)
-                if r < 0:
-                    break
-                free[r] -= len(ids)
-                spots.append(r)
-            if len(spots) == 2:
-                break
-            if i == first:
-                raise ValueError(f"pair {i} ({len(pair[0][0])} + {len(pair[1][0])} tokens) does not fit in "
-                                 f"{rows} rows of {seq_length} tokens")
-            close(i)
-            first, members, room = i, [[] for _ in range(rows)], [seq_length] * rows
-        for side, r in enumerate(spots):
-            members[r].append((i, side))
-        room = free
+    first, used = 0, 0
+    for i, ((c, _), (r, _)) in enumerate(pairs):
+        need = len(c) + len(r)
+        if need > budget:
+            raise ValueError(f"pair {i} ({len(c)} + {len(r)} tokens) does not fit in a microbatch of "
+                             f"{budget} tokens")
+        if used + need > budget:
+            out.append(_packed(pairs[first:i], first, budget, pad_id, ref_logprobs, margins, trim, multiple))
+            first, used = i, 0
+        used += need
     if pairs:
-        close(len(pairs))
+        out.append(_packed(pairs[first:], first, budget, pad_id, ref_logprobs, margins, trim, multiple))
     return out
 
 
-def _packed(pairs, first: int, upto: int, members, seq_length: int, pad_id: int, ref_logprobs, margins,
-            trim: bool) -> PairBatch:
-    """The :class:`PairBatch` of pairs ``first..upto-1`` laid out as ``members``."""
-    n_rows = sum(1 for m in members if m) if trim else len(members)
-    tokens = torch.full((n_rows, seq_length), pad_id, dtype=torch.long)
-    labels = torch.zeros((n_rows, seq_length), dtype=torch.long)
-    loss_mask = torch.zeros((n_rows, seq_length), dtype=torch.float32)
-    positions = torch.zeros((n_rows, seq_length), dtype=torch.long)
-    segments = torch.full((n_rows, seq_length), -1, dtype=torch.long)
-    n = upto - first
-    lengths = [len(pairs[first + k // 2][k % 2][0]) for k in range(2 * n)]
+def _packed(pairs, first: int, budget: int, pad_id: int, ref_logprobs, margins, trim: bool,
+            multiple: int) -> PairBatch:
+    """The one-row ``thd`` :class:`PairBatch` of ``pairs`` (``pairs[0]`` is pair ``first``)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    seqs = [side for pair in pairs for side in pair]
+    lengths = [len(ids) for ids, _ in seqs]
+    used = sum(lengths)
+    row = min(budget, -(-used // multiple) * multiple) if trim else budget
     width = max(lengths)
-    gather = torch.full((2 * n, width), n_rows * seq_length, dtype=torch.long)
-    for r, row in enumerate(m for m in members if m or not trim):
-        pos = 0
-        for seg, (i, side) in enumerate(row):
-            ids, mask = pairs[i][side]
-            lab, w = _shifted(ids, mask)
-            k = len(ids)
-            tokens[r, pos:pos + k] = torch.tensor(list(ids))
-            labels[r, pos:pos + k] = torch.tensor(lab)
-            loss_mask[r, pos:pos + k] = torch.tensor(w)
-            positions[r, pos:pos + k] = torch.arange(k)
-            segments[r, pos:pos + k] = seg
-            gather[2 * (i - first) + side, :k] = r * seq_length + pos + torch.arange(k)
-            pos += k
-    pad_seg = -1 - torch.arange(seq_length).unsqueeze(0).expand(n_rows, -1)
-    segments = torch.where(segments >= 0, segments, pad_seg)
-    last = torch.tensor(lengths, dtype=torch.long) - 1
+    ids_all, labels, weights = [], [], []
+    for ids, mask in seqs:
+        lab, w = _shifted(ids, mask)
+        ids_all += list(ids)
+        labels += lab
+        weights += w
+    pad = row - used
+    spans = lengths + [width] * (pad // width) + ([pad % width] if pad % width else [])
+    tokens = torch.tensor(ids_all + [pad_id] * pad, dtype=torch.long)[None]
+    label_t = torch.tensor(labels + [0] * pad, dtype=torch.long)[None]
+    loss_mask = torch.tensor(weights + [0.0] * pad, dtype=torch.float32)[None]
+    positions = torch.cat([torch.arange(n) for n in spans])[None]
+    cu = torch.tensor([0] + spans, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    gather = torch.full((len(seqs), width), row, dtype=torch.long)
+    for k, n in enumerate(lengths):
+        gather[k, :n] = torch.arange(int(cu[k]), int(cu[k]) + n)
+    upto = first + len(pairs)
     ref = None if ref_logprobs is None else torch.tensor(
         [x for pair in ref_logprobs[first:upto] for x in pair], dtype=torch.float32)
     margin = None if margins is None else torch.tensor(list(margins[first:upto]), dtype=torch.float32)
-    return PairBatch(tokens, labels, loss_mask, positions, last, ref, margin,
-                     attention_mask=segments_to_attention_mask(segments), gather=gather)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=width, max_seqlen_kv=width)
+    return PairBatch(tokens, label_t, loss_mask, positions, torch.tensor(lengths) - 1, ref, margin,
+                     gather=gather, packed_seq_params=params)

@@ -117,10 +117,12 @@ def dpo_forward_step(mp, model_cfg, d: DPOLossConfig, device, ref_chunks=None):
 
     def forward_step(data_iter, model):
         b = next(data_iter).to(device)
-        logits = model(b.tokens, b.position_ids, attention_mask=b.attention_mask)
+        logits = model(b.tokens, b.position_ids, attention_mask=b.attention_mask,
+                       packed_seq_params=b.packed_seq_params)
         if ref_chunks is not None:
             with torch.no_grad():
-                ref = seq_lp(ref_chunks[0](b.tokens, b.position_ids, attention_mask=b.attention_mask), b)
+                ref = seq_lp(ref_chunks[0](b.tokens, b.position_ids, attention_mask=b.attention_mask,
+                                           packed_seq_params=b.packed_seq_params), b)
         else:
             ref = b.ref_logprobs
 
@@ -160,7 +162,7 @@ def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, 
     :func:`~megarlhf.recipes.pairs_common.pair_microbatches`); returns the dataset with
     ``ref_chosen`` and ``ref_rejected`` columns (identical on every rank)."""
     from megarlhf.models.llama import sequence_multiple_of
-    from megarlhf.recipes.pairs_common import pair_microbatches
+    from megarlhf.recipes.pairs_common import micro_rows, pair_microbatches
     from megarlhf.train.step import forward_only
 
     seq_lp = sequence_logprobs_fn(mp, model_cfg, d.length_normalized)
@@ -171,10 +173,11 @@ def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, 
 
     def step(it, model):
         b = next(it).to(device)
-        out = model(b.tokens, b.position_ids, attention_mask=b.attention_mask)
+        out = model(b.tokens, b.position_ids, attention_mask=b.attention_mask,
+                       packed_seq_params=b.packed_seq_params)
         return out, lambda o, non_loss_data=True: (seq_lp(o, b).double(), b.weights())
 
-    outs = forward_only(chunks, mp, step, micro, seq, 2 * mbs) if micro else []
+    outs = forward_only(chunks, mp, step, micro, seq, micro_rows(micro, mbs)) if micro else []
     values = torch.zeros(n, 2, dtype=torch.float64, device=device)
     if outs:
         lp = torch.cat([o[0][o[1].repeat_interleave(2) > 0] for o in outs]).view(-1, 2)
@@ -192,7 +195,7 @@ def run(cfg: DPOConfig) -> dict:
     from megarlhf.models.llama import build_model, describe
     from megarlhf.parallel import destroy
     from megarlhf.recipes.common import Evaluator
-    from megarlhf.recipes.pairs_common import load_init, output_meta, pair_microbatches, set_up_pairs
+    from megarlhf.recipes.pairs_common import load_init, micro_rows, output_meta, pair_microbatches, set_up_pairs
     from megarlhf.train.step import reduce_stats
     from megarlhf.train.job import make_trainable, resume, save_state, start_run, total_steps_of
     from megarlhf.train.step import forward_only
@@ -243,7 +246,7 @@ def run(cfg: DPOConfig) -> dict:
                                        tokenizer.pad_id, with_ref=with_ref, multiple=multiple,
                                        packing=t.packing, trim=mp.config.pp == 1)
         step += 1
-        res = tr.step(mp, forward_step, micro, seq, 2 * t.micro_batch_size, step, run_.preempt)
+        res = tr.step(mp, forward_step, micro, seq, micro_rows(micro, t.micro_batch_size), step, run_.preempt)
         consumed += t.global_batch_size
         tokens = sum(int((m.tokens != tokenizer.pad_id).sum()) for m in micro) * mp.dp_size
         log.log(step, {**_summary(reduce_stats(res["outputs"], mp, dev)), **tr.record(res, tokens)})

@@ -16,7 +16,7 @@ from megarlhf.train.metrics import LogConfig
 from megarlhf.train.loop import OneModelLoopConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["PairsTrainConfig", "PairsSetup", "set_up_pairs", "PairsJobConfig", "pair_job_problems", "pair_microbatches", "load_init", "tokenizer_of", "recorded_template",
+__all__ = ["PairsTrainConfig", "PairsSetup", "set_up_pairs", "PairsJobConfig", "pair_job_problems", "pair_microbatches", "micro_rows", "load_init", "tokenizer_of", "recorded_template",
            "make_template", "output_meta"]
 
 
@@ -98,11 +98,34 @@ def pair_job_problems(cfg, finite: Tuple[str, ...] = ()) -> List[str]:
         p.append(f"train.seq_length={t.seq_length} is shorter than data.max_length={cfg.data.max_length}")
     if t.packing and cfg.model.transformer_impl == "transformer_engine":
         p.append(PACKING_TE)
+    if t.packing and cfg.model.attention_backend == "unfused":
+        p.append(PACKING_UNFUSED)
     return p
 
 
 PACKING_TE = ("train.packing=true is not supported with model.transformer_impl='transformer_engine' yet "
               "(its packed format is not wired); set train.packing=false")
+PACKING_UNFUSED = ("train.packing=true needs model.attention_backend=sdpa (or auto) with local layers: megatron's "
+                   "unfused attention takes no packed sequences; set one of them")
+
+
+def packed_model(model_cfg, packing: bool, say=None):
+    """``model_cfg`` as packed pairs need it: local layers attend through ``sdpa`` (``auto``
+    resolves to it, reported through ``say``); unfused attention and Transformer Engine
+    layers are refused, naming the fix."""
+    from megarlhf.config import ConfigError
+
+    if not packing:
+        return model_cfg
+    if model_cfg.transformer_impl == "transformer_engine":  # the checkpoint's own choice
+        raise ConfigError([PACKING_TE])
+    if model_cfg.attention_backend == "unfused":
+        raise ConfigError([PACKING_UNFUSED])
+    if model_cfg.attention_backend != "sdpa":
+        if say is not None:
+            say("attention: sdpa (train.packing=true; model.attention_backend was auto)")
+        model_cfg = dataclasses.replace(model_cfg, attention_backend="sdpa")
+    return model_cfg
 
 
 def tokenizer_of(meta, ckpt_dir: str, chosen=None, say=None, require: bool = True):
@@ -202,11 +225,7 @@ def set_up_pairs(cfg, run, kind: str) -> PairsSetup:
     data = build_dataset(cfg.data, "preference", template)
     for line in data.summary():
         log.say(f"data: {line}")
-    model_cfg = cfg.model.apply(init_meta.model)
-    if t.packing and model_cfg.transformer_impl == "transformer_engine":  # the checkpoint's own choice
-        from megarlhf.config import ConfigError
-
-        raise ConfigError([PACKING_TE])
+    model_cfg = packed_model(cfg.model.apply(init_meta.model), t.packing, log.say)
     check_layout(model_cfg, cfg.parallel, run.env.world_size)
     multiple = check_row_length(t.seq_length, model_cfg, cfg.parallel)
     chunks = build_model(model_cfg, run.mp, kind=kind)
@@ -233,9 +252,9 @@ def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad
     longest sequence among them rounded up to ``multiple`` (the model's
     :func:`~megarlhf.models.llama.sequence_multiple`; at most ``seq_length``, itself a
     multiple), the same for every microbatch of the call, as pipeline stages require.
-    ``packing``: microbatches of ``2 * mbs`` rows of ``seq_length`` tokens holding as many
-    pairs as fit (:func:`~megarlhf.data.batch.pack_pairs`); ``trim`` drops their empty
-    rows (not under pipeline stages)."""
+    ``packing``: each microbatch one row of at most ``2 * mbs * seq_length`` tokens holding
+    as many pairs as fit end to end (:func:`~megarlhf.data.batch.pack_pairs`); ``trim``
+    cuts its padding (not under pipeline stages). :func:`micro_rows` gives the rows."""
     from megarlhf.data.batch import pack_pairs, pair_batch
     from megarlhf.models.llama import pad_to
 
@@ -244,7 +263,8 @@ def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad
     refs_all = [(r["ref_chosen"], r["ref_rejected"]) for r in rows_all] if with_ref else None
     margins_all = [margin] * len(rows_all) if margin else None
     if packing:
-        return pack_pairs(pairs_all, seq_length, 2 * mbs, pad_id, refs_all, margins_all, trim=trim), seq_length
+        budget = 2 * mbs * seq_length
+        return pack_pairs(pairs_all, budget, pad_id, refs_all, margins_all, trim=trim, multiple=multiple), budget
     longest = max([max(len(c[0]), len(r[0])) for c, r in pairs_all] or [1])
     seq_length = min(seq_length, pad_to(longest, multiple))
     out = []
@@ -253,3 +273,9 @@ def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad
         out.append(pair_batch(pairs_all[sl], seq_length, pad_id, refs_all and refs_all[sl],
                               margins_all and margins_all[sl], num_pairs=mbs))
     return out, seq_length
+
+
+def micro_rows(micro: Sequence[Any], mbs: int) -> int:
+    """Rows per microbatch of :func:`pair_microbatches`' output: one packed row, or
+    ``2 * mbs``."""
+    return 1 if micro and micro[0].packed_seq_params is not None else 2 * mbs

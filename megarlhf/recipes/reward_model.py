@@ -63,7 +63,8 @@ def reward_forward_step(mp, device, pooling: str = "last"):
 
     def forward_step(data_iter, model):
         b = next(data_iter).to(device)
-        values = model(b.tokens, b.position_ids, attention_mask=b.attention_mask)
+        values = model(b.tokens, b.position_ids, attention_mask=b.attention_mask,
+                       packed_seq_params=b.packed_seq_params)
 
         def loss_fn(output, non_loss_data=False):
             resp = None if pooling == "last" else response_positions(b.seqwise(b.loss_mask))
@@ -133,7 +134,7 @@ def run(cfg: RMConfig) -> dict:
     from megarlhf.models.checkpoint import save_model
     from megarlhf.models.llama import describe
     from megarlhf.parallel import destroy
-    from megarlhf.recipes.pairs_common import output_meta, pair_microbatches, set_up_pairs
+    from megarlhf.recipes.pairs_common import micro_rows, output_meta, pair_microbatches, set_up_pairs
     from megarlhf.train.step import reduce_stats
     from megarlhf.train.job import make_trainable, resume, save_state, start_run, total_steps_of
 
@@ -170,7 +171,7 @@ def run(cfg: RMConfig) -> dict:
                                        tokenizer.pad_id, margin=cfg.margin, multiple=multiple,
                                        packing=t.packing, trim=mp.config.pp == 1)
         step += 1
-        res = tr.step(mp, forward_step, micro, seq, 2 * t.micro_batch_size, step, run_.preempt)
+        res = tr.step(mp, forward_step, micro, seq, micro_rows(micro, t.micro_batch_size), step, run_.preempt)
         consumed += t.global_batch_size
         tokens = sum(int((m.tokens != tokenizer.pad_id).sum()) for m in micro) * mp.dp_size
         log.log(step, {**_summary(reduce_stats(res["outputs"], mp, dev)), **tr.record(res, tokens)})

@@ -1,4 +1,5 @@
-"""pack_pairs: every sequence whole in one row, a pair's two in one microbatch, nothing lost."""
+"""pack_pairs: sequences end to end in one ``thd`` row, a pair's two in one microbatch,
+each read back whole; nothing lost."""
 
 import pytest
 import torch
@@ -16,37 +17,30 @@ def _pairs(lengths):
 
 def test_layout_and_per_sequence_view_match_the_padded_batch():
     pairs = _pairs([(5, 3), (9, 2), (4, 4), (7, 8), (2, 6), (3, 3)])
-    micro = pack_pairs(pairs, 12, 2, pad_id=0)
-    assert sum(b.num_pairs for b in micro) == len(pairs)
+    micro = pack_pairs(pairs, 24, pad_id=0)
+    assert [b.num_pairs for b in micro] == [2, 2, 2]  # 8+11 | 8+15 | 8+6 tokens: in order, whole pairs
     first = 0
     for b in micro:
-        assert b.tokens.shape == (2, 12)
-        ref = pair_batch(pairs[first:first + b.num_pairs], 12, 0)
+        assert b.tokens.shape == (1, 24) and b.attention_mask is None
+        ref = pair_batch(pairs[first:first + b.num_pairs], 24, 0)
         width = b.gather.shape[1]
-        for name in ("tokens", "labels", "loss_mask"):
-            assert torch.equal(b.seqwise(getattr(b, name)), getattr(ref, name)[:, :width]), name
-        assert torch.equal(b.seqwise(b.position_ids)[b.seqwise(b.loss_mask) > 0],
-                           ref.position_ids[:, :width][ref.loss_mask[:, :width] > 0])
+        for name in ("tokens", "labels", "loss_mask", "position_ids"):
+            real = ref.loss_mask[:, :width] > 0
+            assert torch.equal(b.seqwise(getattr(b, name))[real], getattr(ref, name)[:, :width][real]), name
+        assert torch.equal(b.seqwise(b.tokens), ref.tokens[:, :width])
         assert torch.equal(b.last_index, ref.last_index)
-        # attention: causal within each sequence, never across sequences
-        allowed = ~b.attention_mask[:, 0]
-        owner = torch.full((2 * 12,), -1)
-        for k, row in enumerate(b.gather):
-            owner[row[row < 2 * 12]] = k
-        for r in range(2):
-            o = owner[r * 12:(r + 1) * 12]
-            real = o >= 0
-            want = (o[:, None] == o[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
-            assert torch.equal(allowed[r][real][:, real], want[real][:, real])
+        p = b.packed_seq_params
+        assert p.qkv_format == "thd" and int(p.cu_seqlens_q[-1]) == 24 and p.max_seqlen_q == width
+        lens = (p.cu_seqlens_q[1:] - p.cu_seqlens_q[:-1]).tolist()
+        assert lens[:2 * b.num_pairs] == [len(s[0]) for pair in pairs[first:first + b.num_pairs] for s in pair]
+        assert max(lens) <= width  # the pad tail is cut into sequences no longer than the longest
         first += b.num_pairs
-    assert len(micro) >= 2
 
 
-def test_trim_drops_empty_rows_and_errors_name_the_sizes():
+def test_trim_cuts_the_row_to_a_multiple_and_errors_name_the_sizes():
     pairs = _pairs([(3, 3)])
-    assert pack_pairs(pairs, 16, 4, 0)[0].tokens.shape == (4, 16)
-    assert pack_pairs(pairs, 16, 4, 0, trim=True)[0].tokens.shape == (1, 16)
-    with pytest.raises(ValueError, match="exceeds seq_length=8"):
-        pack_pairs(_pairs([(9, 2)]), 8, 2, 0)
-    with pytest.raises(ValueError, match="does not fit in 1 rows of 8 tokens"):
-        pack_pairs(_pairs([(6, 5)]), 8, 1, 0)
+    assert pack_pairs(pairs, 64, 0)[0].tokens.shape == (1, 64)
+    b = pack_pairs(pairs, 64, 0, trim=True, multiple=8)[0]
+    assert b.tokens.shape == (1, 8) and b.packed_seq_params.cu_seqlens_q.tolist() == [0, 3, 6, 8]
+    with pytest.raises(ValueError, match=r"pair 0 \(9 \+ 2 tokens\) does not fit in a microbatch of 8 tokens"):
+        pack_pairs(_pairs([(9, 2)]), 8, 0)

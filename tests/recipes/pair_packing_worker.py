@@ -10,7 +10,7 @@ from megarlhf.config import ParallelConfig, preset  # noqa: E402
 from megarlhf.models.llama import build_model  # noqa: E402
 from megarlhf.parallel import destroy, init_distributed, initialize_model_parallel  # noqa: E402
 from megarlhf.recipes.dpo import DPOLossConfig, dpo_forward_step  # noqa: E402
-from megarlhf.recipes.pairs_common import pair_microbatches  # noqa: E402
+from megarlhf.recipes.pairs_common import micro_rows, pair_microbatches  # noqa: E402
 from megarlhf.recipes.reward_model import reward_forward_step  # noqa: E402
 from megarlhf.train.optim import wrap_ddp  # noqa: E402
 from megarlhf.train.step import _schedule  # noqa: E402
@@ -36,7 +36,7 @@ def run(ddp, mp, fwd, micro, seq):
     for c in ddp:
         c.zero_grad_buffer()
     outs = _schedule(mp, ddp)(forward_step_func=fwd, data_iterator=iter(micro), model=ddp,
-                              num_microbatches=len(micro), seq_length=seq, micro_batch_size=2 * MBS,
+                              num_microbatches=len(micro), seq_length=seq, micro_batch_size=micro_rows(micro, MBS),
                               forward_only=False)
     stats = sum(o["stats"].double() for o in outs) if outs else None
     grad = torch.cat([p.main_grad.flatten().clone() for p in ddp[0].parameters()])
@@ -64,7 +64,7 @@ def main():
     init_distributed()
     mp = initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                                    seed=3)
-    cfg = preset("tiny", vocab_size=300, num_layers=2, max_position_embeddings=64)
+    cfg = preset("tiny", vocab_size=300, num_layers=2, max_position_embeddings=64, attention_backend="sdpa")
     ds = pairs_dataset()
     dev = torch.device("cpu")
     for kind in ("reward", "causal"):
