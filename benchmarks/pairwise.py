@@ -105,7 +105,8 @@ def ours(kind: str, args, rows, files) -> Dict[str, float]:
     from megarlhf.models.llama import build_model
     from megarlhf.parallel import init_single_process, initialize_model_parallel
     from megarlhf.config import ParallelConfig
-    from megarlhf.recipes.pairs_common import micro_rows, packed_model, pair_microbatches
+    from megarlhf.models.llama import packed_model
+    from megarlhf.recipes.pairs_common import micro_rows, pair_microbatches
     from megarlhf.train.optim import OptimConfig, build_optimizer, wrap_ddp
     from megarlhf.train.step import train_step
 

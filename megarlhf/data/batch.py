@@ -21,7 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["LMBatch", "pad_examples", "pack_examples", "segments_to_attention_mask", "PairBatch", "pair_batch",
-           "pack_pairs"]
+           "pack_pairs", "thd_layout", "read_back", "params_to"]
 
 Example = Tuple[Sequence[int], Sequence[bool]]  # token ids, loss mask (True = trained)
 
@@ -170,10 +170,7 @@ class PairBatch:
         sequence ``[2n, L, ...]`` (chosen, rejected interleaved; zeros past each end), the
         layout ``last_index`` and the per-sequence functions read. The identity for padded
         batches."""
-        if self.gather is None:
-            return x
-        flat = x.reshape(-1, *x.shape[2:])
-        return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[self.gather]
+        return x if self.gather is None else read_back(x, self.gather)
 
     def weights(self) -> torch.Tensor:
         return torch.ones(self.num_pairs, device=self.tokens.device) if self.valid is None else self.valid
@@ -183,10 +180,10 @@ class PairBatch:
         return PairBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
                          self.position_ids.to(device), self.last_index.to(device),
                          opt(self.ref_logprobs), opt(self.margin), opt(self.attention_mask),
-                         opt(self.valid), _params_to(self.packed_seq_params, device), opt(self.gather))
+                         opt(self.valid), params_to(self.packed_seq_params, device), opt(self.gather))
 
 
-def _params_to(p, device):
+def params_to(p, device):
     """``PackedSeqParams`` with its cumulative lengths on ``device`` (None stays None)."""
     if p is None:
         return None
@@ -247,16 +244,44 @@ def pack_pairs(pairs: Sequence[Tuple[Example, Example]], budget: int, pad_id: in
     return out
 
 
+def thd_layout(lengths: Sequence[int], row: int):
+    """Sequences of ``lengths`` packed end to end in one row of ``row`` tokens (megatron's
+    ``thd`` layout); the pad tokens after them form sequences of their own, none longer
+    than the longest real one. Returns ``(packed_seq_params, position_ids [1, row], gather
+    [n, max(lengths)])``: positions restart at 0 for each sequence; ``gather`` holds where
+    each sequence's tokens sit in the row (``row`` past its end), for
+    :meth:`PairBatch.seqwise`-style read-back."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    used, width = sum(lengths), max(lengths)
+    if used > row:
+        raise ValueError(f"{used} tokens do not fit in a packed row of {row}")
+    pad = row - used
+    spans = list(lengths) + [width] * (pad // width) + ([pad % width] if pad % width else [])
+    positions = torch.cat([torch.arange(n) for n in spans])[None]
+    cu = torch.tensor([0] + spans, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    gather = torch.full((len(lengths), width), row, dtype=torch.long)
+    for k, n in enumerate(lengths):
+        gather[k, :n] = torch.arange(int(cu[k]), int(cu[k]) + n)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=width,
+                             max_seqlen_kv=width)
+    return params, positions, gather
+
+
+def read_back(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """Per-token ``x [1, row, ...]`` of a packed row -> ``[n, L, ...]`` one right-padded
+    row per sequence (zeros past each end), through :func:`thd_layout`'s ``gather``."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[gather]
+
+
 def _packed(pairs, first: int, budget: int, pad_id: int, ref_logprobs, margins, trim: bool,
             multiple: int) -> PairBatch:
     """The one-row ``thd`` :class:`PairBatch` of ``pairs`` (``pairs[0]`` is pair ``first``)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     seqs = [side for pair in pairs for side in pair]
     lengths = [len(ids) for ids, _ in seqs]
     used = sum(lengths)
     row = min(budget, -(-used // multiple) * multiple) if trim else budget
-    width = max(lengths)
     ids_all, labels, weights = [], [], []
     for ids, mask in seqs:
         lab, w = _shifted(ids, mask)
@@ -264,20 +289,13 @@ def _packed(pairs, first: int, budget: int, pad_id: int, ref_logprobs, margins, 
         labels += lab
         weights += w
     pad = row - used
-    spans = lengths + [width] * (pad // width) + ([pad % width] if pad % width else [])
+    params, positions, gather = thd_layout(lengths, row)
     tokens = torch.tensor(ids_all + [pad_id] * pad, dtype=torch.long)[None]
     label_t = torch.tensor(labels + [0] * pad, dtype=torch.long)[None]
     loss_mask = torch.tensor(weights + [0.0] * pad, dtype=torch.float32)[None]
-    positions = torch.cat([torch.arange(n) for n in spans])[None]
-    cu = torch.tensor([0] + spans, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    gather = torch.full((len(seqs), width), row, dtype=torch.long)
-    for k, n in enumerate(lengths):
-        gather[k, :n] = torch.arange(int(cu[k]), int(cu[k]) + n)
     upto = first + len(pairs)
     ref = None if ref_logprobs is None else torch.tensor(
         [x for pair in ref_logprobs[first:upto] for x in pair], dtype=torch.float32)
     margin = None if margins is None else torch.tensor(list(margins[first:upto]), dtype=torch.float32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=width, max_seqlen_kv=width)
     return PairBatch(tokens, label_t, loss_mask, positions, torch.tensor(lengths) - 1, ref, margin,
                      gather=gather, packed_seq_params=params)

@@ -49,6 +49,8 @@ __all__ = [
     "model_sequence_multiple",
     "sequence_multiple_of",
     "check_row_length",
+    "packed_model",
+    "packing_problems",
     "pad_to",
     "ties_embeddings",
     "output_weight",
@@ -119,6 +121,39 @@ def sequence_multiple_of(chunks) -> int:
 def pad_to(length: int, multiple: int) -> int:
     """``length`` rounded up to a multiple of ``multiple``."""
     return -(-length // multiple) * multiple
+
+
+PACKING_TE = ("train.packing=true is not supported with model.transformer_impl='transformer_engine' yet "
+              "(its packed format is not wired); set train.packing=false")
+PACKING_UNFUSED = ("train.packing=true needs model.attention_backend=sdpa (or auto) with local layers: megatron's "
+                   "unfused attention takes no packed sequences; set one of them")
+
+
+def packing_problems(runtime, prefix: str = "model") -> List[str]:
+    """What a configured model (a ``RuntimeConfig``: unset fields are the checkpoint's, see
+    :func:`packed_model`) says against packed sequences."""
+    p = []
+    if runtime.transformer_impl == "transformer_engine":
+        p.append(PACKING_TE.replace("model.", f"{prefix}."))
+    if runtime.attention_backend == "unfused":
+        p.append(PACKING_UNFUSED.replace("model.", f"{prefix}."))
+    return p
+
+
+def packed_model(model_cfg: ModelConfig, packing: bool, say=None, prefix: str = "model") -> ModelConfig:
+    """``model_cfg`` as packed sequences (megatron's ``thd`` layout) need it: local layers
+    attend through ``sdpa`` (``auto`` resolves to it, reported through ``say``); unfused
+    attention and Transformer Engine layers are refused, naming the fix."""
+    if not packing:
+        return model_cfg
+    problems = packing_problems(model_cfg, prefix)
+    if problems:
+        raise ConfigError(problems)
+    if model_cfg.attention_backend != "sdpa":
+        if say is not None:
+            say(f"attention: sdpa (train.packing=true; {prefix}.attention_backend was {model_cfg.attention_backend})")
+        model_cfg = dataclasses.replace(model_cfg, attention_backend="sdpa")
+    return model_cfg
 
 
 def transformer_config(cfg: ModelConfig, mp: ModelParallel):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-__all__ = ["SDPAttention", "packed_slots"]
+__all__ = ["SDPAttention", "packed_plan"]
 
 
 class SDPAttention(DotProductAttention):
@@ -60,33 +60,58 @@ class SDPAttention(DotProductAttention):
         """Sequences packed end to end (megatron's ``thd`` format: ``[t, heads, dim]``, one
         sequence per span of ``p.cu_seqlens_q``), each attending causally to itself only.
         What flash attention's variable-length kernel does on a GPU, done with the dense
-        kernel: the spans are laid out right-padded ``[n, heads, max_seqlen, dim]`` (pads
-        come after every real key of their row, so causal attention never reads them),
-        attended, and gathered back."""
+        kernel: sequences of similar length are laid out right-padded together
+        (:func:`packed_plan`; pads come after every real key of their row, so causal
+        attention never reads them), attended, and gathered back in order."""
         if p.qkv_format != "thd":
             raise NotImplementedError(f"SDPAttention: packed_seq_params.qkv_format={p.qkv_format!r} "
                                       "(only 'thd' is supported)")
         if query.dim() == 4:  # [t, 1, heads, dim]
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         t, heads, dim = query.shape
-        slot, n, width = packed_slots(p.cu_seqlens_q, int(p.max_seqlen_q), query.device)
+        plan = getattr(p, "_sdpa_plan", None)
+        if plan is None or plan[0].device != query.device:
+            plan = packed_plan(p.cu_seqlens_q, query.device)
+            p._sdpa_plan = plan  # one plan per microbatch, shared by its layers
+        order, buckets = plan
+        parts = []
+        for tokens, slot, n, width in buckets:
+            def padded(x):
+                x = x.index_select(0, tokens)
+                out = x.new_zeros(n * width, *x.shape[1:]).index_copy(0, slot, x)
+                return out.view(n, width, *x.shape[1:]).transpose(1, 2)  # [n, heads, width, dim]
 
-        def padded(x):
-            out = x.new_zeros(n * width, *x.shape[1:]).index_copy(0, slot, x)
-            return out.view(n, width, *x.shape[1:]).transpose(1, 2)  # [n, heads, width, dim]
-
-        q, k, v = padded(query), padded(key), padded(value)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self._scale(),
-                                             enable_gqa=k.shape[1] != heads)
-        return out.transpose(1, 2).reshape(n * width, heads * dim).index_select(0, slot)
+            out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True,
+                                                 scale=self._scale(), enable_gqa=key.shape[1] != heads)
+            parts.append(out.transpose(1, 2).reshape(n * width, heads * dim).index_select(0, slot))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.index_select(0, order)
 
 
-def packed_slots(cu_seqlens: torch.Tensor, max_seqlen: int, device):
-    """Where each of the ``t`` packed tokens sits in a right-padded ``[n * max_seqlen]``
-    layout of its ``n`` sequences (``cu_seqlens`` ``[n + 1]``): ``(index [t], n, max_seqlen)``."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    lens = cu[1:] - cu[:-1]
-    n = int(lens.numel())
-    seq = torch.repeat_interleave(torch.arange(n, device=device), lens)
-    pos = torch.arange(int(cu[-1]), device=device) - cu[:-1][seq]
-    return seq * max_seqlen + pos, n, max_seqlen
+def packed_plan(cu_seqlens: torch.Tensor, device, ratio: float = 0.75):
+    """How :class:`SDPAttention` lays out packed sequences (``cu_seqlens`` ``[n + 1]``):
+    longest first, a sequence joins the current group while at least ``ratio`` of the
+    group's longest, so padding to the longest wastes little attention. Returns ``(order,
+    groups)``: each group ``(tokens, slot, n, width)``, its tokens' indices in the pack and
+    their places in its right-padded ``[n * width]`` layout; ``order`` puts the groups'
+    concatenated outputs back in pack order."""
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    groups, cur = [], []
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        if cur and lens[i] < ratio * lens[cur[0]]:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    out, seen = [], []
+    for g in groups:
+        width = lens[g[0]]
+        tokens = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in g])
+        slot = torch.cat([k * width + torch.arange(lens[i]) for k, i in enumerate(g)])
+        out.append((tokens.to(device), slot.to(device), len(g), width))
+        seen.append(tokens)
+    order = torch.empty(cu[-1], dtype=torch.long)
+    order[torch.cat(seen)] = torch.arange(cu[-1])
+    return order.to(device), out

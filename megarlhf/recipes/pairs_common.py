@@ -81,6 +81,7 @@ def pair_job_problems(cfg, finite: Tuple[str, ...] = ()) -> List[str]:
     rows fit the layout."""
     from megarlhf.config import parallel_problems, range_problems, runtime_problems
     from megarlhf.data.dataset import data_problems
+    from megarlhf.models.llama import packing_problems
 
     p = runtime_problems(cfg.model) + parallel_problems(cfg.parallel) + cfg.train.problems()
     p += data_problems(cfg.data) + range_problems(cfg, "", positive=("world",), finite=finite)
@@ -96,36 +97,9 @@ def pair_job_problems(cfg, finite: Tuple[str, ...] = ()) -> List[str]:
                  f"DP={dp} x train.micro_batch_size={t.micro_batch_size}")
     if t.seq_length < cfg.data.max_length:
         p.append(f"train.seq_length={t.seq_length} is shorter than data.max_length={cfg.data.max_length}")
-    if t.packing and cfg.model.transformer_impl == "transformer_engine":
-        p.append(PACKING_TE)
-    if t.packing and cfg.model.attention_backend == "unfused":
-        p.append(PACKING_UNFUSED)
+    if t.packing:
+        p += packing_problems(cfg.model)
     return p
-
-
-PACKING_TE = ("train.packing=true is not supported with model.transformer_impl='transformer_engine' yet "
-              "(its packed format is not wired); set train.packing=false")
-PACKING_UNFUSED = ("train.packing=true needs model.attention_backend=sdpa (or auto) with local layers: megatron's "
-                   "unfused attention takes no packed sequences; set one of them")
-
-
-def packed_model(model_cfg, packing: bool, say=None):
-    """``model_cfg`` as packed pairs need it: local layers attend through ``sdpa`` (``auto``
-    resolves to it, reported through ``say``); unfused attention and Transformer Engine
-    layers are refused, naming the fix."""
-    from megarlhf.config import ConfigError
-
-    if not packing:
-        return model_cfg
-    if model_cfg.transformer_impl == "transformer_engine":  # the checkpoint's own choice
-        raise ConfigError([PACKING_TE])
-    if model_cfg.attention_backend == "unfused":
-        raise ConfigError([PACKING_UNFUSED])
-    if model_cfg.attention_backend != "sdpa":
-        if say is not None:
-            say("attention: sdpa (train.packing=true; model.attention_backend was auto)")
-        model_cfg = dataclasses.replace(model_cfg, attention_backend="sdpa")
-    return model_cfg
 
 
 def tokenizer_of(meta, ckpt_dir: str, chosen=None, say=None, require: bool = True):
@@ -217,7 +191,7 @@ def set_up_pairs(cfg, run, kind: str) -> PairsSetup:
     from megarlhf.config import check_layout
     from megarlhf.data.dataset import build_dataset
     from megarlhf.models.checkpoint import read_meta
-    from megarlhf.models.llama import build_model, check_row_length
+    from megarlhf.models.llama import build_model, check_row_length, packed_model
 
     t, log = cfg.train, run.log
     init_meta = read_meta(t.init_from)

@@ -206,13 +206,17 @@ class StepMetrics:
     reward_busy_fraction: Optional[float] = None
     """Partitioned placement: the share of the step the reward model's ranks spent scoring
     (during generation)."""
+    padding: Optional[Dict[str, float]] = None
+    """Per phase over rollout rows: the share of the tokens this rank's models computed
+    that were padding (``train.packing`` takes it to the rounding of each packed row)."""
 
     def as_log(self) -> Dict[str, float]:
         """The flat ``metrics.jsonl`` record (unset fields left out)."""
         out: Dict[str, float] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in ("times", "skipped_updates", "tokens_per_s_generate", "tokens_per_s_step") or v is None:
+            if f.name in ("times", "skipped_updates", "tokens_per_s_generate", "tokens_per_s_step",
+                          "padding") or v is None:
                 continue
             if f.name == "empty_minibatches" and not v:
                 continue
@@ -221,6 +225,8 @@ class StepMetrics:
             out[f"skipped_updates/{role}"] = n
         for name, secs in self.times.items():
             out[f"time/{name}"] = round(secs, 3)
+        for name, frac in (self.padding or {}).items():
+            out[f"padding/{name}"] = frac
         out["tokens_per_s/generate"] = self.tokens_per_s_generate
         out["tokens_per_s/step"] = self.tokens_per_s_step
         return out
@@ -252,11 +258,11 @@ def _logprob_step(role: Role, temperature: float, vocab_limit: int, device):
 
     def step(it, model):
         b = next(it).to(device)
-        out = model(b.tokens, b.position_ids, attention_mask=None)
+        out = model(b.tokens, b.position_ids, attention_mask=None, packed_seq_params=b.packed_seq_params)
 
         def collect(output, non_loss_data=True):
             lp = token_logprobs(_sampled_logits(output, temperature, vstart, vocab_limit), b.labels, group, vstart)
-            return {"values": lp.float() * b.mask}
+            return {"values": b.unpack(lp).float() * b.mask}
         return out, collect
     return step
 
@@ -265,8 +271,8 @@ def _value_step(device):
     """Forward-only: scalar-head outputs ``[b, s]``."""
     def step(it, model):
         b = next(it).to(device)
-        out = model(b.tokens, b.position_ids, attention_mask=None)
-        return out, lambda output, non_loss_data=True: {"values": output[..., 0].float()}
+        out = model(b.tokens, b.position_ids, attention_mask=None, packed_seq_params=b.packed_seq_params)
+        return out, lambda output, non_loss_data=True: {"values": b.unpack(output[..., 0].float())}
     return step
 
 
@@ -282,11 +288,11 @@ def _actor_step(role: Role, algo: Algorithm, loss_cfg: PPOLossConfig, kl_coef: f
 
     def step(it, model):
         b = next(it).to(device)
-        out = model(b.tokens, b.position_ids, attention_mask=None)
+        out = model(b.tokens, b.position_ids, attention_mask=None, packed_seq_params=b.packed_seq_params)
 
         def loss_fn(output):
             logits = _sampled_logits(output, temperature, vstart, vocab_limit)
-            lp = token_logprobs(logits, b.labels, group, vstart).float()
+            lp = b.unpack(token_logprobs(logits, b.labels, group, vstart)).float()
             per_token, clipped = policy_token_loss(algo.policy_loss, lp, b.old_logprobs, b.advantages, b.mask,
                                                    loss_cfg.clip, loss_cfg.dual_clip)
             kl = torch.zeros_like(lp)
@@ -298,7 +304,7 @@ def _actor_step(role: Role, algo: Algorithm, loss_cfg: PPOLossConfig, kl_coef: f
             with torch.no_grad():
                 log_ratio = (lp - b.old_logprobs) * b.mask
                 ratio = torch.exp(log_ratio) * b.mask
-                ent = (token_entropy(logits.detach(), group).float() * b.mask).sum()
+                ent = (b.unpack(token_entropy(logits.detach(), group)).float() * b.mask).sum()
                 sums = PolicySums(loss=loss.detach(), count=b.loss_counts.sum(), tokens=b.mask.sum(),
                                   clipped=clipped.sum(), approx_kl=(0.5 * log_ratio ** 2).sum(), ratio=ratio.sum(),
                                   ratio_dev=((ratio - 1).abs() * b.mask).sum(), entropy=ent, kl=kl.detach().sum())
@@ -313,10 +319,10 @@ def _critic_step(value_clip: Optional[float], coef: float, device):
     :class:`ValueSums`."""
     def step(it, model):
         b = next(it).to(device)
-        out = model(b.tokens, b.position_ids, attention_mask=None)
+        out = model(b.tokens, b.position_ids, attention_mask=None, packed_seq_params=b.packed_seq_params)
 
         def loss_fn(output):
-            v = output[..., 0].float()
+            v = b.unpack(output[..., 0].float())
             loss, st = A.value_loss(v, b.old_values, b.returns, b.mask, value_clip)
             n = b.mask.sum()
             stats = torch.stack([loss.detach(), n, st["clipped"]]).double()
@@ -565,8 +571,8 @@ def update(ro: Rollout, tg: Targets, old: OldOutputs, roles: Roles, ctx: StepCon
                 out.empty_minibatches += 1  # every response empty: nothing to learn from
                 continue
             for role, step_fn, sums in steps:
-                micro = microbatches(ep_ro, rows_of[role.name][mb], mbs, ep_extra)
-                st, skipped = role.update(step_fn, micro, ro.seq, mbs, state.step + 1, ctx.preempt, dev)
+                micro, seq, size = role.microbatches(ep_ro, [rows_of[role.name][mb]], mbs, ep_extra)
+                st, skipped = role.update(step_fn, micro, seq, size, state.step + 1, ctx.preempt, dev)
                 applied[role.name] |= not skipped
                 s = sums.of(st)
                 if sums is PolicySums:
@@ -625,22 +631,34 @@ def step_metrics(ro: Rollout, sc: Scores, old: OldOutputs, tg: Targets, up: Upda
     return m
 
 
+@contextmanager
+def _padding(name: str, roles: Roles, out: Dict[str, float]):
+    """``out[name]``: the padding share of the tokens this rank's roles computed inside."""
+    before = [sum(r.tokens_seen[i] for r in roles.all()) for i in (0, 1)]
+    yield
+    real, computed = (sum(r.tokens_seen[i] for r in roles.all()) - before[i] for i in (0, 1))
+    if computed:
+        out[name] = round(1.0 - real / computed, 4)
+
+
 def ppo_step(batch: PromptBatch, roles: Roles, ctx: StepContext, state: StepState) -> StepMetrics:
     """One step of the algorithm on ``batch`` (collective over the whole job): every rank
     calls it with the same batch and gets the same metrics; ``state`` advances by one step."""
     times: Dict[str, float] = {}
+    padding: Dict[str, float] = {}
     with _phase("generate", times):
         ro = generate(batch, roles.actor, ctx, state.step)
-    with _phase("score", times):
+    with _phase("score", times), _padding("score", roles, padding):
         sc = score(ro, batch, roles.reward, ctx)
-    with _phase("logprobs", times):
+    with _phase("logprobs", times), _padding("logprobs", roles, padding):
         old = old_outputs(ro, roles, ctx)
     with _phase("advantages", times):
         kl_coef = state.kl_ctl.coef
         tg = targets(ro, sc, old, ctx, kl_coef)
-    with _phase("update", times):
+    with _phase("update", times), _padding("update", roles, padding):
         up = update(ro, tg, old, roles, ctx, state)
     m = step_metrics(ro, sc, old, tg, up, roles, ctx, kl_coef, times)
+    m.padding = padding or None
     state.step += 1
     state.consumed += batch.n // ctx.cfg.rollout.samples_per_prompt
     state.kl_ctl.update(m.kl, ro.n)
@@ -661,6 +679,8 @@ def build_roles(cfg: PPOConfig, log) -> Roles:
                               "causal" if role in ("actor", "reference") else "reward",
                               frozen=role in ("reference", "reward"), say=log.say) for role in inits}
     roles = Roles(**built)
+    for role in roles.all():
+        role.packing = cfg.train.packing
     for role in (r for r in (roles.critic, roles.reward) if r is not None):
         if role.meta.model.vocab_size != roles.actor.meta.model.vocab_size:
             raise ConfigError([f"{role.name}.init_from={role.init_from}: vocabulary {role.meta.model.vocab_size} "

@@ -125,6 +125,12 @@ class PPOTrainConfig(LoopConfig):
     """Shard the actor's and critic's optimizer states over their data-parallel ranks
     when DP > 1."""
     out_dir: str = "runs/ppo"
+    packing: bool = False
+    """Every role's forward passes over rollout rows (reference and old log-probs, values,
+    scores, the updates) see each microbatch's rows as one row of their real tokens end
+    to end (megatron's ``thd`` layout), not padded to the step's longest row. The same
+    results, less padding. Local layers only for now (Transformer Engine's packed format
+    is not wired)."""
 
     POSITIVE: ClassVar[tuple] = ("micro_batch_size", "actor_lr", "critic_lr")
 
@@ -245,7 +251,10 @@ class PPOConfig:
         role's ``model`` says (reads checkpoint metadata; no process group needed)."""
         from megarlhf.models.checkpoint import read_meta
 
-        return {f"{role}.model": getattr(self, role).model.apply(read_meta(path).model)
+        from megarlhf.models.llama import packed_model
+
+        return {f"{role}.model": packed_model(getattr(self, role).model.apply(read_meta(path).model),
+                                              self.train.packing, prefix=f"{role}.model")
                 for role, path in self.init_paths().items()}
 
     def process_groups(self) -> List[List[str]]:

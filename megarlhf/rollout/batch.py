@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -119,28 +119,72 @@ class Microbatch:
     returns: torch.Tensor
     loss_weights: torch.Tensor
     loss_counts: torch.Tensor
+    packed_seq_params: Optional[Any] = None
+    """Packed microbatches only: ``tokens``, ``position_ids`` and ``labels`` are then one
+    row ``[1, T]`` of the rows' real tokens end to end (megatron's ``thd`` layout, these
+    params); every other field keeps the ``[b, s]`` layout, which :meth:`unpack` maps the
+    model's per-token outputs back to."""
+    gather: Optional[torch.Tensor] = None
+    """Packed only: ``[b, s]`` where each row's tokens sit in the packed row."""
 
     def to(self, device) -> "Microbatch":
-        return Microbatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        from megarlhf.data.batch import params_to
+
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        moved = {k: (params_to(v, device) if k == "packed_seq_params" else None if v is None else v.to(device))
+                 for k, v in moved.items()}
+        return Microbatch(**moved)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's per-token ``x [rows, s, ...]`` in the rows' ``[b, s, ...]`` layout
+        (zeros where a row has no token); the identity for padded microbatches."""
+        from megarlhf.data.batch import read_back
+
+        return x if self.gather is None else read_back(x, self.gather)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the model's input: 1 packed, else ``b``."""
+        return int(self.tokens.shape[0])
 
 
-def microbatches(ro: Rollout, rows: range, size: int, extra: Optional[Dict[str, torch.Tensor]] = None
-                 ) -> List[Microbatch]:
+def microbatches(ro: Rollout, rows: range, size: int, extra: Optional[Dict[str, torch.Tensor]] = None,
+                 packing: bool = False, trim: bool = False, multiple: int = 8) -> List[Microbatch]:
     """``rows`` of ``ro`` in microbatches of ``size`` rows; ``extra`` holds per-token tensors
     of :data:`PER_TOKEN` (``[n, s]``) and ``loss_counts`` (``[n]``), zeros where absent
-    (``loss_weights`` defaults to the mask, ``loss_counts`` to each row's token count)."""
+    (``loss_weights`` defaults to the mask, ``loss_counts`` to each row's token count).
+    ``packing``: the model sees each microbatch's rows as one row of their real tokens
+    end to end (:class:`Microbatch`), ``size * s`` tokens long, or with ``trim`` (not
+    under pipeline stages) as long as they are, rounded up to ``multiple``."""
+    from megarlhf.data.batch import thd_layout
+
     extra = dict(extra or {})
     extra.setdefault("loss_weights", ro.mask)
     extra.setdefault("loss_counts", ro.mask.sum(-1))
     zeros = torch.zeros_like(ro.mask)
     pos = torch.arange(ro.seq).unsqueeze(0)
+    lengths = (ro.last_index + 1).tolist()
     out = []
     for s in range(rows.start, rows.stop, size):
         sl = slice(s, min(s + size, rows.stop))
+        tokens, labels, positions, params, gather = ro.tokens[sl], ro.labels[sl], None, None, None
+        if packing:
+            lens = lengths[sl]
+            used = sum(lens)
+            row = min(size * ro.seq, -(-used // multiple) * multiple) if trim else size * ro.seq
+            params, positions, gather = thd_layout(lens, row)
+            pad = torch.zeros(row - used, dtype=torch.long)  # their own sequences: never read
+            tokens = torch.cat([t[:n] for t, n in zip(tokens, lens)] + [pad])[None]
+            labels = torch.cat([t[:n] for t, n in zip(labels, lens)] + [pad])[None]
+            # per row [b, s]: the packed row's index of each of the row's tokens (T past its end)
+            full = torch.full((len(lens), ro.seq), row, dtype=torch.long)
+            full[:, :gather.shape[1]] = gather
+            gather = full
         out.append(Microbatch(
-            tokens=ro.tokens[sl], position_ids=pos.expand(sl.stop - sl.start, -1).contiguous(),
-            labels=ro.labels[sl], mask=ro.mask[sl],
-            **{k: extra.get(k, zeros)[sl] for k in PER_TOKEN}, loss_counts=extra["loss_counts"][sl]))
+            tokens=tokens, position_ids=positions if packing else pos.expand(sl.stop - sl.start, -1).contiguous(),
+            labels=labels, mask=ro.mask[sl],
+            **{k: extra.get(k, zeros)[sl] for k in PER_TOKEN}, loss_counts=extra["loss_counts"][sl],
+            packed_seq_params=params, gather=gather))
     return out
 
 

@@ -10,7 +10,7 @@ replica writes (TP rank 0 of the last pipeline stage), so nothing is counted twi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -89,6 +89,10 @@ class Role:
     init_from: str
     trainer: Any = None
     """A :class:`~megarlhf.train.job.Trainable` where this rank trains the role."""
+    packing: bool = False
+    """Pack each microbatch's rows (``train.packing``, :func:`~megarlhf.rollout.batch.microbatches`)."""
+    tokens_seen: List[int] = field(default_factory=lambda: [0, 0])
+    """Running counts of this rank's microbatches: real tokens, tokens the model computed."""
 
     @property
     def here(self) -> bool:
@@ -114,18 +118,33 @@ class Role:
         loss function) of the role over this rank's ``rows`` of rollout batch ``ro``, shared
         with every rank of ``group`` (collective over it, default the whole job; ranks
         outside the role only join the sum)."""
-        from megarlhf.rollout.batch import microbatches
         from megarlhf.train.step import forward_only
 
         full = torch.zeros(ro.n, ro.seq, device=device)
         if self.here and any(len(r) for r in rows):  # a replica may have no rows (uneven shares)
-            micro = [m for r in rows for m in microbatches(ro, r, micro_batch_size)]
-            res = forward_only(self.chunks, self.mp, step_fn, micro, ro.seq, micro_batch_size)
+            micro, seq, size = self.microbatches(ro, rows, micro_batch_size)
+            res = forward_only(self.chunks, self.mp, step_fn, micro, seq, size)
             rows_all = [i for r in rows for i in r]
             if is_writer(self.mp) and rows_all:  # one writer per replica: the sum counts each row once
                 full[torch.tensor(rows_all, device=device)] = torch.cat([o["values"] for o in res]).to(device)
         dist.all_reduce(full, group=group)
         return full.cpu()
+
+    def microbatches(self, ro, rows: List[range], size: int, extra=None) -> Tuple[List[Any], int, int]:
+        """This role's microbatches of ``size`` rows over ``rows`` of rollout batch ``ro``
+        (packed when :attr:`packing`), with the row length and rows per microbatch its
+        pipeline schedule takes."""
+        from megarlhf.models.llama import sequence_multiple_of
+        from megarlhf.rollout.batch import microbatches
+
+        trim = self.mp.config.pp == 1
+        micro = [m for r in rows for m in microbatches(ro, r, size, extra, packing=self.packing, trim=trim,
+                                                       multiple=sequence_multiple_of(self.chunks))]
+        self.tokens_seen[0] += sum(int(ro.last_index[i]) + 1 for r in rows for i in r)
+        self.tokens_seen[1] += sum(m.tokens.numel() for m in micro)
+        if not self.packing or not micro:
+            return micro, ro.seq, size
+        return micro, micro[0].tokens.shape[1], 1
 
     def update(self, step_fn: Callable, micro: List[Any], seq: int, micro_batch_size: int,
                step: int, preempt, device) -> Tuple[torch.Tensor, bool]:

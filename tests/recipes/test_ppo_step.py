@@ -93,3 +93,49 @@ def test_each_algorithm_runs_a_step_without_a_critic(world1, sft_like, mg_reward
     assert m.value_loss is None and m.explained_variance is None
     assert (m.kl_loss is not None) == (algo in ("grpo", "dr_grpo"))
     assert m.policy_loss == m.policy_loss  # finite, not NaN
+
+
+def test_packed_rows_give_the_padded_outputs_losses_and_gradients(world1, sft_like, mg_reward, tmp_path):
+    """train.packing: every role's per-token outputs over the rollout rows (reference and
+    old log-probs, values, reward scores) and the policy's loss, statistics and gradients
+    are those of the padded rows."""
+    from megarlhf.recipes.ppo import _logprob_step, _value_step
+
+    job = job_of(sft_like, mg_reward, tmp_path, "train.packing=true")
+    roles, ctx = job.roles, job.ctx
+    assert all(r.packing for r in roles.all()) and roles.actor.model.attention_backend == "sdpa"
+    batch = first_batch(job)
+    ro = generate(batch, roles.actor, ctx, 0)
+    real = torch.arange(ro.seq)[None] <= ro.last_index[:, None]
+    assert (~real).any()  # some rows are padded
+    for role, step in ((roles.reference, _logprob_step(roles.reference, 0.7, ctx.vocab_limit, ctx.device)),
+                       (roles.critic, _value_step(ctx.device)), (roles.reward, _value_step(ctx.device))):
+        got = {}
+        for packing in (False, True):
+            role.packing = packing
+            got[packing] = role.per_token(step, ro, [role.rows(ro.n)], 4, ctx.device)
+        assert torch.allclose(got[False][real], got[True][real], atol=2e-5), role.name
+        assert not got[True][~real].any()
+    old = old_outputs(ro, roles, ctx)
+    tg = targets(ro, score(ro, batch, roles.reward, ctx), old, ctx, 0.05)
+    extra = {"old_logprobs": old.old_logprobs, "ref_logprobs": old.ref_logprobs, "advantages": tg.advantages,
+             "loss_weights": tg.loss_weights, "loss_counts": tg.loss_counts}
+    actor, res = roles.actor, {}
+    for packing in (False, True):
+        actor.packing = packing
+        micro, _, size = actor.microbatches(ro, [range(0, 4)], 2, extra)
+        assert size == (1 if packing else 2) and len(micro) == 2
+        for c in actor.trainer.ddp:
+            c.zero_grad_buffer()
+        stats = []
+        for mb in micro:
+            step = _actor_step(actor, ctx.algo, ctx.cfg.ppo, 0.1, 0.7, ctx.vocab_limit, ctx.device)
+            output, loss_fn = step(iter([mb]), actor.trainer.ddp[0])
+            loss, count, st = loss_fn(output)
+            loss.backward()
+            stats.append(st["stats"])
+        grad = torch.cat([p.main_grad.flatten().clone() for p in actor.trainer.ddp[0].parameters()])
+        res[packing] = (torch.stack(stats), grad)
+    assert torch.allclose(res[False][0], res[True][0], rtol=1e-5, atol=1e-5)
+    assert res[False][1].abs().max() > 0
+    assert (res[False][1] - res[True][1]).abs().max() < 1e-5 * max(1.0, res[False][1].abs().max().item())
