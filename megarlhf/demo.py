@@ -59,19 +59,19 @@ class DemoConfig:
     rm: RMConfig = field(default_factory=lambda: RMConfig(
         data=DataConfig(max_length=128, max_prompt_length=96, eval_size=300),
         train=PairsTrainConfig(global_batch_size=32, micro_batch_size=16, seq_length=128, epochs=2.0,
-                         lr=5e-4, min_lr=5e-5), log=_quiet()))
+                         lr=5e-4, min_lr=5e-5, packing=True), log=_quiet()))
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
         data=DataConfig(max_length=128, max_prompt_length=96),
         # RPO: plain DPO unlearns the arithmetic on pairs that differ in a digit or two
         dpo=DPOLossConfig(nll_weight=1.0),
         train=PairsTrainConfig(global_batch_size=32, micro_batch_size=16, seq_length=128, epochs=1.0, lr=1e-4,
-                         min_lr=0.0, schedule=ScheduleConfig(style="linear", warmup_ratio=0.1)),
+                         min_lr=0.0, schedule=ScheduleConfig(style="linear", warmup_ratio=0.1), packing=True),
         eval=EvalConfig(num_prompts=500), log=_quiet()))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         data=DataConfig(max_length=96, max_prompt_length=96),
         rollout=RolloutConfig(prompts_per_step=64, max_new_tokens=48, temperature=0.7, max_batch=64),
         ppo=PPOLossConfig(minibatch_size=16),
-        train=PPOTrainConfig(max_steps=30, micro_batch_size=16, actor_lr=2e-5, critic_lr=1e-4),
+        train=PPOTrainConfig(max_steps=30, micro_batch_size=16, actor_lr=2e-5, critic_lr=1e-4, packing=True),
         eval=EvalConfig(num_prompts=500, at_start=True), log=dataclasses.replace(_quiet(), interval=5)))
 
     def world_size(self) -> int:
