@@ -109,7 +109,7 @@ def test_each_roles_kernels_are_checked_before_any_process_starts(mg_causal, mg_
             f"critic.init_from={mg_reward}", f"reward.init_from={mg_reward}",
             "actor.model.transformer_impl=transformer_engine", "actor.model.attention_backend=fused",
             "critic.model.transformer_impl=transformer_engine", "critic.model.attention_backend=flash",
-            "reward.model.bias_activation_fusion=true"]
+            "reward.model.bias_activation_fusion=true", "train.packing=false"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "actor.model.transformer_impl='transformer_engine' cannot be used" in err

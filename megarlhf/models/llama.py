@@ -140,14 +140,18 @@ def packing_problems(runtime, prefix: str = "model") -> List[str]:
     return p
 
 
-def packed_model(model_cfg: ModelConfig, packing: bool, say=None, prefix: str = "model") -> ModelConfig:
+def packed_model(model_cfg: ModelConfig, packing: bool, say=None, prefix: str = "model",
+                 strict: bool = True) -> ModelConfig:
     """``model_cfg`` as packed sequences (megatron's ``thd`` layout) need it: local layers
     attend through ``sdpa`` (``auto`` resolves to it, reported through ``say``); unfused
-    attention and Transformer Engine layers are refused, naming the fix."""
+    attention and Transformer Engine layers are refused, naming the fix (``strict=False``:
+    returned as they are, for a caller that reports :func:`packing_problems` itself)."""
     if not packing:
         return model_cfg
     problems = packing_problems(model_cfg, prefix)
     if problems:
+        if not strict:
+            return model_cfg
         raise ConfigError(problems)
     if model_cfg.attention_backend != "sdpa":
         if say is not None:

@@ -668,6 +668,7 @@ def ppo_step(batch: PromptBatch, roles: Roles, ctx: StepContext, state: StepStat
 # -- the recipe -------------------------------------------------------------------------------
 def build_roles(cfg: PPOConfig, log) -> Roles:
     """Every role of the job on its layout, loaded (collective, the same order everywhere)."""
+    from megarlhf.models.llama import packed_model
     from megarlhf.parallel import build_layout
 
     spans, inits = cfg.spans(), cfg.init_paths()
@@ -680,6 +681,8 @@ def build_roles(cfg: PPOConfig, log) -> Roles:
                               frozen=role in ("reference", "reward"), say=log.say) for role in inits}
     roles = Roles(**built)
     for role in roles.all():
+        if cfg.train.packing:  # a checkpoint's own Transformer Engine layers (configs are checked in validate)
+            packed_model(role.model, True, prefix=f"{role.name}.model")
         role.packing = cfg.train.packing
     for role in (r for r in (roles.critic, roles.reward) if r is not None):
         if role.meta.model.vocab_size != roles.actor.meta.model.vocab_size:

@@ -254,7 +254,7 @@ class PPOConfig:
         from megarlhf.models.llama import packed_model
 
         return {f"{role}.model": packed_model(getattr(self, role).model.apply(read_meta(path).model),
-                                              self.train.packing, prefix=f"{role}.model")
+                                              self.train.packing, prefix=f"{role}.model", strict=False)
                 for role, path in self.init_paths().items()}
 
     def process_groups(self) -> List[List[str]]:
@@ -272,6 +272,10 @@ class PPOConfig:
         p = self._algorithm_problems() + self._placement_problems()
         for role in ROLES:
             p += runtime_problems(getattr(self, role).model, f"{role}.model")
+            if self.train.packing:
+                from megarlhf.models.llama import packing_problems
+
+                p += packing_problems(getattr(self, role).model, f"{role}.model")
         if not p:
             p += self._layout_problems()
         p += self._rollout_problems() + self._input_problems()
