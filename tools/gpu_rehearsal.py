@@ -270,14 +270,16 @@ def model_overrides(prefix: str, v: Variant) -> List[str]:
 # Planning: what runs here (pure: tested on hardware written out by hand)
 # --------------------------------------------------------------------------------------
 
-ITEMS = ("sft", "convert", "logits_local", "logits_te", "rm", "dpo", "ppo_resume", "generate",
+ITEMS = ("sft", "convert", "logits_local", "logits_te", "rm", "rm_packed", "dpo", "ppo_resume", "generate",
          "ppo_partitioned")
 TITLES = {"sft": "SFT", "convert": "HF -> megatron -> HF", "logits_local": "logits, local layers vs HF",
-          "logits_te": "logits, TE layers", "rm": "reward model", "dpo": "DPO",
+          "logits_te": "logits, TE layers", "rm": "reward model", "rm_packed": "reward model, packed rows",
+          "dpo": "DPO",
           "ppo_resume": "PPO colocated, resume", "generate": "generation", "ppo_partitioned": "PPO partitioned"}
 TE_ONLY = ("logits_te",)
 """Items that exist to test Transformer Engine: not run without it (the others fall back)."""
 NEEDS = {"convert": ("sft",), "logits_local": ("convert",), "logits_te": ("convert",), "rm": ("sft",),
+         "rm_packed": ("rm",),
          "dpo": ("sft",), "ppo_resume": ("sft", "rm"), "generate": ("sft",), "ppo_partitioned": ("sft", "rm")}
 """Items whose outputs an item uses: it is not run when one of them did not pass."""
 
@@ -350,6 +352,10 @@ def variant_of(entry: Mapping[str, Any]) -> Variant:
 # matches transformers to ~1e-7; bf16 rounds every activation to 8 significant bits; FP8
 # (E4M3 forward) to 4, so its logits are looser still.
 LOGIT_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "fp8": 0.15}
+# Packed vs padded reward-model training: |a - b| / max(1, |a|, |b|) for each training metric
+# of every step (the same arithmetic through other attention kernels: rounding only).
+PACKED_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "fp8": 5e-2}
+PACKED_METRICS = ("loss", "accuracy", "margin", "reward_mean", "reward_std", "grad_norm")
 # Resumed vs uninterrupted PPO: |a - b| / max(1, |a|, |b|) for every metric of steps 4-5.
 RESUME_TOLERANCE = {"cpu": 0.0, "gpu": 1e-2}
 # Not compared: wall-clock measurements.
@@ -443,6 +449,11 @@ def _found(name: str, e: Mapping[str, Any]) -> str:
                  else f", exact match {_fmt(e.get('exact_match'), '{:.1%}')}")
         return (f"{kernels}{fallback}: {e['steps']} steps, loss {_fmt(e['losses'][0])} -> "
                 f"{_fmt(e['losses'][-1])}{extra}")
+    if name == "rm_packed":
+        c = e.get("vs_padded", {})
+        return (f"{kernels}{fallback}: {e['steps']} steps in packed rows; vs the padded run: max relative "
+                f"difference {_fmt(c.get('max_relative_difference'), '{:.3g}')} over "
+                f"{len(c.get('metrics_compared', []))} metrics (tolerance {c.get('tolerance')})")
     if name == "ppo_resume":
         c = e["resume"]
         return (f"{kernels}, {e['processes']} process(es), optimizer {e['optimizer']}{fallback}: steps 4-5 resumed "
@@ -673,7 +684,7 @@ def sft_args(ctx: Context, v: Variant) -> List[str]:
         ("max_position_embeddings", s.max_positions))] + model_overrides("model", v)
     return ["sft", *model, f"task.num_sft={s.num_sft}", f"task.num_preference={s.num_preference}",
             f"task.num_prompts={s.num_prompts}", f"task.num_eval={s.num_eval}",
-            # TE attention takes no block-diagonal mask yet: padded rows (packing is refused with TE)
+            # padded rows: packed (thd) rows are checked by item rm_packed
             f"train.max_steps={s.sft_steps}", f"train.global_batch_size={s.sft_batch}",
             f"train.micro_batch_size={s.sft_micro}", f"train.seq_length={s.seq}", "train.packing=false",
             f"train.lr={s.sft_lr}", f"train.min_lr={s.sft_lr / 10}", f"train.out_dir={ctx.path('sft')}",
@@ -827,6 +838,24 @@ def item_rm(ctx: Context, e: Dict[str, Any]) -> Dict[str, Any]:
     return _pair_result(ctx, e, ctx.path("rm"), ctx.sizes.pair_steps)
 
 
+def item_rm_packed(ctx: Context, e: Dict[str, Any]) -> Dict[str, Any]:
+    """The reward model again with ``train.packing=true`` (megatron's ``thd`` layout: Transformer
+    Engine's packed attention where TE runs), every training metric of every step against the
+    padded run of item ``rm``."""
+    v, out = variant_of(e), ctx.path("rm_packed")
+    args = rm_args(ctx, v)
+    args[args.index(f"train.out_dir={ctx.path('rm')}")] = f"train.out_dir={out}"
+    ctx.cli("rm_packed", *args, "train.packing=true")
+    res = _pair_result(ctx, e, out, ctx.sizes.pair_steps)
+    if res["status"] != "pass":
+        return res
+    keep = lambda rows: {s: {k: r[k] for k in ("step", *PACKED_METRICS) if k in r}  # noqa: E731
+                         for s, r in step_rows(rows, "loss").items()}
+    padded, packed = keep(read_jsonl(ctx.path("rm") / "metrics.jsonl")), keep(read_jsonl(out / "metrics.jsonl"))
+    cmp = compare_steps(padded, packed, sorted(padded), PACKED_TOLERANCE["fp8" if v.fp8 else v.dtype])
+    return {**res, "status": cmp["status"], "vs_padded": cmp}
+
+
 def item_dpo(ctx: Context, e: Dict[str, Any]) -> Dict[str, Any]:
     ctx.cli("dpo", *dpo_args(ctx, variant_of(e)))
     return _pair_result(ctx, e, ctx.path("dpo"), ctx.sizes.pair_steps)
@@ -912,7 +941,8 @@ def item_ppo_partitioned(ctx: Context, e: Dict[str, Any]) -> Dict[str, Any]:
 
 RUNNERS: Dict[str, Callable[[Context, Dict[str, Any]], Dict[str, Any]]] = {
     "sft": item_sft, "convert": item_convert, "logits_local": item_logits_local, "logits_te": item_logits_te,
-    "rm": item_rm, "dpo": item_dpo, "ppo_resume": item_ppo_resume, "generate": item_generate,
+    "rm": item_rm, "rm_packed": item_rm_packed, "dpo": item_dpo, "ppo_resume": item_ppo_resume,
+    "generate": item_generate,
     "ppo_partitioned": item_ppo_partitioned}
 
 

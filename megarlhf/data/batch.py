@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["LMBatch", "pad_examples", "pack_examples", "segments_to_attention_mask", "PairBatch", "pair_batch",
+__all__ = ["LMBatch", "pad_examples", "pack_examples", "to_thd", "segments_to_attention_mask", "PairBatch", "pair_batch",
            "pack_pairs", "thd_layout", "read_back", "params_to"]
 
 Example = Tuple[Sequence[int], Sequence[bool]]  # token ids, loss mask (True = trained)
@@ -43,6 +43,10 @@ class LMBatch:
     loss_mask: torch.Tensor
     attention_mask: Optional[torch.Tensor]
     position_ids: torch.Tensor
+    lengths: Optional[List[List[int]]] = None
+    """Packed rows: the lengths of each row's examples, in order (for :func:`to_thd`)."""
+    packed_seq_params: Optional[Any] = None
+    """One ``thd`` row (:func:`to_thd`): megatron's ``PackedSeqParams`` of its examples."""
 
     @property
     def num_loss_tokens(self) -> int:
@@ -51,7 +55,7 @@ class LMBatch:
     def to(self, device) -> "LMBatch":
         am = None if self.attention_mask is None else self.attention_mask.to(device)
         return LMBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
-                       am, self.position_ids.to(device))
+                       am, self.position_ids.to(device), self.lengths, params_to(self.packed_seq_params, device))
 
 
 def _shifted(ids: Sequence[int], mask: Sequence[bool]) -> Tuple[List[int], List[float]]:
@@ -126,7 +130,38 @@ def pack_examples(examples: Sequence[Example], seq_length: int, pad_id: int,
     pad_seg = -1 - torch.arange(seq_length).unsqueeze(0).expand(n, -1)
     segments = torch.where(segments >= 0, segments, pad_seg)
     positions = torch.arange(seq_length).unsqueeze(0).expand(n, -1).contiguous()
-    return LMBatch(tokens, labels, loss_mask, segments_to_attention_mask(segments), positions)
+    lengths = [[len(examples[i][0]) for i in members] for members in rows] + [[] for _ in range(n - len(rows))]
+    return LMBatch(tokens, labels, loss_mask, segments_to_attention_mask(segments), positions, lengths)
+
+
+def to_thd(b: LMBatch, trim: bool = False, multiple: int = 8) -> LMBatch:
+    """Packed rows (:func:`pack_examples`) as one row of their examples end to end in
+    megatron's ``thd`` layout (``packed_seq_params``; attention stays within each example
+    through the attention kernel instead of a dense mask, positions restart at 0): as
+    many tokens as the rows held, or with ``trim`` (not under pipeline stages) the
+    examples' tokens rounded up to ``multiple``. The summed loss is unchanged: the same
+    tokens, labels and loss mask, in another order."""
+    if b.lengths is None:
+        raise ValueError("to_thd needs packed rows (pack_examples)")
+    parts = {"tokens": [], "labels": [], "loss_mask": []}
+    lens: List[int] = []
+    for r, row in enumerate(b.lengths):
+        pos = 0
+        for n in row:
+            for k in parts:
+                parts[k].append(getattr(b, k)[r, pos:pos + n])
+            lens.append(n)
+            pos += n
+    used = sum(lens)
+    if not lens:
+        raise ValueError("to_thd: the rows hold no example")
+    full = b.tokens.numel()
+    row = min(full, -(-used // multiple) * multiple) if trim else full
+    params, positions, _ = thd_layout(lens, row)
+    pad = row - used
+    # the pad tokens form sequences of their own, outside the loss: their ids are never read
+    cat = lambda k: torch.cat(parts[k] + [torch.zeros(pad, dtype=getattr(b, k).dtype)])[None]  # noqa: E731
+    return LMBatch(cat("tokens"), cat("labels"), cat("loss_mask"), None, positions, None, params)
 
 
 @dataclass

@@ -123,29 +123,26 @@ def pad_to(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
-PACKING_TE = ("train.packing=true is not supported with model.transformer_impl='transformer_engine' yet "
-              "(its packed format is not wired); set train.packing=false")
 PACKING_UNFUSED = ("train.packing=true needs model.attention_backend=sdpa (or auto) with local layers: megatron's "
                    "unfused attention takes no packed sequences; set one of them")
 
 
 def packing_problems(runtime, prefix: str = "model") -> List[str]:
-    """What a configured model (a ``RuntimeConfig``: unset fields are the checkpoint's, see
-    :func:`packed_model`) says against packed sequences."""
-    p = []
-    if runtime.transformer_impl == "transformer_engine":
-        p.append(PACKING_TE.replace("model.", f"{prefix}."))
-    if runtime.attention_backend == "unfused":
-        p.append(PACKING_UNFUSED.replace("model.", f"{prefix}."))
-    return p
+    """What a configured model (a ``RuntimeConfig`` or ``ModelConfig``) says against packed
+    sequences: megatron's local unfused attention takes none (Transformer Engine layers
+    take them as they are: megatron hands TE's attention the ``thd`` layout)."""
+    local = runtime.transformer_impl != "transformer_engine"
+    if local and runtime.attention_backend == "unfused":
+        return [PACKING_UNFUSED.replace("model.", f"{prefix}.")]
+    return []
 
 
 def packed_model(model_cfg: ModelConfig, packing: bool, say=None, prefix: str = "model",
                  strict: bool = True) -> ModelConfig:
     """``model_cfg`` as packed sequences (megatron's ``thd`` layout) need it: local layers
-    attend through ``sdpa`` (``auto`` resolves to it, reported through ``say``); unfused
-    attention and Transformer Engine layers are refused, naming the fix (``strict=False``:
-    returned as they are, for a caller that reports :func:`packing_problems` itself)."""
+    attend through ``sdpa`` (``auto`` resolves to it, reported through ``say``), unfused
+    attention is refused naming the fix (``strict=False``: returned as it is, for a caller
+    that reports :func:`packing_problems` itself); Transformer Engine layers as they are."""
     if not packing:
         return model_cfg
     problems = packing_problems(model_cfg, prefix)
@@ -153,6 +150,8 @@ def packed_model(model_cfg: ModelConfig, packing: bool, say=None, prefix: str = 
         if not strict:
             return model_cfg
         raise ConfigError(problems)
+    if model_cfg.transformer_impl == "transformer_engine":
+        return model_cfg  # TE's own attention takes the packed layout
     if model_cfg.attention_backend != "sdpa":
         if say is not None:
             say(f"attention: sdpa (train.packing=true; {prefix}.attention_backend was {model_cfg.attention_backend})")

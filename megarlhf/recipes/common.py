@@ -28,7 +28,8 @@ def lm_forward_step(mp: ModelParallel, model_cfg: ModelConfig, device) -> Callab
 
     def forward_step(data_iter, model):
         b = next(data_iter).to(device)
-        logits = model(b.tokens, b.position_ids, attention_mask=b.attention_mask)
+        logits = model(b.tokens, b.position_ids, attention_mask=b.attention_mask,
+                       packed_seq_params=b.packed_seq_params)
 
         def loss_fn(output):
             lp = token_logprobs(output, b.labels, mp.tp_group, vstart)

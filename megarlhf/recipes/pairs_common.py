@@ -45,7 +45,8 @@ class PairsTrainConfig(OneModelLoopConfig):
     ``seq_length`` tokens (each sequence whole, attention kept within it, positions from
     0), as many pairs per microbatch as fit, instead of ``micro_batch_size`` pairs padded
     to their longest sequence. The same losses and gradients, less padding. Local layers
-    only for now (Transformer Engine's packed format is not wired)."""
+    attend through SDPA (``auto`` becomes ``sdpa``); Transformer Engine layers get
+    megatron's ``thd`` layout in their fused attention."""
 
 
 @dataclass(frozen=True)

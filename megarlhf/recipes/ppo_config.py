@@ -129,8 +129,8 @@ class PPOTrainConfig(LoopConfig):
     """Every role's forward passes over rollout rows (reference and old log-probs, values,
     scores, the updates) see each microbatch's rows as one row of their real tokens end
     to end (megatron's ``thd`` layout), not padded to the step's longest row. The same
-    results, less padding. Local layers only for now (Transformer Engine's packed format
-    is not wired)."""
+    results, less padding. Local layers attend through SDPA (``auto`` becomes ``sdpa``);
+    Transformer Engine layers get megatron's ``thd`` layout in their fused attention."""
 
     POSITIVE: ClassVar[tuple] = ("micro_batch_size", "actor_lr", "critic_lr")
 

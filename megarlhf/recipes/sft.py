@@ -55,7 +55,9 @@ class TrainConfig(OneModelLoopConfig):
     seq_length: int = 256
     """Tokens per row; at least ``data.max_length``."""
     packing: bool = True
-    """Pack several examples per row (attention kept within each example)."""
+    """Pack several examples per row (attention kept within each example: through
+    megatron's packed-sequence ``thd`` layout with Transformer Engine or
+    ``model.attention_backend=sdpa``, else block-diagonal masks)."""
     lr: float = 2e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -128,11 +130,6 @@ class SFTConfig:
         if t.seq_length > self.model.max_position_embeddings:
             problems.append(f"train.seq_length={t.seq_length} exceeds "
                             f"model.max_position_embeddings={self.model.max_position_embeddings}")
-        if t.packing and self.model.transformer_impl == "transformer_engine":
-            # TE attention takes packed sequences as cu_seqlens (PackedSeqParams), not the
-            # block-diagonal mask the local layers use; that path is not wired yet.
-            problems.append("train.packing=true is not supported with model.transformer_impl="
-                            "'transformer_engine' yet; set train.packing=false")
         dp = max(1, self.world // self.parallel.model_parallel_size)
         if t.global_batch_size % dp:
             problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
@@ -153,14 +150,14 @@ def _sources_or_builtin(cfg: SFTConfig, builtin: dict) -> DataConfig:
 
 
 def run(cfg: SFTConfig) -> dict:
-    from megarlhf.data.batch import pack_examples, pad_examples
+    from megarlhf.data.batch import pack_examples, pad_examples, to_thd
     from megarlhf.data.builtin import prepare_builtin_task
     from megarlhf.data.chat import read_hf_chat_template
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.data.tokenizer import load_tokenizer
     from megarlhf.models.checkpoint import load_model, read_meta, save_model, tokenizer_path
-    from megarlhf.models.llama import build_model, describe
+    from megarlhf.models.llama import build_model, describe, sequence_multiple_of
     from megarlhf.parallel import destroy
     from megarlhf.recipes.common import Evaluator, lm_forward_step
     from megarlhf.recipes.pairs_common import make_template, output_meta, recorded_template
@@ -210,10 +207,15 @@ def run(cfg: SFTConfig) -> dict:
     tr = make_trainable(chunks, mp, t, t.lr, t.min_lr, total_steps)
     meta = output_meta(model_cfg, "causal", tok_path, template, init_meta, recipe="sft")
     step, consumed = resume(run_, t, chunks, tr, "examples")
+    # Packed rows reach the attention as megatron's thd layout (cu_seqlens) where the kernel
+    # takes it (Transformer Engine, SDPA), else as block-diagonal masks (unfused attention).
+    thd = t.packing and (model_cfg.transformer_impl == "transformer_engine" or model_cfg.attention_backend == "sdpa")
+    multiple = sequence_multiple_of(chunks)
     log.say(f"training {total_steps} steps of {t.global_batch_size} examples "
             f"({sampler.steps_per_epoch} steps per epoch, {sampler.dropped_per_epoch} examples "
             f"left out of each epoch's last partial batch), "
-            f"{'packed' if t.packing else 'padded'} rows of {t.seq_length} tokens")
+            f"{'packed' if t.packing else 'padded'} rows of {t.seq_length} tokens"
+            + (" (thd: cu_seqlens)" if thd else " (block-diagonal masks)" if t.packing else ""))
 
     # exact match: what the config names; the built-in task's own when it is the data
     evaluate = Evaluator(chunks, mp, model_cfg, template, cfg.eval,
@@ -233,8 +235,12 @@ def run(cfg: SFTConfig) -> dict:
         else:
             rows = -(-len(examples) // t.micro_batch_size) * t.micro_batch_size
             batch = pad_examples(examples, t.seq_length, tokenizer.pad_id, rows=rows)
-        res = tr.step(mp, forward_step, _split(batch, t.micro_batch_size), t.seq_length, t.micro_batch_size,
-                      step, run_.preempt)
+        micro = _split(batch, t.micro_batch_size)
+        seq, rows = t.seq_length, t.micro_batch_size
+        if thd:
+            micro = [to_thd(m, trim=cfg.parallel.pp == 1, multiple=multiple) for m in micro]
+            seq, rows = t.micro_batch_size * t.seq_length, 1
+        res = tr.step(mp, forward_step, micro, seq, rows, step, run_.preempt)
         consumed += t.global_batch_size
         loss_sum, n_tok = _global_loss(res["outputs"], mp)
         log.log(step, {"loss": loss_sum / max(n_tok, 1), **tr.record(res, n_tok),
@@ -269,7 +275,7 @@ def _split(batch, mbs: int) -> List:
         sl = slice(s, s + mbs)
         out.append(LMBatch(batch.tokens[sl], batch.labels[sl], batch.loss_mask[sl],
                            None if batch.attention_mask is None else batch.attention_mask[sl],
-                           batch.position_ids[sl]))
+                           batch.position_ids[sl], None if batch.lengths is None else batch.lengths[sl]))
     return out
 
 

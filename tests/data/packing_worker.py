@@ -28,7 +28,9 @@ def main():
     torch.set_num_threads(1)
     init_distributed()
     mp = initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=int(sys.argv[1])), seed=3)
-    cfg = preset("tiny", vocab_size=300, num_layers=2, max_position_embeddings=64)
+    thd = len(sys.argv) > 2 and sys.argv[2] == "thd"
+    cfg = preset("tiny", vocab_size=300, num_layers=2, max_position_embeddings=64,
+                 attention_backend="sdpa" if thd else "auto")
     chunks = build_model(cfg, mp)
     for c in chunks:
         c.config.calculate_per_token_loss = True
@@ -45,8 +47,13 @@ def main():
     assert packed.tokens.shape[0] < padded.tokens.shape[0]
 
     def split(b):
+        from megarlhf.data.batch import to_thd
         from megarlhf.recipes.sft import _split
-        return _split(b, mbs)
+        micro = _split(b, mbs)
+        if thd and b.lengths is not None:
+            micro = [to_thd(m, trim=True) for m in micro]
+            assert micro[0].tokens.shape[0] == 1 and micro[0].attention_mask is None
+        return micro
 
     def loss(b):
         outs = forward_only(chunks, mp, lambda it, m: _collect(fwd, it, m), split(b), seq, mbs)
@@ -59,7 +66,7 @@ def main():
     gp = grads_after(ddp, mp, fwd, split(padded), seq, mbs)
     gk = grads_after(ddp, mp, fwd, split(packed), seq, mbs)
     assert (gp - gk).abs().max() < 1e-5 * max(1.0, gp.abs().max().item()), (gp - gk).abs().max()
-    print(f"rank {torch.distributed.get_rank()} ok loss {lp:.6f} {lk:.6f}")
+    print(f"rank {torch.distributed.get_rank()} ok{' thd' if thd else ''} loss {lp:.6f} {lk:.6f}")
     destroy()
 
 
