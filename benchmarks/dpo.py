@@ -5,6 +5,11 @@
 
 Prints one JSON line last: tokens_per_s, peak_rss_mb (and TRL's figure and the ratio
 with --trl). Details in benchmarks/pairwise.py.
+
+Packing: ``--pack`` packs megarlhf's rows (train.packing), ``--padded-baseline`` also runs
+the padded step, alternating, and reports ``packing_speedup``; ``--len-range A:B`` trains
+on synthetic pairs of A-B tokens; ``--attention-backend sdpa`` for a padded step with the
+attention kernel the packed one uses. JSON adds padded tokens/s and the padding fraction.
 """
 import os
 import sys

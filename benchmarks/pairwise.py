@@ -42,6 +42,8 @@ def parse_args(kind: str) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--pack", action="store_true",
                     help="megarlhf packs the pairs (train.packing=true): 2 x batch rows of --seq-len tokens")
+    ap.add_argument("--padded-baseline", action="store_true",
+                    help="with --pack: also megarlhf's padded step (same attention), alternating, and the ratio")
     ap.add_argument("--len-range", default=None, metavar="A:B",
                     help="synthetic pairs instead of the task's: each sequence's length uniform in [A, B] "
                          "(a third of it prompt), --seq-len at least B; megarlhf only")
@@ -227,8 +229,11 @@ def main(kind: str) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, files = task_pairs(max(args.batch * args.steps, 64), args.seq_len)
-    results: Dict[str, List[Dict[str, float]]] = {"megarlhf": [], "trl": []}
+    results: Dict[str, List[Dict[str, float]]] = {"megarlhf": [], "trl": [], "padded": []}
+    baseline = args.pack and args.padded_baseline
     for _ in range(args.repeats):
+        if baseline:
+            results["padded"].append(ours(kind, argparse.Namespace(**{**vars(args), "pack": False}), rows, files))
         results["megarlhf"].append(ours(kind, args, rows, files))
         if args.trl:
             results["trl"].append(trl_side(kind, args, rows, files))
@@ -244,6 +249,10 @@ def main(kind: str) -> int:
            "kind": kind, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
            "dtype": args.dtype, "layers": args.layers, "hidden": args.hidden,
            "threads": torch.get_num_threads()}
+    if results["padded"]:
+        out["padded_run_tokens_per_s"] = round(med("padded"), 1)
+        out["padded_run_padding_fraction"] = round(statistics.median(r["padding_fraction"] for r in results["padded"]), 4)
+        out["packing_speedup"] = round(out["tokens_per_s"] / out["padded_run_tokens_per_s"], 3)
     if results["trl"]:
         out["trl_tokens_per_s"] = round(med("trl"), 1)
         out["speedup_vs_trl"] = round(out["tokens_per_s"] / out["trl_tokens_per_s"], 3)

@@ -7,7 +7,8 @@ Runs the real recipe (``megarlhf.recipes.ppo.run``) in one process on the built-
 prompts, with randomly initialised policy and reward models of the given shape (speed
 does not depend on what the weights know; response lengths do, so the generation budget
 is fixed by ``--max-new-tokens`` and reported). The first step is a warm-up and is not
-counted. Prints one JSON line last: medians of each phase, step time, generated and
+counted. Prints one JSON line last: medians of each phase, step time, the padding
+fraction of each phase over rollout rows (``--pack``: packed rows), generated and
 processed tokens/s, peak RSS.
 """
 
@@ -40,6 +41,7 @@ def parse_args():
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--pack", action="store_true", help="train.packing=true: rollout rows packed end to end")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     return ap.parse_args()
 
@@ -94,7 +96,8 @@ def main() -> int:
                               max_batch=args.prompts * args.samples),
         ppo=PPOLossConfig(minibatch_size=args.minibatch),
         train=PPOTrainConfig(max_steps=args.steps, micro_batch_size=args.micro_batch, actor_lr=1e-5,
-                             critic_lr=1e-5, out_dir=os.path.join(root, "run"), resume="never"),
+                             critic_lr=1e-5, out_dir=os.path.join(root, "run"), resume="never",
+                             packing=args.pack),
         log=LogConfig(progress_bar=False, interval=1000))
     cfg.validate()
     threads = torch.get_num_threads()
@@ -108,6 +111,9 @@ def main() -> int:
         "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
         "minibatch": args.minibatch, "steps_counted": len(rows),
         **{f"{k.split('/')[1]}_s": round(statistics.median(r[k] for r in rows), 4) for k in phases},
+        **{f"padding_{k.split('/')[1]}": round(statistics.median(r[k] for r in rows), 4)
+           for k in rows[0] if k.startswith("padding/")},
+        "pack": args.pack,
         "response_length": round(statistics.mean(r["response_length"] for r in rows), 2),
         "generate_tokens_per_s": round(statistics.median(r["tokens_per_s/generate"] for r in rows)),
         "tokens_per_s": round(statistics.median(r["tokens_per_s/step"] for r in rows)),
