@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["LMBatch", "pad_examples", "pack_examples", "to_thd", "segments_to_attention_mask", "PairBatch", "pair_batch",
+__all__ = ["LMBatch", "pad_examples", "pack_examples", "to_thd", "thd_tokens", "round_up", "segments_to_attention_mask", "PairBatch", "pair_batch",
            "pack_pairs", "thd_layout", "read_back", "params_to"]
 
 Example = Tuple[Sequence[int], Sequence[bool]]  # token ids, loss mask (True = trained)
@@ -134,20 +134,25 @@ def pack_examples(examples: Sequence[Example], seq_length: int, pad_id: int,
     return LMBatch(tokens, labels, loss_mask, segments_to_attention_mask(segments), positions, lengths)
 
 
-def to_thd(b: LMBatch, trim: bool = False, multiple: int = 8) -> LMBatch:
+def thd_tokens(b: LMBatch) -> int:
+    """The tokens of the examples in packed rows (:func:`pack_examples`)."""
+    return sum(sum(row) for row in b.lengths or [])
+
+
+def to_thd(b: LMBatch, row: Optional[int] = None, multiple: int = 8) -> LMBatch:
     """Packed rows (:func:`pack_examples`) as one row of their examples end to end in
     megatron's ``thd`` layout (``packed_seq_params``; attention stays within each example
-    through the attention kernel instead of a dense mask, positions restart at 0): as
-    many tokens as the rows held, or with ``trim`` (not under pipeline stages) the
-    examples' tokens rounded up to ``multiple``. The summed loss is unchanged: the same
-    tokens, labels and loss mask, in another order."""
+    through the attention kernel instead of a dense mask, positions restart at 0),
+    ``row`` tokens long (pipeline stages: the same for every microbatch of a step), by
+    default the examples' tokens rounded up to ``multiple``. The summed loss is
+    unchanged: the same tokens, labels and loss mask, in another order."""
     if b.lengths is None:
         raise ValueError("to_thd needs packed rows (pack_examples)")
     parts = {"tokens": [], "labels": [], "loss_mask": []}
     lens: List[int] = []
-    for r, row in enumerate(b.lengths):
+    for r, members in enumerate(b.lengths):
         pos = 0
-        for n in row:
+        for n in members:
             for k in parts:
                 parts[k].append(getattr(b, k)[r, pos:pos + n])
             lens.append(n)
@@ -155,8 +160,7 @@ def to_thd(b: LMBatch, trim: bool = False, multiple: int = 8) -> LMBatch:
     used = sum(lens)
     if not lens:
         raise ValueError("to_thd: the rows hold no example")
-    full = b.tokens.numel()
-    row = min(full, -(-used // multiple) * multiple) if trim else full
+    row = round_up(used, multiple) if row is None else row
     params, positions, _ = thd_layout(lens, row)
     pad = row - used
     # the pad tokens form sequences of their own, outside the loss: their ids are never read
@@ -260,23 +264,29 @@ def pack_pairs(pairs: Sequence[Tuple[Example, Example]], budget: int, pad_id: in
     """Pairs packed end to end into microbatches of one row of at most ``budget`` tokens,
     in order, a pair's two sequences in the same microbatch: megatron's ``thd`` layout
     (``packed_seq_params``, each sequence attending to itself only, positions from 0 in
-    each). The row is ``budget`` tokens long, or with ``trim`` (not under pipeline stages,
-    whose microbatches share one shape) as long as its sequences rounded up to
-    ``multiple``; the pad tokens after them form sequences of their own."""
-    out: List[PairBatch] = []
-    first, used = 0, 0
+    each). Each row is as long as its sequences rounded up to ``multiple``, or without
+    ``trim`` (pipeline stages, whose microbatches share one shape) as long as the longest
+    of the call's rows; the pad tokens after the sequences form sequences of their own."""
+    groups, first, used = [], 0, 0
     for i, ((c, _), (r, _)) in enumerate(pairs):
         need = len(c) + len(r)
         if need > budget:
             raise ValueError(f"pair {i} ({len(c)} + {len(r)} tokens) does not fit in a microbatch of "
                              f"{budget} tokens")
         if used + need > budget:
-            out.append(_packed(pairs[first:i], first, budget, pad_id, ref_logprobs, margins, trim, multiple))
+            groups.append((first, i, used))
             first, used = i, 0
         used += need
     if pairs:
-        out.append(_packed(pairs[first:], first, budget, pad_id, ref_logprobs, margins, trim, multiple))
-    return out
+        groups.append((first, len(pairs), used))
+    rows = [round_up(u, multiple) for _, _, u in groups]
+    if not trim and rows:
+        rows = [max(rows)] * len(rows)
+    return [_packed(pairs[a:b], a, row, pad_id, ref_logprobs, margins) for (a, b, _), row in zip(groups, rows)]
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def thd_layout(lengths: Sequence[int], row: int):
@@ -310,13 +320,12 @@ def read_back(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[gather]
 
 
-def _packed(pairs, first: int, budget: int, pad_id: int, ref_logprobs, margins, trim: bool,
-            multiple: int) -> PairBatch:
-    """The one-row ``thd`` :class:`PairBatch` of ``pairs`` (``pairs[0]`` is pair ``first``)."""
+def _packed(pairs, first: int, row: int, pad_id: int, ref_logprobs, margins) -> PairBatch:
+    """The one-row ``thd`` :class:`PairBatch` of ``pairs`` (``pairs[0]`` is pair ``first``),
+    ``row`` tokens long."""
     seqs = [side for pair in pairs for side in pair]
     lengths = [len(ids) for ids, _ in seqs]
     used = sum(lengths)
-    row = min(budget, -(-used // multiple) * multiple) if trim else budget
     ids_all, labels, weights = [], [], []
     for ids, mask in seqs:
         lab, w = _shifted(ids, mask)

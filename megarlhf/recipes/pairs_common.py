@@ -227,9 +227,10 @@ def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad
     longest sequence among them rounded up to ``multiple`` (the model's
     :func:`~megarlhf.models.llama.sequence_multiple`; at most ``seq_length``, itself a
     multiple), the same for every microbatch of the call, as pipeline stages require.
-    ``packing``: each microbatch one row of at most ``2 * mbs * seq_length`` tokens holding
-    as many pairs as fit end to end (:func:`~megarlhf.data.batch.pack_pairs`); ``trim``
-    cuts its padding (not under pipeline stages). :func:`micro_rows` gives the rows."""
+    ``packing``: each microbatch one row holding as many pairs as fit end to end in
+    ``2 * mbs * seq_length`` tokens (:func:`~megarlhf.data.batch.pack_pairs`), as long as
+    its tokens (``trim``) or as the call's longest (pipeline stages). :func:`micro_rows`
+    gives the rows."""
     from megarlhf.data.batch import pack_pairs, pair_batch
     from megarlhf.models.llama import pad_to
 
@@ -238,8 +239,9 @@ def pair_microbatches(ds, indices: Sequence[int], mbs: int, seq_length: int, pad
     refs_all = [(r["ref_chosen"], r["ref_rejected"]) for r in rows_all] if with_ref else None
     margins_all = [margin] * len(rows_all) if margin else None
     if packing:
-        budget = 2 * mbs * seq_length
-        return pack_pairs(pairs_all, budget, pad_id, refs_all, margins_all, trim=trim, multiple=multiple), budget
+        micro = pack_pairs(pairs_all, 2 * mbs * seq_length, pad_id, refs_all, margins_all, trim=trim,
+                           multiple=multiple)
+        return micro, max([m.tokens.shape[1] for m in micro] or [seq_length])
     longest = max([max(len(c[0]), len(r[0])) for c, r in pairs_all] or [1])
     seq_length = min(seq_length, pad_to(longest, multiple))
     out = []

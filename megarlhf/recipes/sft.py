@@ -150,7 +150,7 @@ def _sources_or_builtin(cfg: SFTConfig, builtin: dict) -> DataConfig:
 
 
 def run(cfg: SFTConfig) -> dict:
-    from megarlhf.data.batch import pack_examples, pad_examples, to_thd
+    from megarlhf.data.batch import pack_examples, pad_examples, round_up, thd_tokens, to_thd
     from megarlhf.data.builtin import prepare_builtin_task
     from megarlhf.data.chat import read_hf_chat_template
     from megarlhf.data.dataset import build_dataset
@@ -237,9 +237,10 @@ def run(cfg: SFTConfig) -> dict:
             batch = pad_examples(examples, t.seq_length, tokenizer.pad_id, rows=rows)
         micro = _split(batch, t.micro_batch_size)
         seq, rows = t.seq_length, t.micro_batch_size
-        if thd:
-            micro = [to_thd(m, trim=cfg.parallel.pp == 1, multiple=multiple) for m in micro]
-            seq, rows = t.micro_batch_size * t.seq_length, 1
+        if thd:  # under pipeline stages every microbatch as long as the longest
+            common = None if cfg.parallel.pp == 1 else round_up(max(thd_tokens(m) for m in micro), multiple)
+            micro = [to_thd(m, row=common, multiple=multiple) for m in micro]
+            seq, rows = max(m.tokens.shape[1] for m in micro), 1
         res = tr.step(mp, forward_step, micro, seq, rows, step, run_.preempt)
         consumed += t.global_batch_size
         loss_sum, n_tok = _global_loss(res["outputs"], mp)

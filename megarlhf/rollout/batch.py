@@ -148,15 +148,16 @@ class Microbatch:
         return int(self.tokens.shape[0])
 
 
-def microbatches(ro: Rollout, rows: range, size: int, extra: Optional[Dict[str, torch.Tensor]] = None,
+def microbatches(ro: Rollout, rows, size: int, extra: Optional[Dict[str, torch.Tensor]] = None,
                  packing: bool = False, trim: bool = False, multiple: int = 8) -> List[Microbatch]:
-    """``rows`` of ``ro`` in microbatches of ``size`` rows; ``extra`` holds per-token tensors
+    """``rows`` of ``ro`` (a ``range``, or a list of them: one pass over all) in
+    microbatches of ``size`` rows; ``extra`` holds per-token tensors
     of :data:`PER_TOKEN` (``[n, s]``) and ``loss_counts`` (``[n]``), zeros where absent
     (``loss_weights`` defaults to the mask, ``loss_counts`` to each row's token count).
     ``packing``: the model sees each microbatch's rows as one row of their real tokens
-    end to end (:class:`Microbatch`), ``size * s`` tokens long, or with ``trim`` (not
-    under pipeline stages) as long as they are, rounded up to ``multiple``."""
-    from megarlhf.data.batch import thd_layout
+    end to end (:class:`Microbatch`), as long as they are rounded up to ``multiple``, or
+    without ``trim`` (pipeline stages: one shape per call) as long as the longest such."""
+    from megarlhf.data.batch import round_up, thd_layout
 
     extra = dict(extra or {})
     extra.setdefault("loss_weights", ro.mask)
@@ -164,16 +165,18 @@ def microbatches(ro: Rollout, rows: range, size: int, extra: Optional[Dict[str, 
     zeros = torch.zeros_like(ro.mask)
     pos = torch.arange(ro.seq).unsqueeze(0)
     lengths = (ro.last_index + 1).tolist()
+    ranges = [rows] if isinstance(rows, range) else list(rows)
+    slices = [slice(s, min(s + size, r.stop)) for r in ranges for s in range(r.start, r.stop, size)]
+    row_len = [round_up(sum(lengths[sl]), multiple) for sl in slices]
+    if not trim and row_len:
+        row_len = [max(row_len)] * len(row_len)
     out = []
-    for s in range(rows.start, rows.stop, size):
-        sl = slice(s, min(s + size, rows.stop))
+    for sl, row in zip(slices, row_len):
         tokens, labels, positions, params, gather = ro.tokens[sl], ro.labels[sl], None, None, None
         if packing:
             lens = lengths[sl]
-            used = sum(lens)
-            row = min(size * ro.seq, -(-used // multiple) * multiple) if trim else size * ro.seq
             params, positions, gather = thd_layout(lens, row)
-            pad = torch.zeros(row - used, dtype=torch.long)  # their own sequences: never read
+            pad = torch.zeros(row - sum(lens), dtype=torch.long)  # their own sequences: never read
             tokens = torch.cat([t[:n] for t, n in zip(tokens, lens)] + [pad])[None]
             labels = torch.cat([t[:n] for t, n in zip(labels, lens)] + [pad])[None]
             # per row [b, s]: the packed row's index of each of the row's tokens (T past its end)

@@ -138,8 +138,8 @@ class Role:
         from megarlhf.rollout.batch import microbatches
 
         trim = self.mp.config.pp == 1
-        micro = [m for r in rows for m in microbatches(ro, r, size, extra, packing=self.packing, trim=trim,
-                                                       multiple=sequence_multiple_of(self.chunks))]
+        micro = microbatches(ro, rows, size, extra, packing=self.packing, trim=trim,
+                             multiple=sequence_multiple_of(self.chunks))  # one shape for the whole pass
         self.tokens_seen[0] += sum(int(ro.last_index[i]) + 1 for r in rows for i in r)
         self.tokens_seen[1] += sum(m.tokens.numel() for m in micro)
         if not self.packing or not micro:

@@ -51,7 +51,7 @@ def main():
         from megarlhf.recipes.sft import _split
         micro = _split(b, mbs)
         if thd and b.lengths is not None:
-            micro = [to_thd(m, trim=True) for m in micro]
+            micro = [to_thd(m) for m in micro]
             assert micro[0].tokens.shape[0] == 1 and micro[0].attention_mask is None
         return micro
 

@@ -37,10 +37,13 @@ def test_layout_and_per_sequence_view_match_the_padded_batch():
         first += b.num_pairs
 
 
-def test_trim_cuts_the_row_to_a_multiple_and_errors_name_the_sizes():
+def test_rows_are_cut_to_a_multiple_and_errors_name_the_sizes():
     pairs = _pairs([(3, 3)])
-    assert pack_pairs(pairs, 64, 0)[0].tokens.shape == (1, 64)
     b = pack_pairs(pairs, 64, 0, trim=True, multiple=8)[0]
     assert b.tokens.shape == (1, 8) and b.packed_seq_params.cu_seqlens_q.tolist() == [0, 3, 6, 8]
+    # pipeline stages: every row of the call as long as the longest (19 tokens -> 24)
+    two = pack_pairs(_pairs([(9, 10), (3, 3)]), 20, 0, multiple=8)
+    assert [m.tokens.shape for m in two] == [(1, 24), (1, 24)]
+    assert [m.tokens.shape[1] for m in pack_pairs(_pairs([(9, 10), (3, 3)]), 20, 0, trim=True)] == [24, 8]
     with pytest.raises(ValueError, match=r"pair 0 \(9 \+ 2 tokens\) does not fit in a microbatch of 8 tokens"):
         pack_pairs(_pairs([(9, 2)]), 8, 0)
