@@ -34,9 +34,7 @@ class SDPAttention(DotProductAttention):
         if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        scale = self.softmax_scale
-        if self.config.apply_query_key_layer_scaling:  # megatron folds layer_number into both
-            scale = scale * self.layer_number
+        scale = self._scale()
         mask, causal = None, False
         if attention_mask is not None:
             allowed = ~attention_mask.bool()  # megatron's mask is True where attention is NOT allowed
@@ -52,7 +50,7 @@ class SDPAttention(DotProductAttention):
 
     def _scale(self) -> float:
         scale = self.softmax_scale
-        if self.config.apply_query_key_layer_scaling:
+        if self.config.apply_query_key_layer_scaling:  # megatron folds layer_number into both
             scale = scale * self.layer_number
         return scale
 

@@ -142,11 +142,6 @@ class Microbatch:
 
         return x if self.gather is None else read_back(x, self.gather)
 
-    @property
-    def rows(self) -> int:
-        """Rows of the model's input: 1 packed, else ``b``."""
-        return int(self.tokens.shape[0])
-
 
 def microbatches(ro: Rollout, rows, size: int, extra: Optional[Dict[str, torch.Tensor]] = None,
                  packing: bool = False, trim: bool = False, multiple: int = 8) -> List[Microbatch]:
