@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["LMBatch", "pad_examples", "pack_examples", "to_thd", "thd_tokens", "round_up", "segments_to_attention_mask", "PairBatch", "pair_batch",
+__all__ = ["LMBatch", "pad_examples", "pack_examples", "to_thd", "thd_tokens", "segments_to_attention_mask", "PairBatch", "pair_batch",
            "pack_pairs", "thd_layout", "read_back", "params_to"]
 
 Example = Tuple[Sequence[int], Sequence[bool]]  # token ids, loss mask (True = trained)
@@ -95,8 +95,9 @@ def segments_to_attention_mask(segments: torch.Tensor) -> torch.Tensor:
 
 
 def pack_examples(examples: Sequence[Example], seq_length: int, pad_id: int,
-                  row_multiple: int = 1) -> LMBatch:
-    """First-fit packing in order; the row count is rounded up to ``row_multiple``."""
+                  row_multiple: int = 1, attention_mask: bool = True) -> LMBatch:
+    """First-fit packing in order; the row count is rounded up to ``row_multiple``.
+    ``attention_mask=False``: no block-diagonal mask (rows going to :func:`to_thd`)."""
     rows: List[List[int]] = []  # example indices per row
     room: List[int] = []
     for i, (ids, _) in enumerate(examples):
@@ -131,7 +132,8 @@ def pack_examples(examples: Sequence[Example], seq_length: int, pad_id: int,
     segments = torch.where(segments >= 0, segments, pad_seg)
     positions = torch.arange(seq_length).unsqueeze(0).expand(n, -1).contiguous()
     lengths = [[len(examples[i][0]) for i in members] for members in rows] + [[] for _ in range(n - len(rows))]
-    return LMBatch(tokens, labels, loss_mask, segments_to_attention_mask(segments), positions, lengths)
+    mask = segments_to_attention_mask(segments) if attention_mask else None
+    return LMBatch(tokens, labels, loss_mask, mask, positions, lengths)
 
 
 def thd_tokens(b: LMBatch) -> int:
@@ -160,7 +162,10 @@ def to_thd(b: LMBatch, row: Optional[int] = None, multiple: int = 8) -> LMBatch:
     used = sum(lens)
     if not lens:
         raise ValueError("to_thd: the rows hold no example")
-    row = round_up(used, multiple) if row is None else row
+    if row is None:
+        from megarlhf.models.llama import pad_to
+
+        row = pad_to(used, multiple)
     params, positions, _ = thd_layout(lens, row)
     pad = row - used
     # the pad tokens form sequences of their own, outside the loss: their ids are never read
@@ -279,14 +284,12 @@ def pack_pairs(pairs: Sequence[Tuple[Example, Example]], budget: int, pad_id: in
         used += need
     if pairs:
         groups.append((first, len(pairs), used))
-    rows = [round_up(u, multiple) for _, _, u in groups]
+    from megarlhf.models.llama import pad_to
+
+    rows = [pad_to(u, multiple) for _, _, u in groups]
     if not trim and rows:
         rows = [max(rows)] * len(rows)
     return [_packed(pairs[a:b], a, row, pad_id, ref_logprobs, margins) for (a, b, _), row in zip(groups, rows)]
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def thd_layout(lengths: Sequence[int], row: int):

@@ -173,8 +173,7 @@ def precompute_reference(chunks, mp, model_cfg, ds, d: DPOLossConfig, mbs: int, 
 
     def step(it, model):
         b = next(it).to(device)
-        out = model(b.tokens, b.position_ids, attention_mask=b.attention_mask,
-                       packed_seq_params=b.packed_seq_params)
+        out = model(b.tokens, b.position_ids, attention_mask=b.attention_mask, packed_seq_params=b.packed_seq_params)
         return out, lambda o, non_loss_data=True: (seq_lp(o, b).double(), b.weights())
 
     outs = forward_only(chunks, mp, step, micro, seq, micro_rows(micro, mbs)) if micro else []

@@ -150,14 +150,14 @@ def _sources_or_builtin(cfg: SFTConfig, builtin: dict) -> DataConfig:
 
 
 def run(cfg: SFTConfig) -> dict:
-    from megarlhf.data.batch import pack_examples, pad_examples, round_up, thd_tokens, to_thd
+    from megarlhf.data.batch import pack_examples, pad_examples, thd_tokens, to_thd
     from megarlhf.data.builtin import prepare_builtin_task
     from megarlhf.data.chat import read_hf_chat_template
     from megarlhf.data.dataset import build_dataset
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.data.tokenizer import load_tokenizer
     from megarlhf.models.checkpoint import load_model, read_meta, save_model, tokenizer_path
-    from megarlhf.models.llama import build_model, describe, sequence_multiple_of
+    from megarlhf.models.llama import build_model, describe, pad_to, sequence_multiple_of
     from megarlhf.parallel import destroy
     from megarlhf.recipes.common import Evaluator, lm_forward_step
     from megarlhf.recipes.pairs_common import make_template, output_meta, recorded_template
@@ -231,14 +231,15 @@ def run(cfg: SFTConfig) -> dict:
         step += 1
         examples = [(ids_col[i], mask_col[i]) for i in next(batches)]
         if t.packing:
-            batch = pack_examples(examples, t.seq_length, tokenizer.pad_id, row_multiple=t.micro_batch_size)
+            batch = pack_examples(examples, t.seq_length, tokenizer.pad_id, row_multiple=t.micro_batch_size,
+                                  attention_mask=not thd)
         else:
             rows = -(-len(examples) // t.micro_batch_size) * t.micro_batch_size
             batch = pad_examples(examples, t.seq_length, tokenizer.pad_id, rows=rows)
         micro = _split(batch, t.micro_batch_size)
         seq, rows = t.seq_length, t.micro_batch_size
         if thd:  # under pipeline stages every microbatch as long as the longest
-            common = None if cfg.parallel.pp == 1 else round_up(max(thd_tokens(m) for m in micro), multiple)
+            common = None if cfg.parallel.pp == 1 else pad_to(max(thd_tokens(m) for m in micro), multiple)
             micro = [to_thd(m, row=common, multiple=multiple) for m in micro]
             seq, rows = max(m.tokens.shape[1] for m in micro), 1
         res = tr.step(mp, forward_step, micro, seq, rows, step, run_.preempt)

@@ -152,7 +152,8 @@ def microbatches(ro: Rollout, rows, size: int, extra: Optional[Dict[str, torch.T
     ``packing``: the model sees each microbatch's rows as one row of their real tokens
     end to end (:class:`Microbatch`), as long as they are rounded up to ``multiple``, or
     without ``trim`` (pipeline stages: one shape per call) as long as the longest such."""
-    from megarlhf.data.batch import round_up, thd_layout
+    from megarlhf.data.batch import thd_layout
+    from megarlhf.models.llama import pad_to
 
     extra = dict(extra or {})
     extra.setdefault("loss_weights", ro.mask)
@@ -162,7 +163,7 @@ def microbatches(ro: Rollout, rows, size: int, extra: Optional[Dict[str, torch.T
     lengths = (ro.last_index + 1).tolist()
     ranges = [rows] if isinstance(rows, range) else list(rows)
     slices = [slice(s, min(s + size, r.stop)) for r in ranges for s in range(r.start, r.stop, size)]
-    row_len = [round_up(sum(lengths[sl]), multiple) for sl in slices]
+    row_len = [pad_to(sum(lengths[sl]), multiple) for sl in slices]
     if not trim and row_len:
         row_len = [max(row_len)] * len(row_len)
     out = []

@@ -121,6 +121,12 @@ def test_packed_rows_give_the_padded_outputs_losses_and_gradients(world1, sft_li
     extra = {"old_logprobs": old.old_logprobs, "ref_logprobs": old.ref_logprobs, "advantages": tg.advantages,
              "loss_weights": tg.loss_weights, "loss_counts": tg.loss_counts}
     actor, res = roles.actor, {}
+    # megatron fell back to torch's Adam here (no TE/apex): its fused kernel is on
+    from megarlhf.train.optim import fuse_torch_adam
+
+    opt = actor.trainer.optimizer
+    groups = [g for o in getattr(opt, "chained_optimizers", [opt]) for g in o.optimizer.param_groups]
+    assert groups and all(g["fused"] for g in groups) and fuse_torch_adam(opt) == 0
     for packing in (False, True):
         actor.packing = packing
         micro, _, size = actor.microbatches(ro, [range(0, 4)], 2, extra)
