@@ -131,7 +131,7 @@ class _Slots:
         their state (they are computed, and ignored, until the host collects them): their
         step no longer moves, so what they write lands past their length."""
         active = ~self.done[rows]
-        j = self.step[rows]
+        j = self.step[rows]  # a view for slice rows: every use below precedes the step's increment
         at = (rows if torch.is_tensor(rows) else torch.arange(rows.start, rows.stop, device=j.device), j)
         self.tokens.index_put_(at, new)
         if sample_lp is not None:
