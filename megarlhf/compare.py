@@ -9,7 +9,8 @@ reward model starts from the SFT policy itself; the larger one (``large_rm``, a 
 deeper Llama) starts from its own SFT on the same task and tokenizer, and is trained on the
 same pairs. Then, for every seed, DPO, PPO with the small RM, and PPO with the large RM (its
 critic is the small RM, as the paper's flagship puts a 13B critic beside a 70B scorer). All
-are evaluated by exact match on the same held-out problems. Every stage is the ordinary
+are evaluated by exact match on the same held-out problems (the task's validation split, as
+each stage of ``megarlhf demo`` evaluates itself). Every stage is the ordinary
 recipe; stage configs are those of ``megarlhf demo`` (same keys: ``sft.*``, ``rm.*``,
 ``dpo.*``, ``ppo.*``).
 
@@ -144,7 +145,7 @@ def run(cfg: CompareConfig) -> Dict[str, object]:
 
     r_sft = stage("sft", f"SFT policy -> {st['sft_checkpoint']}", sft.run, st["sft"])
     stage("pairs", f"preference pairs from the SFT policy's samples -> {st['pairs']}",
-          sample_pairs, cfg.pairs, st)
+          sample_pairs, st["pairs_sampling"], st)
     r_rm = stage("rm_small", "small reward model (from the SFT policy)", reward_model.run, st["rm"])
     sft_meta = read_meta(st["sft_checkpoint"])
     # The larger backbone starts from scratch: it takes the policy's tokenizer and the chat

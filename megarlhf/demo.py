@@ -6,9 +6,21 @@
 
 Each stage is the ordinary recipe (``megarlhf sft``, ``pairs``, ``rm``, ``dpo``, ``ppo``)
 with its own config section here; the pipeline only wires one stage's output into the
-next stage's input under ``out_dir``. At the end it prints a table (exact match of SFT,
-DPO and PPO on the held-out problems, the reward model's held-out pair accuracy), writes
-``results.json`` and ``reward_curve.png`` in ``out_dir``, and prints the results path last.
+next stage's input under ``out_dir``, and ``seed`` (when set) seeds every stage.
+
+The task has two held-out splits with no question in common with each other or with any
+training file: the stages evaluate themselves on ``validation.jsonl`` (where settings are
+chosen: every ``eval_interval`` and final figure, PPO's curve), and only after all stages
+is each final policy (SFT, DPO, PPO) scored greedily on the test split ``eval.jsonl``,
+problem by problem, in this process. DPO and PPO are compared with SFT on the same test
+problems: the paired difference of exact match with its 95% paired-bootstrap interval and
+the exact McNemar p-value (:mod:`megarlhf.eval.paired`).
+
+At the end it prints a table (per stage: test exact match, the difference to SFT with its
+interval and p-value, the validation exact match; the reward model's held-out pair
+accuracy), writes ``results.json`` (every figure, the validation curve of PPO and the
+stage times) and ``reward_curve.png`` (PPO's reward-model score per step and its
+validation exact match) in ``out_dir``, and prints the results path last.
 """
 
 from __future__ import annotations
@@ -18,10 +30,11 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from megarlhf.data.dataset import DataConfig
 from megarlhf.data.load import SourceConfig
+from megarlhf.recipes.common import ExactMatch
 from megarlhf.recipes.dpo import DPOConfig, DPOLossConfig
 from megarlhf.recipes.pairs_common import PairsTrainConfig
 from megarlhf.recipes.ppo import PPOConfig, PPOLossConfig, PPOTrainConfig, RolloutConfig
@@ -31,7 +44,8 @@ from megarlhf.recipes.sft import SFTConfig
 from megarlhf.train.metrics import LogConfig
 from megarlhf.train.schedule import ScheduleConfig
 
-__all__ = ["DemoConfig", "PairsConfig", "run", "sample_pairs"]
+__all__ = ["DemoConfig", "PairsConfig", "run", "sample_pairs", "score_on_test_split", "collect_results", "table",
+           "ppo_history", "ppo_eval_curve"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,8 @@ class PairsConfig:
     samples_per_prompt: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 48
+    seed: int = 0
+    """Seed of the sampling and of the choice among wrong answers (``megarlhf pairs --seed``)."""
 
 
 def _quiet() -> LogConfig:
@@ -54,6 +70,9 @@ class DemoConfig:
     """Stage configs; paths between stages are filled in under ``out_dir``."""
 
     out_dir: str = "runs/demo"
+    seed: Optional[int] = None
+    """When set, the seed of every stage: SFT, pair sampling, RM, DPO, PPO (``train.seed``,
+    ``pairs.seed``); the task and its held-out problems stay the same."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     rm: RMConfig = field(default_factory=lambda: RMConfig(
@@ -78,29 +97,35 @@ class DemoConfig:
         return 1
 
     def stages(self) -> Dict[str, object]:
-        """The stage configs with their inputs and outputs wired under ``out_dir``."""
-        o = self.out_dir
+        """The stage configs with their inputs and outputs wired under ``out_dir``, each
+        stage evaluating on the task's validation split, every one seeded by ``seed`` when
+        it is set; also the pair sampling's config and the paths between stages."""
+        o, seed = self.out_dir, self.seed
         task = os.path.join(o, "sft", "task")
+        validation = os.path.join(task, "validation.jsonl")
         sft_ckpt = os.path.join(o, "sft", "checkpoint")
         pairs = os.path.join(o, "pairs", "policy_pairs.jsonl")
         rm_final = os.path.join(o, "rm", "final")
-        sft = dataclasses.replace(self.sft, train=dataclasses.replace(self.sft.train, out_dir=os.path.join(o, "sft")))
+        sft = dataclasses.replace(self.sft, train=_seeded(self.sft.train, seed, out_dir=os.path.join(o, "sft")),
+                                  eval=dataclasses.replace(self.sft.eval, prompts=validation))
         rm = dataclasses.replace(
             self.rm, data=dataclasses.replace(self.rm.data, sources=[SourceConfig(path=pairs)]),
-            train=dataclasses.replace(self.rm.train, init_from=sft_ckpt, out_dir=os.path.join(o, "rm")))
+            train=_seeded(self.rm.train, seed, init_from=sft_ckpt, out_dir=os.path.join(o, "rm")))
         dpo = dataclasses.replace(
             self.dpo, data=dataclasses.replace(self.dpo.data, sources=[SourceConfig(path=pairs)]),
-            train=dataclasses.replace(self.dpo.train, init_from=sft_ckpt, out_dir=os.path.join(o, "dpo")),
-            eval=dataclasses.replace(self.dpo.eval, prompts=os.path.join(task, "eval.jsonl")))
+            train=_seeded(self.dpo.train, seed, init_from=sft_ckpt, out_dir=os.path.join(o, "dpo")),
+            eval=dataclasses.replace(self.dpo.eval, prompts=validation))
         ppo = dataclasses.replace(
             self.ppo, actor=dataclasses.replace(self.ppo.actor, init_from=sft_ckpt),
             critic=dataclasses.replace(self.ppo.critic, init_from=rm_final),
             reward=dataclasses.replace(self.ppo.reward, init_from=rm_final),
             data=dataclasses.replace(self.ppo.data, sources=[SourceConfig(path=os.path.join(task, "prompts.jsonl"))]),
-            train=dataclasses.replace(self.ppo.train, out_dir=os.path.join(o, "ppo")),
-            eval=dataclasses.replace(self.ppo.eval, prompts=os.path.join(task, "eval.jsonl")))
-        return {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo, "task": task, "pairs": pairs,
-                "sft_checkpoint": sft_ckpt}
+            train=_seeded(self.ppo.train, seed, out_dir=os.path.join(o, "ppo")),
+            eval=dataclasses.replace(self.ppo.eval, prompts=validation))
+        sampling = self.pairs if seed is None else dataclasses.replace(self.pairs, seed=seed)
+        return {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo, "pairs_sampling": sampling, "task": task,
+                "pairs": pairs, "sft_checkpoint": sft_ckpt, "validation": validation,
+                "test": os.path.join(task, "eval.jsonl")}
 
     def validate(self) -> None:
         from megarlhf.config import ConfigError
@@ -115,8 +140,16 @@ class DemoConfig:
         for name in ("sft", "rm", "dpo", "ppo"):
             if stages[name].world_size() != 1:
                 problems.append(f"{name}.world must be 1 in the pipeline (one process, every stage in turn)")
+        for key, value in (("seed", self.seed), ("pairs.seed", self.pairs.seed)):
+            if value is not None and not 0 <= value < 2**32:
+                problems.append(f"{key}={value} must be in [0, 2**32)")
         if problems:
             raise ConfigError(problems)
+
+
+def _seeded(train, seed: Optional[int], **paths):
+    """A stage's loop config with its paths, and ``seed`` when it is set."""
+    return dataclasses.replace(train, **paths, **({} if seed is None else {"seed": seed}))
 
 
 def sample_pairs(cfg: PairsConfig, st: Dict[str, object]) -> None:
@@ -133,7 +166,8 @@ def sample_pairs(cfg: PairsConfig, st: Dict[str, object]) -> None:
             dst.write(line)
     pairs_main(["--ckpt", st["sft_checkpoint"], "--prompts", prompts, "--out", st["pairs"],
                 "--samples-per-prompt", str(cfg.samples_per_prompt),
-                "--temperature", str(cfg.temperature), "--max-new-tokens", str(cfg.max_new_tokens)])
+                "--temperature", str(cfg.temperature), "--max-new-tokens", str(cfg.max_new_tokens),
+                "--seed", str(cfg.seed)])
 
 
 def run(cfg: DemoConfig) -> Dict[str, object]:
@@ -142,70 +176,150 @@ def run(cfg: DemoConfig) -> Dict[str, object]:
     st = cfg.stages()
     times: Dict[str, float] = {}
     t0 = time.time()
-    print(f"== 1/5 SFT on the built-in task -> {st['sft_checkpoint']}", flush=True)
+    print(f"== 1/6 SFT on the built-in task -> {st['sft_checkpoint']}", flush=True)
     r_sft = sft.run(st["sft"])
     times["sft"] = time.time() - t0
 
     t = time.time()
-    print(f"== 2/5 preference pairs from the SFT policy's samples -> {st['pairs']}", flush=True)
-    sample_pairs(cfg.pairs, st)
+    print(f"== 2/6 preference pairs from the SFT policy's samples -> {st['pairs']}", flush=True)
+    sample_pairs(st["pairs_sampling"], st)
     times["pairs"] = time.time() - t
 
     t = time.time()
-    print("== 3/5 reward model", flush=True)
+    print("== 3/6 reward model", flush=True)
     r_rm = reward_model.run(st["rm"])
     times["rm"] = time.time() - t
     t = time.time()
-    print("== 4/5 DPO", flush=True)
+    print("== 4/6 DPO", flush=True)
     r_dpo = dpo.run(st["dpo"])
     times["dpo"] = time.time() - t
     t = time.time()
-    print("== 5/5 PPO", flush=True)
+    print("== 5/6 PPO", flush=True)
     r_ppo = ppo.run(st["ppo"])
     times["ppo"] = time.time() - t
+
+    t = time.time()
+    print(f"== 6/6 each final policy on the test split ({st['test']})", flush=True)
+    test = score_on_test_split({"sft": (r_sft["checkpoint"], st["sft"].eval), "dpo": (r_dpo["final"], st["dpo"].eval),
+                                "ppo": (r_ppo["final"], st["ppo"].eval)}, st["test"], st["sft"].task.num_eval)
+    for name, em in test.items():
+        print(f"{name}: exact match {em.accuracy:.1%} on {em.n} test problems (greedy, {em.seconds:.1f} s)",
+              flush=True)
+    times["test_eval"] = time.time() - t
     times["total"] = time.time() - t0
 
-    history = ppo_history(st["ppo"].train.out_dir)
-    results = {
-        "sft_accuracy": r_sft.get("exact_match"),
-        "dpo_accuracy": r_dpo.get("exact_match"),
-        "ppo_accuracy": r_ppo.get("exact_match"),
-        "rm_pair_accuracy": (r_rm.get("eval") or {}).get("accuracy"),
-        "eval_problems": r_dpo.get("eval_prompts"),
-        "ppo_score_curve": [h["score_mean"] for h in history],
-        "ppo_train_accuracy_curve": [h.get("train_accuracy") for h in history],
-        "seconds": {k: round(v, 1) for k, v in times.items()},
-    }
+    out = st["ppo"].train.out_dir
+    results = collect_results({"sft": r_sft, "rm": r_rm, "dpo": r_dpo, "ppo": r_ppo}, test,
+                              ppo_history(out), ppo_eval_curve(out), times, cfg.seed)
     path = os.path.join(cfg.out_dir, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     png = os.path.join(cfg.out_dir, "reward_curve.png")
     _plot(results, png)
     print()
-    print("| stage | exact match (held-out) | other |")
-    print("|---|---:|---|")
-    print(f"| SFT | {_pct(results['sft_accuracy'])} | |")
-    print(f"| reward model | | held-out pair accuracy {_pct(results['rm_pair_accuracy'])} |")
-    print(f"| DPO | {_pct(results['dpo_accuracy'])} | |")
-    curve = results["ppo_score_curve"]
-    print(f"| PPO | {_pct(results['ppo_accuracy'])} | RM score {curve[0]:.2f} -> {curve[-1]:.2f} |")
-    print(f"time: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()))
+    print(table(results))
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()))
     print(f"reward curve: {png}")
     print(path)
     return results
+
+
+def score_on_test_split(policies: Dict[str, Tuple[str, EvalConfig]], prompts: str,
+                        num_prompts: int) -> Dict[str, ExactMatch]:
+    """Each named checkpoint's greedy exact match, problem by problem, on the first
+    ``num_prompts`` problems of ``prompts``, generated as its stage's evaluation generates
+    (``max_new_tokens``, ``batch_size``), one model at a time in this process."""
+    from megarlhf.config import ParallelConfig
+    from megarlhf.parallel import DistEnv, destroy, init_distributed, initialize_model_parallel
+    from megarlhf.recipes.common import checkpoint_exact_match
+
+    init_distributed(DistEnv.from_environ())
+    try:
+        mp = initialize_model_parallel(ParallelConfig())
+        return {name: checkpoint_exact_match(ckpt, mp, prompts, num_prompts, ev.max_new_tokens, ev.batch_size)
+                for name, (ckpt, ev) in policies.items()}
+    finally:
+        destroy()
+
+
+def collect_results(stages: Dict[str, Dict[str, Any]], test: Dict[str, ExactMatch], history: List[Dict[str, Any]],
+                    eval_curve: List[List[float]], times: Dict[str, float], seed: Optional[int]) -> Dict[str, object]:
+    """The figures of ``results.json``: the stages' own results (``stages``: sft, rm, dpo,
+    ppo; their figures on the validation split), the test split's outcomes (``test``: sft,
+    dpo, ppo) with the paired difference of DPO and of PPO to SFT, PPO's steps
+    (``history``) and validation curve (``eval_curve``), the stage times and the seed."""
+    from megarlhf.eval.paired import paired_difference
+
+    diffs = {name: paired_difference(test["sft"].outcomes, test[name].outcomes, level=0.95)
+             for name in ("dpo", "ppo")}
+    out: Dict[str, object] = {f"{name}_accuracy": test[name].accuracy for name in ("sft", "dpo", "ppo")}
+    out["rm_pair_accuracy"] = (stages["rm"].get("eval") or {}).get("accuracy")
+    out["eval_problems"] = test["sft"].n
+    for name in ("dpo", "ppo"):
+        out[f"{name}_minus_sft"] = diffs[name]
+        out[f"{name}_minus_sft_ci95"] = [diffs[name]["low"], diffs[name]["high"]]
+    for name in ("sft", "dpo", "ppo"):
+        out[f"{name}_validation_accuracy"] = stages[name].get("exact_match")
+    out["validation_problems"] = stages["sft"].get("eval_prompts")
+    out["ppo_score_curve"] = [h["score_mean"] for h in history]
+    out["ppo_train_accuracy_curve"] = [h.get("train_accuracy") for h in history]
+    out["ppo_eval_curve"] = eval_curve
+    out["seed"] = seed
+    out["seconds"] = {k: round(v, 1) for k, v in times.items()}
+    return out
+
+
+def table(results: Dict[str, Any]) -> str:
+    """The markdown table the demo prints: per stage, exact match on the test split, its
+    paired difference to SFT in points (95% interval, McNemar p), exact match on the
+    validation split; the reward model's held-out pair accuracy."""
+    r = results
+    curve = r["ppo_score_curve"]
+    score = f"RM score {curve[0]:.2f} -> {curve[-1]:.2f}" if curve else ""
+    return "\n".join([
+        f"| stage | exact match (test, {r['eval_problems']} problems) | minus SFT, 95% interval (paired bootstrap), "
+        "McNemar p | validation exact match | other |",
+        "|---|---:|---|---:|---|",
+        f"| SFT | {_pct(r['sft_accuracy'])} | | {_pct(r['sft_validation_accuracy'])} | |",
+        f"| reward model | | | | held-out pair accuracy {_pct(r['rm_pair_accuracy'])} |",
+        f"| DPO | {_pct(r['dpo_accuracy'])} | {_difference(r['dpo_minus_sft'])} | "
+        f"{_pct(r['dpo_validation_accuracy'])} | |",
+        f"| PPO | {_pct(r['ppo_accuracy'])} | {_difference(r['ppo_minus_sft'])} | "
+        f"{_pct(r['ppo_validation_accuracy'])} | {score} |",
+    ])
+
+
+def _difference(d: Dict[str, float]) -> str:
+    """``+3.2 [+0.8, +5.6], p=0.012``: a paired difference in points."""
+    p = d["p_mcnemar"]
+    p_text = f"p={p:.3f}" if p >= 0.001 else f"p={p:.1e}"
+    return f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], {p_text}"
+
+
+def _rows_per_step(out_dir: str, key: str) -> List[Dict[str, Any]]:
+    """The run's ``metrics.jsonl`` rows that carry ``key``, in step order; where a resumed
+    run logged a step again, its last record."""
+    steps: Dict[int, Dict[str, Any]] = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if key in row:
+                steps[row["step"]] = row
+    return [steps[k] for k in sorted(steps)]
 
 
 def ppo_history(out_dir: str) -> List[Dict[str, Any]]:
     """Every PPO step's record from the run's ``metrics.jsonl``, in step order: the steps
     of an earlier, resumed or already finished run included (this process may have run
     none of them); where a resumed run logged a step again, its last record."""
-    steps: Dict[int, Dict[str, Any]] = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "score_mean" in row:
-                steps[row["step"]] = row
-    return [steps[k] for k in sorted(steps)]
+    return _rows_per_step(out_dir, "score_mean")
+
+
+def ppo_eval_curve(out_dir: str) -> List[List[float]]:
+    """``[step, exact match]`` of every evaluation of a PPO run (its own prompts: the
+    validation split in the demo), from its ``metrics.jsonl``: the one before the first
+    step as step 0, a re-logged step's last."""
+    return [[row["step"], row["exact_match"]] for row in _rows_per_step(out_dir, "exact_match")]
 
 
 def _pct(x) -> str:
@@ -218,18 +332,23 @@ def _plot(results: Dict[str, object], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     steps = list(range(1, len(results["ppo_score_curve"]) + 1))
     lines = ax.plot(steps, results["ppo_score_curve"], label="reward-model score (mean)")
     ax.set_xlabel("PPO step")
-    ax.set_ylabel("score")
+    ax.set_ylabel("reward-model score")
+    ax2 = ax.twinx()
+    evals = results["ppo_eval_curve"]
+    if evals:
+        lines += ax2.plot([s for s, _ in evals], [a for _, a in evals], "o--", color="tab:green",
+                          label=f"exact match, validation ({results['validation_problems']} problems, greedy)")
     acc = results["ppo_train_accuracy_curve"]
     if acc and acc[0] is not None:
-        ax2 = ax.twinx()
-        lines += ax2.plot(steps, acc, color="tab:orange", label="exact match of sampled answers")
-        ax2.set_ylabel("exact match")
-        ax2.set_ylim(0, 1)
-    ax.set_title("PPO on the built-in task")
+        lines += ax2.plot(steps, acc, color="tab:orange", alpha=0.7,
+                          label="exact match of sampled answers (training prompts)")
+    ax2.set_ylabel("exact match")
+    ax2.set_ylim(0, 1)
+    ax.set_title("PPO on the built-in task (exact match on the validation split)", fontsize=10)
     ax.legend(lines, [l.get_label() for l in lines], loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

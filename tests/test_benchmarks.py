@@ -66,3 +66,53 @@ def test_ppo_benchmark_prints_json():
     assert sum(last[k] for k in phases) <= last["step_s"] * 1.02 + 0.005  # the step's parts
     assert 1 <= last["response_length"] <= 8  # --max-new-tokens 8
     assert last["tokens_per_s"] > 0 and last["peak_rss_mb"] > 100 and last["steps_counted"] == 1
+
+
+def _demo_seeds():
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("demo_seeds", REPO / "benchmarks" / "demo_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_seeds_summarises_every_line_over_the_seeds():
+    bench = _demo_seeds()
+
+    def results(sft, dpo, low, high, total, rm=0.8):
+        return {"sft_accuracy": sft, "dpo_accuracy": dpo, "ppo_accuracy": 0.5, "sft_validation_accuracy": sft,
+                "dpo_validation_accuracy": dpo, "ppo_validation_accuracy": None, "rm_pair_accuracy": rm,
+                "dpo_minus_sft": {"difference": dpo - sft, "low": low, "high": high},
+                "dpo_minus_sft_ci95": [low, high], "seconds": {"total": total}}
+
+    per_seed = {3: results(0.4, 0.5, 0.02, 0.18, 100.0), 1: results(0.6, 0.6, -0.05, 0.05, 300.0, rm=None)}
+    s = bench.summarize(per_seed)
+    assert set(s) == set(bench.LINES)
+    assert s["sft_accuracy"] == {"mean": pytest.approx(0.5), "min": 0.4, "max": 0.6, "std": pytest.approx(0.1),
+                                 "n": 2, "unit": "%", "per_seed": [0.4, 0.6]}
+    assert s["dpo_minus_sft"]["per_seed"] == [pytest.approx(0.1), 0.0] and s["dpo_minus_sft"]["unit"] == "points"
+    assert s["dpo_minus_sft_ci95_low"]["min"] == -0.05 and s["dpo_minus_sft_ci95_high"]["max"] == 0.18
+    assert s["seconds_total"]["mean"] == 200.0 and s["seconds_total"]["std"] == 100.0
+    assert s["rm_pair_accuracy"]["n"] == 1 and s["rm_pair_accuracy"]["std"] == 0.0
+    assert s["ppo_validation_accuracy"]["mean"] is None and s["ppo_minus_sft"]["per_seed"] == [None, None]
+    text = bench.table(s, [3, 1])
+    assert text.splitlines()[0] == "| line | mean | min-max | per seed (3, 1) |"
+    assert "| sft_accuracy | 50.0% | 40.0% - 60.0% | 40.0%, 60.0% |" in text
+    assert "| dpo_minus_sft | +5.0 | +0.0 - +10.0 | +10.0, +0.0 |" in text
+    assert "| seconds_total | 200 s | 100 s - 300 s | 100 s, 300 s |" in text
+    assert "| ppo_minus_sft | - | - - - | -, - |" in text
+    assert bench.demo_argv("runs/x", 2, ["a.b=1"]) == ["out_dir=runs/x/seed2", "seed=2", "a.b=1"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--seeds", "1", "sft.train.lrr=1"], "sft.train.lrr"),
+    (["--seeds", "1", "1"], "repeats a seed"),
+    (["seed=4"], "seed=4: set by this benchmark"),
+])
+def test_demo_seeds_refuses_bad_arguments_before_running(args, needle, tmp_path):
+    res = run_tool("benchmarks/demo_seeds.py", "--out-dir", tmp_path, *args)
+    assert res.returncode == 2 and needle in res.stderr, res.stderr[-2000:]
+    assert not list(tmp_path.iterdir())

@@ -9,7 +9,7 @@ from typing import Dict
 
 import torch.distributed as dist
 
-from megarlhf.data.task import TaskConfig, task_texts, write_task_files
+from megarlhf.data.task import TASK_FILES, TaskConfig, task_texts, write_task_files
 from megarlhf.data.tokenizer import train_sentencepiece
 
 __all__ = ["prepare_builtin_task", "BUILTIN_VOCAB_SIZE"]
@@ -23,8 +23,7 @@ def prepare_builtin_task(folder: str, cfg: TaskConfig) -> Dict[str, str]:
     (rank 0 writes, the others wait; an existing, identical preparation is reused).
     Returns the file paths, plus ``tokenizer``."""
     stamp = os.path.join(folder, "task.json")
-    paths = {name: os.path.join(folder, f"{name}.jsonl")
-             for name in ("sft", "preference", "ultrafeedback", "prompts", "eval")}
+    paths = {name: os.path.join(folder, f"{name}.jsonl") for name in TASK_FILES}
     paths["tokenizer"] = os.path.join(folder, "tokenizer.model")
     rank = dist.get_rank() if dist.is_initialized() else 0
     want = {"task": asdict(cfg), "vocab_size": BUILTIN_VOCAB_SIZE}

@@ -13,6 +13,8 @@ writes ordinary JSONL files that the regular loaders read (nothing special-cased
 * ``prompts.jsonl``     ``{"prompt", "reference", "solution"}`` for PPO (and for pairs built
   from the policy's own samples, where ``solution`` is the fallback chosen answer)
 * ``eval.jsonl``        held-out ``{"prompt", "reference"}`` problems (disjoint questions)
+* ``validation.jsonl``  held-out ``{"prompt", "reference"}`` problems for choosing settings:
+  their questions are in none of the other files
 
 A solution is scored by exact match of the number after ``####``.
 """
@@ -24,10 +26,10 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 __all__ = ["TaskConfig", "Problem", "generate_problem", "extract_answer", "is_correct",
-           "write_task_files", "wrong_solution", "task_texts", "task_problems"]
+           "write_task_files", "wrong_solution", "task_texts", "task_problems", "TASK_FILES"]
 
 _NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena",
           "Max", "Nia", "Omar", "Pia", "Ravi", "Sam", "Tess", "Uma"]
@@ -35,6 +37,9 @@ _ITEMS = ["apples", "books", "coins", "pens", "stamps", "shells", "cards", "marb
           "plums", "nails", "beads"]
 _GAIN = ["buys", "finds", "gets", "receives", "picks up"]
 _LOSS = ["gives away", "loses", "sells", "uses", "eats"]
+
+TASK_FILES = ("sft", "preference", "ultrafeedback", "prompts", "eval", "validation")
+"""Names of the files :func:`write_task_files` writes (``<name>.jsonl``)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class TaskConfig:
     """PPO prompts with reference answers."""
     num_eval: int = 500
     """Held-out evaluation problems (never in the other files)."""
+    num_validation: int = 500
+    """Held-out problems for choosing settings, disjoint from eval and every training file."""
 
 
 def task_problems(cfg: TaskConfig, prefix: str = "task") -> List[str]:
@@ -70,7 +77,7 @@ def task_problems(cfg: TaskConfig, prefix: str = "task") -> List[str]:
         p.append(f"{prefix}.max_steps={cfg.max_steps} is below {prefix}.min_steps={cfg.min_steps}")
     if cfg.max_value < 2:
         p.append(f"{prefix}.max_value={cfg.max_value} must be >= 2")
-    for name in ("num_sft", "num_preference", "num_prompts", "num_eval"):
+    for name in ("num_sft", "num_preference", "num_prompts", "num_eval", "num_validation"):
         if getattr(cfg, name) < 1:
             p.append(f"{prefix}.{name}={getattr(cfg, name)} must be >= 1")
     return p
@@ -164,15 +171,13 @@ def task_texts(cfg: TaskConfig, n: int = 4000) -> List[str]:
 
 
 def write_task_files(out_dir: str, cfg: TaskConfig) -> Dict[str, str]:
-    """Write the task's JSONL files (deterministic for ``cfg``); returns their paths."""
+    """Write the task's JSONL files (deterministic for ``cfg``); returns their paths.
+
+    The validation problems come from their own seeded stream, drawn last and skipping
+    every question of the other files, so ``num_validation`` changes no other file."""
     os.makedirs(out_dir, exist_ok=True)
-    eval_gen = _problems(cfg.seed * 1000 + 1, cfg)
-    eval_set, held = [], set()
-    while len(eval_set) < cfg.num_eval:
-        p = next(eval_gen)
-        if p.question not in held:
-            held.add(p.question)
-            eval_set.append(p)
+    eval_set = _distinct(_problems(cfg.seed * 1000 + 1, cfg), cfg.num_eval, set(), "eval")
+    held = {p.question for p in eval_set}
     gen = _problems(cfg.seed * 1000 + 2, cfg)
     rng = random.Random(cfg.seed * 1000 + 3)
 
@@ -184,12 +189,12 @@ def write_task_files(out_dir: str, cfg: TaskConfig) -> Dict[str, str]:
                 out.append(p)
         return out
 
-    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in
-             ("sft", "preference", "ultrafeedback", "prompts", "eval")}
+    sft, pref, prompts = fresh(cfg.num_sft), fresh(cfg.num_preference), fresh(cfg.num_prompts)
+    used = held | {p.question for p in sft + pref + prompts}
+    validation = _distinct(_problems(cfg.seed * 1000 + 4, cfg), cfg.num_validation, used, "validation")
+    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in TASK_FILES}
     _write(paths["sft"], ({"messages": [{"role": "user", "content": p.question},
-                                        {"role": "assistant", "content": p.solution()}]}
-                          for p in fresh(cfg.num_sft)))
-    pref = fresh(cfg.num_preference)
+                                        {"role": "assistant", "content": p.solution()}]} for p in sft))
     _write(paths["preference"], ({"prompt": p.question, "chosen": p.solution(),
                                   "rejected": wrong_solution(p, rng)} for p in pref))
     uf_rows = []
@@ -204,9 +209,32 @@ def write_task_files(out_dir: str, cfg: TaskConfig) -> Dict[str, str]:
         })
     _write(paths["ultrafeedback"], uf_rows)
     _write(paths["prompts"], ({"prompt": p.question, "reference": str(p.answer), "solution": p.solution()}
-                              for p in fresh(cfg.num_prompts)))
-    _write(paths["eval"], ({"prompt": p.question, "reference": str(p.answer)} for p in eval_set))
+                              for p in prompts))
+    for name, rows in (("eval", eval_set), ("validation", validation)):
+        _write(paths[name], ({"prompt": p.question, "reference": str(p.answer)} for p in rows))
     return paths
+
+
+def _distinct(gen: Iterator[Problem], n: int, excluded: Set[str], what: str,
+              patience: int = 200_000) -> List[Problem]:
+    """The first ``n`` problems of ``gen`` with distinct questions outside ``excluded``; an
+    error after ``patience`` draws in a row found none (too few distinct questions)."""
+    out: List[Problem] = []
+    seen = set(excluded)
+    misses = 0
+    while len(out) < n:
+        p = next(gen)
+        if p.question in seen:
+            misses += 1
+            if misses > patience:
+                raise ValueError(f"the task's settings give too few distinct questions for {n} {what} "
+                                 f"problems beside the other files (found {len(out)}): raise max_value "
+                                 f"or max_steps, or ask for fewer")
+            continue
+        misses = 0
+        seen.add(p.question)
+        out.append(p)
+    return out
 
 
 def _ratings(rng: random.Random, lo: int, hi: int) -> Dict[str, Dict[str, str]]:

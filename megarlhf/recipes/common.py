@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,8 @@ from megarlhf.algos.logprobs import token_logprobs, vocab_start_of
 from megarlhf.config import ModelConfig
 from megarlhf.parallel import ModelParallel
 
-__all__ = ["lm_forward_step", "exact_match_eval", "Evaluator"]
+__all__ = ["lm_forward_step", "ExactMatch", "gather_outcomes", "exact_match_eval", "checkpoint_exact_match",
+           "Evaluator"]
 
 
 def lm_forward_step(mp: ModelParallel, model_cfg: ModelConfig, device) -> Callable:
@@ -42,10 +44,41 @@ def lm_forward_step(mp: ModelParallel, model_cfg: ModelConfig, device) -> Callab
     return forward_step
 
 
+@dataclass(frozen=True)
+class ExactMatch:
+    """One exact-match evaluation: its figure and what it is made of."""
+
+    accuracy: float
+    """Share of the problems answered right."""
+    outcomes: List[bool]
+    """Whether each problem was answered right, in the prompt file's row order."""
+    seconds: float
+    """Wall time of the evaluation."""
+
+    @property
+    def n(self) -> int:
+        """Problems scored."""
+        return len(self.outcomes)
+
+
+def gather_outcomes(mine: Sequence[bool], share: range, n: int, mp: ModelParallel) -> List[bool]:
+    """The outcomes of all ``n`` problems, in order, on every rank: each data-parallel
+    replica holds those of its contiguous ``share`` (:func:`~megarlhf.train.roles.replica_share`)."""
+    from megarlhf import platform
+
+    if len(mine) != len(share):
+        raise ValueError(f"{len(mine)} outcomes for a share of {len(share)} problems")
+    full = torch.zeros(n, dtype=torch.int32, device=platform.current().device)
+    if len(share):
+        full[share.start:share.stop] = torch.tensor([int(x) for x in mine], dtype=torch.int32, device=full.device)
+    dist.all_reduce(full, group=mp.dp_group)
+    return [bool(x) for x in full.tolist()]
+
+
 def exact_match_eval(chunks, mp: ModelParallel, model_cfg: ModelConfig, template, prompts_path: str,
-                     num_prompts: int, max_new_tokens: int, batch_size: int) -> Tuple[float, int, float]:
+                     num_prompts: int, max_new_tokens: int, batch_size: int) -> ExactMatch:
     """Greedy answers to verifiable prompts, scored by the number after ``####``.
-    Prompts are split over the data-parallel replicas; returns (accuracy, n, seconds)."""
+    Prompts are split over the data-parallel replicas; every rank gets every outcome."""
     from megarlhf.data.load import SourceConfig, load_examples
     from megarlhf.data.task import is_correct
     from megarlhf.rollout.engine import MegatronEngine, SamplingParams
@@ -64,13 +97,24 @@ def exact_match_eval(chunks, mp: ModelParallel, model_cfg: ModelConfig, template
     out = engine.generate([template.encode_prompt(r["prompt"]) for r in mine],
                           SamplingParams(max_new_tokens=max_new_tokens, greedy=True,
                                          stop_ids=template.stop_ids()))
-    correct = sum(is_correct(template.tok.decode(resp), r["reference"])
-                  for resp, r in zip(out.response_ids, mine))
-    from megarlhf import platform
+    right = [is_correct(template.tok.decode(resp), r["reference"]) for resp, r in zip(out.response_ids, mine)]
+    outcomes = gather_outcomes(right, share, len(rows), mp)
+    return ExactMatch(sum(outcomes) / len(outcomes), outcomes, time.time() - t0)
 
-    counts = torch.tensor([correct, len(mine)], dtype=torch.float64, device=platform.current().device)
-    dist.all_reduce(counts, group=mp.dp_group)
-    return float(counts[0] / counts[1]), int(counts[1]), time.time() - t0
+
+def checkpoint_exact_match(ckpt: str, mp: ModelParallel, prompts_path: str, num_prompts: int,
+                           max_new_tokens: int, batch_size: int) -> ExactMatch:
+    """:func:`exact_match_eval` of a saved policy: its model, tokenizer and chat template
+    from ``ckpt``, built on ``mp``'s layout for this call only."""
+    from megarlhf.models.checkpoint import load_model, read_meta
+    from megarlhf.models.llama import build_model
+    from megarlhf.recipes.pairs_common import tokenizer_of
+
+    meta = read_meta(ckpt)
+    _, template = tokenizer_of(meta, ckpt)
+    chunks = build_model(meta.model, mp)
+    load_model(chunks, ckpt)
+    return exact_match_eval(chunks, mp, meta.model, template, prompts_path, num_prompts, max_new_tokens, batch_size)
 
 
 class Evaluator:
@@ -85,6 +129,8 @@ class Evaluator:
         self.cfg, self.prompts, self.interval, self.say = cfg, prompts, interval, say
         self.last_n = 0
         """Prompts the last evaluation scored."""
+        self.last_outcomes: List[bool] = []
+        """Whether the last evaluation answered each of its prompts right, in file order."""
 
     def due(self, step: int, total_steps: int) -> bool:
         """Whether to evaluate after ``step`` during training (the end has its own call)."""
@@ -94,9 +140,10 @@ class Evaluator:
         """Accuracy (None without prompts, or on ranks that hold no part of the model)."""
         if not self.prompts or self.mp is None:
             return None
-        acc, n, secs = exact_match_eval(self.chunks, self.mp, self.model_cfg, self.template, self.prompts,
-                                        self.cfg.num_prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
-        self.last_n = n
-        self.say(f"step {step}: exact match on {n} held-out prompts ({self.prompts}): {acc:.1%} (greedy, {secs:.1f} s)")
-        log.log(step, {"exact_match": acc, "eval_prompts": n}, echo=False)
-        return acc
+        em = exact_match_eval(self.chunks, self.mp, self.model_cfg, self.template, self.prompts,
+                              self.cfg.num_prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
+        self.last_n, self.last_outcomes = em.n, em.outcomes
+        self.say(f"step {step}: exact match on {em.n} held-out prompts ({self.prompts}): {em.accuracy:.1%} "
+                 f"(greedy, {em.seconds:.1f} s)")
+        log.log(step, {"exact_match": em.accuracy, "eval_prompts": em.n}, echo=False)
+        return em.accuracy

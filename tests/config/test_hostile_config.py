@@ -144,7 +144,7 @@ BAD_VALUES = {
         ("model.num_layers", 0), ("model.hidden_size", -256), ("model.num_attention_heads", 0),
         ("model.max_position_embeddings", 0), ("model.norm_eps", 0), ("model.rope_theta", ".nan"),
         ("model.init_method_std", -1), ("task.max_value", 1), ("task.min_steps", 0), ("task.num_eval", 0),
-        ("eval.num_prompts", 0)],
+        ("task.num_validation", 0), ("eval.num_prompts", 0)],
 }
 BAD_CASES = [(cmd, key, value) for cmd, cases in BAD_VALUES.items() for key, value in cases]
 

@@ -95,6 +95,61 @@ def test_task_is_deterministic_and_correct(tmp_path):
         assert not is_correct(wrong_solution(p, rng), str(p.answer))
 
 
+# The files of TaskConfig(seed=3, num_sft=50, num_preference=30, num_prompts=20, num_eval=40)
+# as written before the validation split existed: adding it changed none of them.
+_TOY_SHA256 = {
+    "eval": "d47f094cd0b08627da4da85690f583d4070d994de61c93d5c9d3bc1db156b02f",
+    "preference": "2103ad18a555a681229dd74e0cc2b77f8dc5d04b5be051b0cc8657daeac4b6a1",
+    "prompts": "497ec1bc0677c2e50d72f52dc6429fe9821130500952c9e58e8fcc8fe583444f",
+    "sft": "f56d23aab79d62ec930ab23c71358ac7c6080e03f9956e87e3570085474e2f5b",
+    "ultrafeedback": "b27601d330d4291d2468c166ede4553d0de7a87b8d5e91f8f36e35df25439b5f",
+}
+
+
+def _questions(path):
+    import json
+
+    rows = [json.loads(l) for l in open(path)]
+    return [r["messages"][0]["content"] if "messages" in r else r.get("prompt", r.get("instruction"))
+            for r in rows]
+
+
+@pytest.mark.parametrize("num_validation", [1, 40, 500])
+def test_validation_split_leaves_the_other_files_as_they_were(tmp_path, num_validation):
+    import hashlib
+
+    cfg = TaskConfig(seed=3, num_sft=50, num_preference=30, num_prompts=20, num_eval=40,
+                     num_validation=num_validation)
+    files = write_task_files(str(tmp_path), cfg)
+    for name, digest in _TOY_SHA256.items():
+        assert hashlib.sha256(open(files[name], "rb").read()).hexdigest() == digest, name
+
+
+def test_validation_split_shares_no_question_with_any_other_file(tmp_path):
+    import json
+
+    # few distinct questions (one step, values up to 4): the streams collide often
+    cfg = TaskConfig(seed=1, max_steps=1, max_value=4, num_sft=3000, num_preference=300, num_prompts=300,
+                     num_eval=200, num_validation=300)
+    files = write_task_files(str(tmp_path), cfg)
+    rows = [json.loads(l) for l in open(files["validation"])]
+    assert len(rows) == 300 and all(set(r) == {"prompt", "reference"} for r in rows)
+    val = [r["prompt"] for r in rows]
+    assert len(set(val)) == 300
+    for name in ("eval", "sft", "preference", "ultrafeedback", "prompts"):
+        assert not set(val) & set(_questions(files[name])), name
+    eval_q = set(_questions(files["eval"]))
+    assert all(not eval_q & set(_questions(files[n])) for n in ("sft", "preference", "prompts"))
+
+
+def test_too_few_distinct_questions_is_an_error_not_a_hang(tmp_path):
+    # one step from values up to 2: 3600 distinct questions in all
+    cfg = TaskConfig(max_steps=1, max_value=2, num_sft=1, num_preference=1, num_prompts=1, num_eval=3000,
+                     num_validation=1000)
+    with pytest.raises(ValueError, match="too few distinct questions for 1000 validation problems"):
+        write_task_files(str(tmp_path), cfg)
+
+
 def test_answer_extraction():
     assert extract_answer("3 + 4 = 7.\n#### 7") == "7"
     assert extract_answer("#### 1,234") == "1234"
