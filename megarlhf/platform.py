@@ -241,6 +241,15 @@ def set_rng_state(state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
+def attention_upcast(x: torch.Tensor) -> bool:
+    """Whether attention on ``x`` (queries that gradients will flow through) should run in
+    fp32: torch's CPU flash-attention backward in bf16/fp16 is 3.5-6x slower than in fp32 at
+    the short sequences of fine-tuning (measured: 8 x 40 tokens, 8 heads, 5.2 vs 0.9 ms
+    forward and backward). Its forward in bf16 is the faster one, so generation keeps it."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.requires_grad
+            and torch.is_grad_enabled())
+
+
 def resolve_dtype(name: str) -> str:
     """``auto`` -> ``bfloat16`` where bf16 matrix units exist (GPUs; CPUs with AMX), else
     ``float32``; other names pass through."""

@@ -220,3 +220,29 @@ def test_tuned_allocator_reuses_freed_blocks_instead_of_faulting_them_in_again()
     # round or (its dynamic thresholds permitting) in one of them; tuned, in none
     assert faults["default"] > 30_000, faults
     assert faults["tuned"] < faults["default"] / 10, faults
+
+
+def test_attention_upcasts_half_precision_only_where_gradients_flow_on_cpu():
+    """CPU flash attention's bf16 backward is the slow one: training passes attend in fp32,
+    generation (no gradients) keeps bf16, fp32 inputs are left alone."""
+    q = torch.randn(2, 4, 8, 16, dtype=torch.bfloat16)
+    assert not platform.attention_upcast(q)
+    assert platform.attention_upcast(q.clone().requires_grad_())
+    with torch.no_grad():
+        assert not platform.attention_upcast(q.clone().requires_grad_())
+    assert not platform.attention_upcast(torch.randn(2, 4, 8, 16, requires_grad=True))
+
+
+def test_upcast_attention_matches_fp32_and_keeps_the_dtype():
+    """SDPAttention's training-pass attention in bf16 inputs: the fp32 result rounded to
+    bf16, with gradients reaching the bf16 inputs."""
+    from megarlhf.models.sdpa import _attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 8, 20, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = _attend(q, k, v, is_causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()

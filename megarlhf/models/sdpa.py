@@ -45,7 +45,7 @@ class SDPAttention(DotProductAttention):
             if sq != sk:
                 raise ValueError(f"SDPAttention: a causal mask needs as many queries as keys ({sq} != {sk})")
             causal = True
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        out = _attend(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
     def _scale(self) -> float:
@@ -79,11 +79,21 @@ class SDPAttention(DotProductAttention):
                 out = x.new_zeros(n * width, *x.shape[1:]).index_copy(0, slot, x)
                 return out.view(n, width, *x.shape[1:]).transpose(1, 2)  # [n, heads, width, dim]
 
-            out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True,
-                                                 scale=self._scale(), enable_gqa=key.shape[1] != heads)
+            out = _attend(padded(query), padded(key), padded(value), is_causal=True, scale=self._scale(),
+                          enable_gqa=key.shape[1] != heads)
             parts.append(out.transpose(1, 2).reshape(n * width, heads * dim).index_select(0, slot))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.index_select(0, order)
+
+
+def _attend(q, k, v, **kwargs) -> torch.Tensor:
+    """``scaled_dot_product_attention``, in fp32 where :func:`megarlhf.platform.attention_upcast`
+    says the half-precision kernel is the slow one (the output keeps ``q``'s dtype)."""
+    from megarlhf.platform import attention_upcast
+
+    if attention_upcast(q):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def packed_plan(cu_seqlens: torch.Tensor, device, ratio: float = 0.75):

@@ -56,8 +56,8 @@ class TrainConfig(OneModelLoopConfig):
     """Tokens per row; at least ``data.max_length``."""
     packing: bool = True
     """Pack several examples per row (attention kept within each example: through
-    megatron's packed-sequence ``thd`` layout with Transformer Engine or
-    ``model.attention_backend=sdpa``, else block-diagonal masks)."""
+    megatron's packed-sequence ``thd`` layout with Transformer Engine or SDPA, which
+    ``model.attention_backend=auto`` becomes; block-diagonal masks with ``unfused``)."""
     lr: float = 2e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -157,7 +157,7 @@ def run(cfg: SFTConfig) -> dict:
     from megarlhf.data.sampler import ShardedSampler
     from megarlhf.data.tokenizer import load_tokenizer
     from megarlhf.models.checkpoint import load_model, read_meta, save_model, tokenizer_path
-    from megarlhf.models.llama import build_model, describe, pad_to, sequence_multiple_of
+    from megarlhf.models.llama import build_model, describe, packed_model, pad_to, sequence_multiple_of
     from megarlhf.parallel import destroy
     from megarlhf.recipes.common import Evaluator, lm_forward_step
     from megarlhf.recipes.pairs_common import make_template, output_meta, recorded_template
@@ -198,6 +198,8 @@ def run(cfg: SFTConfig) -> dict:
         raise ConfigError([f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
                            f"tokenizer's {tokenizer.vocab_size} ({tok_path})"])
     check_layout(model_cfg, cfg.parallel, run_.env.world_size)
+    if t.packing and model_cfg.attention_backend == "auto":  # packed rows as thd through SDPA
+        model_cfg = packed_model(model_cfg, True, say=log.say)
     chunks = build_model(model_cfg, mp)
     if t.init_from:
         load_model(chunks, t.init_from)
