@@ -51,6 +51,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one demo run per seed")
     ap.add_argument("--out-dir", default="runs/demo_seeds", help="seed k runs in <out-dir>/seed<k>")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read a seed's <out-dir>/seed<k>/results.json where a finished run left one "
+                         "instead of running it again (a rerun of the failed or missing seeds)")
     ap.add_argument("overrides", nargs="*", help="the demo's key=value overrides (not out_dir or seed)")
     args = ap.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
@@ -135,6 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     per_seed: Dict[int, Dict[str, Any]] = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     for seed in args.seeds:
+        done = os.path.join(args.out_dir, f"seed{seed}", "results.json")
+        if args.reuse and os.path.exists(done):
+            print(f"== seed {seed}: read from {done} (--reuse)", flush=True)
+            with open(done) as f:
+                per_seed[seed] = json.load(f)
+            continue
         cmd = [sys.executable, "-m", "megarlhf.cli", "demo", *demo_argv(args.out_dir, seed, args.overrides)]
         print(f"== seed {seed}: {' '.join(cmd[1:])}", flush=True)
         res = subprocess.run(cmd, env=env)

@@ -116,3 +116,16 @@ def test_demo_seeds_refuses_bad_arguments_before_running(args, needle, tmp_path)
     res = run_tool("benchmarks/demo_seeds.py", "--out-dir", tmp_path, *args)
     assert res.returncode == 2 and needle in res.stderr, res.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def test_demo_seeds_reuse_reads_finished_seeds_without_running_them(tmp_path):
+    """--reuse: every seed with a results.json is read, none is run again (a seed without
+    one would start the demo; here all are present, so the command runs no demo)."""
+    for seed, acc in ((1, 0.7), (2, 0.9)):
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps({"sft_accuracy": acc}))
+    res = run_tool("benchmarks/demo_seeds.py", "--out-dir", tmp_path, "--seeds", "1", "2", "--reuse")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "read from" in res.stdout and "megarlhf.cli demo" not in res.stdout
+    summary = json.loads((tmp_path / "demo_seeds.json").read_text())["summary"]
+    assert summary["sft_accuracy"]["mean"] == pytest.approx(0.8)

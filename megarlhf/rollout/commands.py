@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["generate_main", "pairs_main"]
+__all__ = ["generate_main", "pairs_main", "pair_of"]
 
 
 def _common_args(ap: argparse.ArgumentParser) -> None:
@@ -175,7 +175,6 @@ def generate_main(argv: List[str]) -> int:
 def pairs_main(argv: List[str]) -> int:
     """Preference pairs from the policy's own samples on verifiable prompts: chosen is a
     correct sample (or the row's ``solution`` when none was), rejected a wrong sample."""
-    from megarlhf.data.task import extract_answer, is_correct
     from megarlhf.rollout.engine import SamplingParams
 
     ap = argparse.ArgumentParser(prog="megarlhf pairs", description=pairs_main.__doc__)
@@ -200,33 +199,47 @@ def pairs_main(argv: List[str]) -> int:
     if setup.rank == 0:
         tok, rng = setup.template.tok, random.Random(args.seed)
         pairs, counts = [], {"pairs": 0, "all_correct": 0, "no_correct_no_solution": 0,
-                             "chosen_from_policy": 0, "chosen_from_solution": 0}
+                             "chosen_from_policy": 0, "chosen_from_solution": 0, "empty_samples": 0,
+                             "only_empty_wrong": 0}
         for i, row in enumerate(rows):
             texts = [tok.decode([t for t in out.response_ids[i * k + j] if t not in setup.template.stop_ids()])
                      for j in range(k)]
-            good = [t for t in texts if is_correct(t, row["reference"])]
-            bad = [t for t in texts if not is_correct(t, row["reference"]) and extract_answer(t) is not None]
-            bad = bad or [t for t in texts if not is_correct(t, row["reference"])]
-            if not bad:
-                counts["all_correct"] += 1
-                continue
-            if good:
-                chosen = good[0]
-                counts["chosen_from_policy"] += 1
-            elif isinstance(row.get("solution"), str):
-                chosen = row["solution"]
-                counts["chosen_from_solution"] += 1
-            else:
-                counts["no_correct_no_solution"] += 1
-                continue
-            prompt = row["prompt"]
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rng.choice(bad),
-                          "reference": row["reference"]})
+            pair = pair_of(texts, row, rng, counts)
+            if pair is not None:
+                pairs.append({"prompt": row["prompt"], "chosen": pair[0], "rejected": pair[1],
+                              "reference": row["reference"]})
         counts["pairs"] = len(pairs)
         _write_jsonl(args.out, pairs)
         print(f"wrote {len(pairs)} pairs to {args.out} from {len(rows)} prompts x {k} samples: {counts}")
     _teardown()
     return 0
+
+
+def pair_of(texts: List[str], row: Dict[str, Any], rng: random.Random,
+            counts: Dict[str, int]) -> Optional[Tuple[str, str]]:
+    """(chosen, rejected) from one prompt's sampled answers, or None, counting why in
+    ``counts``: chosen is the first right answer (else the row's ``solution``), rejected a
+    random wrong one, preferring those with a final ``####`` number. Empty answers (the
+    policy stopped at once) have no text to train on and are never either side."""
+    from megarlhf.data.task import extract_answer, is_correct
+
+    empty = sum(1 for t in texts if not t.strip())
+    counts["empty_samples"] += empty
+    texts = [t for t in texts if t.strip()]
+    good = [t for t in texts if is_correct(t, row["reference"])]
+    bad = [t for t in texts if not is_correct(t, row["reference"]) and extract_answer(t) is not None]
+    bad = bad or [t for t in texts if not is_correct(t, row["reference"])]
+    if not bad:
+        counts["only_empty_wrong" if empty else "all_correct"] += 1
+        return None
+    if good:
+        counts["chosen_from_policy"] += 1
+        return good[0], rng.choice(bad)
+    if isinstance(row.get("solution"), str):
+        counts["chosen_from_solution"] += 1
+        return row["solution"], rng.choice(bad)
+    counts["no_correct_no_solution"] += 1
+    return None
 
 
 def _teardown() -> None:
