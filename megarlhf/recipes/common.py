@@ -129,8 +129,6 @@ class Evaluator:
         self.cfg, self.prompts, self.interval, self.say = cfg, prompts, interval, say
         self.last_n = 0
         """Prompts the last evaluation scored."""
-        self.last_outcomes: List[bool] = []
-        """Whether the last evaluation answered each of its prompts right, in file order."""
 
     def due(self, step: int, total_steps: int) -> bool:
         """Whether to evaluate after ``step`` during training (the end has its own call)."""
@@ -142,7 +140,7 @@ class Evaluator:
             return None
         em = exact_match_eval(self.chunks, self.mp, self.model_cfg, self.template, self.prompts,
                               self.cfg.num_prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
-        self.last_n, self.last_outcomes = em.n, em.outcomes
+        self.last_n = em.n
         self.say(f"step {step}: exact match on {em.n} held-out prompts ({self.prompts}): {em.accuracy:.1%} "
                  f"(greedy, {em.seconds:.1f} s)")
         log.log(step, {"exact_match": em.accuracy, "eval_prompts": em.n}, echo=False)

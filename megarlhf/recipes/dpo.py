@@ -263,8 +263,7 @@ def run(cfg: DPOConfig) -> dict:
         log.say(f"held-out implicit-reward accuracy {ev['accuracy']:.1%} on {len(eval_ds)} pairs")
     acc = evaluate(step, log)
     if acc is not None:
-        result.update(exact_match=acc, eval_prompts=evaluate.last_n,
-                      eval_outcomes=[int(x) for x in evaluate.last_outcomes])
+        result.update(exact_match=acc, eval_prompts=evaluate.last_n)
     save_state(t, step, consumed, chunks, tr, meta)
     result["final"] = os.path.join(t.out_dir, "final")
     save_model(chunks, result["final"], dataclasses.replace(

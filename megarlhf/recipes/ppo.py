@@ -838,7 +838,7 @@ def run(cfg: PPOConfig) -> dict:
     acc = evaluate(state.step, log)
     result.update(steps=state.step, final=os.path.join(t.out_dir, "final"))
     if acc is not None:
-        result.update(exact_match=acc, eval_outcomes=[int(x) for x in evaluate.last_outcomes])
+        result["exact_match"] = acc
     save()
     save_model(actor.chunks, result["final"], dataclasses.replace(job.meta_out, extra={
         **job.meta_out.extra, "steps": state.step, **({"exact_match": acc} if acc is not None else {})}))

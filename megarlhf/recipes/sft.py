@@ -262,8 +262,7 @@ def run(cfg: SFTConfig) -> dict:
     ckpt = os.path.join(t.out_dir, "checkpoint")
     save_model(chunks, ckpt, dataclasses.replace(meta, extra={
         **meta.extra, "steps": total_steps, "consumed_samples": consumed, **measured}))
-    outcomes = {"eval_outcomes": [int(x) for x in evaluate.last_outcomes]} if accuracy is not None else {}
-    result = {"steps": total_steps, **measured, **outcomes, "train_seconds": round(train_time, 1),
+    result = {"steps": total_steps, **measured, "train_seconds": round(train_time, 1),
               "total_seconds": round(time.time() - t_start, 1), "checkpoint": ckpt}
     log.log(total_steps, {"train_seconds": result["train_seconds"]}, echo=False)
     log.close()
